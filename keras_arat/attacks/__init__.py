@@ -1,0 +1,4 @@
+from keras_arat.attacks import core
+from keras_arat.attacks.pgd import PGD
+
+__all__ = ["PGD", "core"]

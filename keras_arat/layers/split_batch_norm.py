@@ -1,0 +1,60 @@
+"""Split BatchNorm: one BN per input distribution (clean / adversarial)."""
+
+import keras
+
+BRANCHES = ("clean", "adv")
+
+# PyTorch's BatchNorm2d defaults, in Keras terms: torch momentum 0.1 is keras 0.9.
+TORCH_MOMENTUM = 0.9
+TORCH_EPSILON = 1e-5
+
+
+@keras.saving.register_keras_serializable(package="keras_arat")
+class SplitBatchNormalization(keras.layers.Layer):
+    """BatchNormalization with a `clean` and an `adv` branch.
+
+    Each branch has its own gamma, beta and moving mean/variance; the branch is
+    picked per call with a Python string, so each branch traces its own graph
+    and only the used branch's statistics move. With `split=False` the layer is a
+    plain BatchNormalization that accepts (and ignores) the `branch` argument,
+    which is how single-BN baselines and ablations share the model code.
+    """
+
+    def __init__(self, split=True, momentum=TORCH_MOMENTUM, epsilon=TORCH_EPSILON,
+                 axis=-1, **kwargs):
+        super().__init__(**kwargs)
+        self.split = bool(split)
+        self.momentum = momentum
+        self.epsilon = epsilon
+        self.axis = axis
+        names = BRANCHES if self.split else ("shared",)
+        self.bns = {
+            name: keras.layers.BatchNormalization(
+                axis=axis, momentum=momentum, epsilon=epsilon, name=name)
+            for name in names
+        }
+        # Attribute assignment makes Keras track the sublayers and their weights.
+        for name, bn in self.bns.items():
+            setattr(self, f"bn_{name}", bn)
+
+    def branch_layer(self, branch):
+        """The BatchNormalization serving `branch` ('clean' or 'adv')."""
+        if branch not in BRANCHES:
+            raise ValueError(f"branch must be one of {BRANCHES}, got {branch!r}")
+        return self.bns[branch] if self.split else self.bns["shared"]
+
+    def build(self, input_shape):
+        for bn in self.bns.values():
+            bn.build(input_shape)
+
+    def call(self, inputs, training=None, branch="adv"):
+        return self.branch_layer(branch)(inputs, training=training)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(split=self.split, momentum=self.momentum,
+                      epsilon=self.epsilon, axis=self.axis)
+        return config

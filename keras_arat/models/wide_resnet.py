@@ -1,0 +1,160 @@
+"""Pre-activation Wide ResNet (TRADES / AR-AT layout) with split BatchNorm."""
+
+import math
+
+import keras
+
+from keras_arat.layers.split_batch_norm import SplitBatchNormalization
+from keras_arat.models.resnet import torch_conv, torch_kernel_initializer
+
+
+def wrn_blocks_per_stage(depth):
+    """n = (depth - 4) / 6, which must be a positive integer."""
+    if isinstance(depth, bool) or int(depth) != depth or (int(depth) - 4) % 6 != 0 \
+            or int(depth) < 10:
+        raise ValueError(
+            f"WideResNet depth must satisfy (depth - 4) % 6 == 0 with depth >= 10 "
+            f"(e.g. 10, 16, 22, 28, 34), got {depth!r}")
+    return (int(depth) - 4) // 6
+
+
+def _he_conv_initializer(kernel_size, filters):
+    """N(0, sqrt(2 / (k * k * out_channels))), as in the TRADES code."""
+    return keras.initializers.RandomNormal(
+        stddev=math.sqrt(2.0 / (kernel_size * kernel_size * filters)))
+
+
+def _wrn_conv(filters, kernel_size, stride, padding, name):
+    return torch_conv(filters, kernel_size, stride, padding, name,
+                      kernel_initializer=_he_conv_initializer(kernel_size, filters))
+
+
+@keras.saving.register_keras_serializable(package="keras_arat")
+class WideBasicBlock(keras.layers.Layer):
+    """bn1 -> relu1 -> conv3x3(stride) -> bn2 -> relu2 -> conv3x3, plus shortcut.
+
+    When the widths differ the shortcut is a 1x1 conv(stride) of relu1's output,
+    otherwise the block input itself. Features: "relu1", "relu2".
+    """
+
+    def __init__(self, in_planes, out_planes, stride=1, split_bn=True, **kwargs):
+        super().__init__(**kwargs)
+        self.in_planes = int(in_planes)
+        self.out_planes = int(out_planes)
+        self.stride = int(stride)
+        self.split_bn = bool(split_bn)
+        self.equal_in_out = self.in_planes == self.out_planes
+        if self.equal_in_out and self.stride != 1:
+            # The reference code would add tensors of different sizes here.
+            raise ValueError("an identity shortcut needs stride 1")
+        self.bn1 = SplitBatchNormalization(split=self.split_bn, name="bn1")
+        self.conv1 = _wrn_conv(self.out_planes, 3, self.stride, 1, "conv1")
+        self.bn2 = SplitBatchNormalization(split=self.split_bn, name="bn2")
+        self.conv2 = _wrn_conv(self.out_planes, 3, 1, 1, "conv2")
+        if not self.equal_in_out:
+            self.shortcut_conv = _wrn_conv(self.out_planes, 1, self.stride, 0,
+                                           "shortcut_conv")
+
+    def call(self, inputs, training=None, branch="adv", return_features=False):
+        r1 = keras.ops.relu(self.bn1(inputs, training=training, branch=branch))
+        r2 = keras.ops.relu(self.bn2(self.conv1(r1), training=training,
+                                     branch=branch))
+        out = self.conv2(r2)
+        short = inputs if self.equal_in_out else self.shortcut_conv(r1)
+        out = out + short
+        if return_features:
+            return out, {"relu1": r1, "relu2": r2}
+        return out
+
+    def compute_output_shape(self, input_shape):
+        h, w = input_shape[1], input_shape[2]
+        h = None if h is None else (h - 1) // self.stride + 1
+        w = None if w is None else (w - 1) // self.stride + 1
+        return (input_shape[0], h, w, self.out_planes)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(in_planes=self.in_planes, out_planes=self.out_planes,
+                      stride=self.stride, split_bn=self.split_bn)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_arat")
+class WideResNet(keras.Model):
+    """WRN-depth-width: stem conv3x3(16), three stages of n = (depth-4)/6 blocks
+    at widths 16k, 32k, 64k and strides 1, 2, 2, final BN -> ReLU -> global
+    average pool -> Dense. No dropout.
+
+    Features: "block3.{i}.relu1", "block3.{i}.relu2" for every block i of the
+    last stage and "pool" (the pooled 64k-d vector).
+    """
+
+    default_invariance_weight = 100.0
+
+    def __init__(self, num_classes=10, split_bn=True, depth=34, width=10, **kwargs):
+        super().__init__(**kwargs)
+        self.num_classes = int(num_classes)
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes!r}")
+        if isinstance(width, bool) or int(width) != width or int(width) < 1:
+            raise ValueError(f"WideResNet width must be a positive integer, got {width!r}")
+        self.depth = int(depth)
+        self.width = int(width)
+        self.blocks_per_stage = wrn_blocks_per_stage(depth)
+        self.split_bn = bool(split_bn)
+        n, k = self.blocks_per_stage, self.width
+        channels = (16, 16 * k, 32 * k, 64 * k)
+
+        self.conv1 = _wrn_conv(channels[0], 3, 1, 1, "conv1")
+        blocks = []
+        in_planes = channels[0]
+        for stage, (out_planes, stride) in enumerate(zip(channels[1:], (1, 2, 2)), 1):
+            for i in range(n):
+                blocks.append(WideBasicBlock(in_planes, out_planes,
+                                             stride if i == 0 else 1,
+                                             split_bn=self.split_bn,
+                                             name=f"block{stage}_{i}"))
+                in_planes = out_planes
+        self.blocks = blocks
+        self.block_names = [f"block{s}.{i}" for s in (1, 2, 3) for i in range(n)]
+        self.bn = SplitBatchNormalization(split=self.split_bn, name="bn")
+        self.pool = keras.layers.GlobalAveragePooling2D(name="pool")
+        self.fc = keras.layers.Dense(
+            self.num_classes, kernel_initializer=torch_kernel_initializer(),
+            bias_initializer="zeros", name="fc")
+
+    @property
+    def tap_names(self):
+        names = []
+        for i in range(self.blocks_per_stage):
+            names += [f"block3.{i}.relu1", f"block3.{i}.relu2"]
+        return tuple(names) + ("pool",)
+
+    @property
+    def default_taps(self):
+        return self.tap_names
+
+    def call(self, inputs, training=None, branch="adv", return_features=False):
+        x = self.conv1(inputs)
+        feats = {}
+        for name, block in zip(self.block_names, self.blocks):
+            if name.startswith("block3."):
+                x, bf = block(x, training=training, branch=branch,
+                              return_features=True)
+                feats[f"{name}.relu1"] = bf["relu1"]
+                feats[f"{name}.relu2"] = bf["relu2"]
+            else:
+                x = block(x, training=training, branch=branch)
+        x = keras.ops.relu(self.bn(x, training=training, branch=branch))
+        pooled = self.pool(x)
+        feats["pool"] = pooled
+        logits = self.fc(pooled)
+        if return_features:
+            return logits, feats
+        return logits
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(num_classes=self.num_classes, split_bn=self.split_bn,
+                      depth=self.depth, width=self.width)
+        return config

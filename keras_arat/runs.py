@@ -1,0 +1,272 @@
+"""A training run as data: flags -> validated config -> objects, and back from a workdir.
+
+train.py, evaluate.py and export/ all go through here, so a run is rebuilt from its
+config.json exactly as it was trained.
+"""
+
+import dataclasses
+import json
+import os
+import sys
+
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "configs")
+METHODS = ("arat", "pgd_at", "standard")
+# Settings that may differ when a run is resumed; every other key must match.
+RESUMABLE_CHANGES = {"workdir", "resume", "overwrite", "verbose", "epochs", "eval_examples",
+                     "eval_batch_size", "jit_compile"}
+
+
+class UsageError(ValueError):
+    """Bad input from the user: reported as one line, exit status 2."""
+
+
+def parse_fraction(text, name):
+    """'8/255' or '0.03' -> float in (0, 1]."""
+    try:
+        if "/" in str(text):
+            num, den = str(text).split("/")
+            value = float(num) / float(den)
+        else:
+            value = float(text)
+    except (ValueError, ZeroDivisionError):
+        raise UsageError(f"--{name}={text} is not a number (use e.g. 0.03 or 8/255)") from None
+    if not 0.0 < value <= 1.0:
+        raise UsageError(f"--{name}={text} must be in (0, 1] (pixel units of [0,1] images)")
+    return value
+
+
+def resolve_flagfiles(argv):
+    """Let `--flagfile=cifar.flags` find configs/cifar.flags; fail early if absent."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--flagfile="):
+            path = arg.split("=", 1)[1]
+            if not os.path.exists(path):
+                candidate = os.path.join(CONFIGS_DIR, os.path.basename(path))
+                if os.path.exists(candidate):
+                    path = candidate
+                else:
+                    print(f"error: flagfile {path} not found (looked in the current "
+                          f"directory and in {CONFIGS_DIR})", file=sys.stderr)
+                    sys.exit(2)
+            arg = f"--flagfile={path}"
+        out.append(arg)
+    return out
+
+
+def define_train_flags(flags):
+    f = flags
+    f.DEFINE_string("dataset", "digits", "digits (embedded), cifar10, cifar100, svhn_cropped, "
+                    "mnist, or npz:/path/file.npz")
+    f.DEFINE_string("data_dir", None, "tfds data directory.")
+    f.DEFINE_bool("download", False, "Let tfds download and prepare an absent data set.")
+    f.DEFINE_integer("n_train", None, "Use only the first N training images.")
+    f.DEFINE_integer("n_test", None, "Use only the first N test images.")
+    f.DEFINE_string("model", "small_cnn", "small_cnn, resnet18, preact_resnet18, wrn.")
+    f.DEFINE_integer("wrn_depth", 34, "WRN depth (model=wrn).")
+    f.DEFINE_integer("wrn_width", 10, "WRN widen factor (model=wrn).")
+    f.DEFINE_integer("cnn_width", 32, "Channels of the small CNN's first conv.")
+    f.DEFINE_enum("method", "arat", list(METHODS), "Training method.")
+    f.DEFINE_integer("epochs", 100, "Number of epochs.")
+    f.DEFINE_integer("batch_size", 128, "Global batch size.")
+    f.DEFINE_list("lr_values", ["0.02", "0.1", "0.01", "0.001"], "Learning rate per segment.")
+    f.DEFINE_list("lr_boundaries", ["1", "76", "91"],
+                  "Epoch counts after which the next lr value starts.")
+    f.DEFINE_float("momentum", 0.9, "SGD momentum.")
+    f.DEFINE_float("weight_decay", 5e-4, "Coupled (PyTorch-style) L2 weight decay.")
+    f.DEFINE_string("eps", "8/255", "L-inf budget, in [0,1] pixel units (e.g. 8/255).")
+    f.DEFINE_string("step_size", "2/255", "PGD step size.")
+    f.DEFINE_integer("attack_steps", 10, "PGD steps during training.")
+    f.DEFINE_float("invariance_weight", None, "ARAT gamma (default: the model's).")
+    f.DEFINE_enum("invariance", "asymmetric", ["asymmetric", "symmetric", "none"],
+                  "ARAT invariance loss.")
+    f.DEFINE_bool("predictor", True, "ARAT predictor heads.")
+    f.DEFINE_bool("split_bn", True, "Split BN (ARAT only; baselines use one BN).")
+    f.DEFINE_list("align_layers", [], "Tapped layers for the invariance loss "
+                  "(default: the model's).")
+    f.DEFINE_integer("a_prev_examples", 1024, "Training images for a_prev.")
+    f.DEFINE_integer("crop_padding", 4, "Random-crop padding (0 disables).")
+    f.DEFINE_enum("flip", "auto", ["auto", "true", "false"], "Horizontal flips "
+                  "(auto: on for CIFAR, off for digits).")
+    f.DEFINE_integer("seed", 0, "Random seed.")
+    f.DEFINE_string("workdir", None, "Run folder.")
+    f.DEFINE_bool("resume", True, "Continue from the workdir's last complete checkpoint.")
+    f.DEFINE_bool("overwrite", False, "Start afresh in a workdir holding another run.")
+    f.DEFINE_integer("eval_examples", None, "Test images for the final evaluation "
+                     "(default: all).")
+    f.DEFINE_integer("eval_batch_size", 256, "Batch size of the final evaluation.")
+    f.DEFINE_bool("jit_compile", False, "XLA-compile the train step.")
+    f.DEFINE_enum("verbose", "auto", ["auto", "0", "1", "2"], "Keras fit verbosity "
+                  "(auto: progress bar on a terminal, a line per epoch otherwise).")
+
+
+def _positive(cfg, name):
+    if cfg[name] is not None and cfg[name] < 1:
+        raise UsageError(f"--{name} must be >= 1, got {cfg[name]}")
+
+
+def config_from_flags(flag_values, names):
+    """Validated dict of every flag in `names`."""
+    cfg = {n: flag_values[n].value for n in names}
+    from keras_arat.models import MODEL_NAMES
+    if cfg["model"] not in MODEL_NAMES:
+        raise UsageError(f"unknown --model={cfg['model']}; choose from {list(MODEL_NAMES)}")
+    cfg["eps"] = parse_fraction(cfg["eps"], "eps")
+    cfg["step_size"] = parse_fraction(cfg["step_size"], "step_size")
+    for name in ("epochs", "batch_size", "attack_steps", "n_train", "n_test", "eval_examples",
+                 "eval_batch_size", "a_prev_examples"):
+        _positive(cfg, name)
+    try:
+        cfg["lr_values"] = [float(v) for v in cfg["lr_values"]]
+        cfg["lr_boundaries"] = [int(v) for v in cfg["lr_boundaries"]]
+    except ValueError:
+        raise UsageError("--lr_values must be numbers and --lr_boundaries integers") from None
+    if len(cfg["lr_values"]) != len(cfg["lr_boundaries"]) + 1:
+        raise UsageError(f"--lr_values needs one more entry than --lr_boundaries, got "
+                         f"{len(cfg['lr_values'])} and {len(cfg['lr_boundaries'])}")
+    if cfg["lr_boundaries"] != sorted(cfg["lr_boundaries"]):
+        raise UsageError("--lr_boundaries must be increasing")
+    if any(v <= 0 for v in cfg["lr_values"]):
+        raise UsageError("--lr_values must be positive")
+    if cfg["weight_decay"] < 0 or not 0 <= cfg["momentum"] < 1:
+        raise UsageError("--weight_decay must be >= 0 and --momentum in [0, 1)")
+    if cfg["invariance_weight"] is not None and cfg["invariance_weight"] < 0:
+        raise UsageError("--invariance_weight must be >= 0")
+    if cfg["crop_padding"] < 0:
+        raise UsageError("--crop_padding must be >= 0")
+    if not cfg["workdir"]:
+        raise UsageError("--workdir is required (the folder this run writes to)")
+    cfg["workdir"] = os.path.abspath(cfg["workdir"])
+    if cfg["method"] != "arat":
+        cfg["split_bn"] = False  # the baselines are single-BN networks
+    return cfg
+
+
+def model_kwargs(cfg):
+    if cfg["model"] == "wrn":
+        return {"depth": cfg["wrn_depth"], "width": cfg["wrn_width"]}
+    if cfg["model"] == "small_cnn":
+        return {"width": cfg["cnn_width"]}
+    return {}
+
+
+def build_network(cfg, num_classes, input_shape):
+    from keras_arat.models import build_model
+    try:
+        return build_model(cfg["model"], num_classes=num_classes, split_bn=cfg["split_bn"],
+                           input_shape=tuple(input_shape), **model_kwargs(cfg))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def build_trainer(cfg, network, input_shape):
+    from keras_arat.training.trainers import TRAINERS
+    common = dict(eps=cfg["eps"], step_size=cfg["step_size"],
+                  attack_steps=cfg["attack_steps"], seed=cfg["seed"])
+    if cfg["method"] == "arat":
+        try:
+            return TRAINERS["arat"](network, taps=cfg["align_layers"] or None,
+                                    invariance_weight=cfg["invariance_weight"],
+                                    invariance=cfg["invariance"], predictor=cfg["predictor"],
+                                    input_shape=tuple(input_shape), **common)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    return TRAINERS[cfg["method"]](network, **common)
+
+
+def load_data(cfg):
+    from keras_arat.data import DataError, load_dataset
+    flip = None if cfg.get("flip", "auto") == "auto" else cfg["flip"] == "true"
+    try:
+        return load_dataset(cfg["dataset"], data_dir=cfg["data_dir"], download=cfg["download"],
+                            n_train=cfg["n_train"], n_test=cfg["n_test"], flip=flip)
+    except DataError as e:
+        raise UsageError(str(e)) from None
+
+
+def checkpoint_objects(trainer, optimizer=None):
+    objects = {"trainer": trainer}
+    if optimizer is not None:
+        objects["optimizer"] = optimizer
+    return objects
+
+
+@dataclasses.dataclass
+class Run:
+    config: dict
+    data: object
+    network: object
+    trainer: object
+    epoch: int
+
+    def test_arrays(self, n=None):
+        x, y = self.data.x_test, self.data.y_test
+        if n is not None:
+            x, y = x[:n], y[:n]
+        return x.astype("float32") / 255.0, y
+
+
+def read_config(workdir):
+    path = os.path.join(workdir, "config.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"{path} not found: is {workdir} a keras_arat training run?") from None
+    except ValueError:
+        raise UsageError(f"{path} is not valid JSON") from None
+
+
+def load_run(workdir, checkpoint=None):
+    """Rebuild a run's data, network and trainer and restore a checkpoint (default: latest)."""
+    from keras_arat.training.checkpoint import CheckpointError, CheckpointManager
+    cfg = read_config(workdir)
+    data = load_data(cfg)
+    network = build_network(cfg, data.num_classes, data.image_shape)
+    trainer = build_trainer(cfg, network, data.image_shape)
+    manager = CheckpointManager(os.path.join(workdir, "checkpoints"),
+                                **checkpoint_objects(trainer))
+    if checkpoint is None:
+        found = manager.latest()
+        if found is None:
+            raise UsageError(f"no complete checkpoint in {workdir}/checkpoints: train first")
+        epoch, checkpoint = found
+    else:
+        epoch = int(os.path.basename(checkpoint.rstrip("/")).split("-")[-1])
+    try:
+        status = manager.checkpoint.read(os.path.join(checkpoint, "ckpt"))
+        status.expect_partial()
+        status.assert_existing_objects_matched()
+    except (AssertionError, CheckpointError, ValueError, OSError,
+            Exception) as e:  # tf raises NotFoundError / DataLossError for damaged files
+        raise UsageError(f"cannot restore checkpoint {checkpoint}: "
+                         f"{str(e).splitlines()[0][:200]}") from None
+    return Run(cfg, data, network, trainer, epoch)
+
+
+def update_results(workdir, run, evaluation, n_examples):
+    """Merge an evaluation into RUN/results.json (RobustBench-like keys at the top)."""
+    path = os.path.join(workdir, "results.json")
+    results = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            results = json.load(f)
+    cfg = run.config
+    results.update(dataset=cfg["dataset"], model=cfg["model"], method=cfg["method"],
+                   branch="adv", eps=cfg["eps"], n_examples=n_examples, epoch=run.epoch)
+    adv, clean = evaluation.get("adv", {}), evaluation.get("clean", {})
+    if "clean" in adv:
+        results["clean_acc"] = adv["clean"]
+    if "clean" in clean:
+        results["clean_acc_clean_branch"] = clean["clean"]
+    if "pgd20" in adv:
+        results["pgd20_acc"] = adv["pgd20"]
+    if "cw" in adv:
+        results["cw_acc"] = adv["cw"]
+    results.setdefault("per_branch", {}).update(evaluation)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(tmp, path)
+    return results

@@ -1,0 +1,182 @@
+"""Train a robust classifier (ARAT or a baseline) and evaluate it.
+
+    python -m keras_arat.train --flagfile=configs/quickstart.flags --workdir=runs/quickstart
+
+Writes RUN/config.json, metrics.jsonl, tensorboard/, checkpoints/ and results.json
+(see DESIGN.md). Re-running the same command resumes from the last complete checkpoint.
+"""
+
+import json
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+
+from keras_arat import runs
+
+FLAGS = flags.FLAGS
+_BEFORE = set(FLAGS)
+runs.define_train_flags(flags)
+TRAIN_FLAGS = sorted(set(FLAGS) - _BEFORE)
+
+
+def prepare_workdir(cfg):
+    """Write config.json, or check it matches an existing run. Returns True to resume."""
+    path = os.path.join(cfg["workdir"], "config.json")
+    os.makedirs(cfg["workdir"], exist_ok=True)
+    ckpt_dir = os.path.join(cfg["workdir"], "checkpoints")
+    has_checkpoints = os.path.isdir(ckpt_dir) and any(
+        n.startswith("epoch-") for n in os.listdir(ckpt_dir))
+    if os.path.exists(path) and not cfg["overwrite"]:
+        old = runs.read_config(cfg["workdir"])
+        diff = sorted(k for k in set(old) | set(cfg)
+                      if k not in runs.RESUMABLE_CHANGES and old.get(k) != cfg.get(k))
+        if diff and has_checkpoints:
+            raise runs.UsageError(
+                f"{cfg['workdir']} holds a run with a different configuration ({', '.join(diff)}"
+                "): use another --workdir or pass --overwrite")
+        if has_checkpoints and not cfg["resume"]:
+            raise runs.UsageError(f"{cfg['workdir']} already has checkpoints: pass --resume "
+                                  "to continue or --overwrite to start afresh")
+    if cfg["overwrite"]:
+        import shutil
+        for name in ("checkpoints", "tensorboard", "metrics.jsonl", "results.json"):
+            target = os.path.join(cfg["workdir"], name)
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            elif os.path.exists(target):
+                os.remove(target)
+        has_checkpoints = False
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(cfg, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+    return has_checkpoints and cfg["resume"]
+
+
+def trim_metrics(workdir, epoch):
+    """Drop metrics lines of epochs after the checkpoint a resumed run starts from."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [ln for ln in f if ln.strip()]
+    kept = [ln for ln in lines if json.loads(ln).get("epoch", 0) <= epoch
+            and json.loads(ln).get("split", "train") == "train"]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
+def train(cfg):
+    """Run training and the final evaluation; returns the results dict."""
+    import keras
+    import tensorflow as tf
+
+    from keras_arat.data import a_prev_subset, make_train_dataset
+    from keras_arat.evaluate import evaluate_network
+    from keras_arat.training import callbacks as cb
+    from keras_arat.training.checkpoint import CheckpointManager
+    from keras_arat.training.optim import EpochPiecewiseConstant, TorchSGD
+
+    resume = prepare_workdir(cfg)
+    data = runs.load_data(cfg)
+    keras.utils.set_random_seed(cfg["seed"])
+    network = runs.build_network(cfg, data.num_classes, data.image_shape)
+    trainer = runs.build_trainer(cfg, network, data.image_shape)
+
+    flip = None if cfg["flip"] == "auto" else cfg["flip"] == "true"
+    _, steps_per_epoch = make_train_dataset(data, cfg["batch_size"], 1, cfg["seed"],
+                                            crop_padding=cfg["crop_padding"], flip=flip)
+    schedule = EpochPiecewiseConstant(steps_per_epoch, cfg["lr_boundaries"], cfg["lr_values"])
+    optimizer = TorchSGD(schedule, momentum=cfg["momentum"],
+                         l2_weight_decay=cfg["weight_decay"])
+    trainer.compile(optimizer=optimizer, jit_compile=cfg["jit_compile"])
+    optimizer.build(trainer.trainable_variables)
+
+    manager = CheckpointManager(os.path.join(cfg["workdir"], "checkpoints"),
+                                **runs.checkpoint_objects(trainer, optimizer))
+    initial_epoch = 0
+    if resume:
+        found = manager.latest()
+        if found is not None:
+            initial_epoch, path = found
+            manager.restore(path)
+            print(f"resuming {cfg['workdir']} from epoch {initial_epoch}", flush=True)
+    trim_metrics(cfg["workdir"], initial_epoch)
+
+    callbacks = []
+    if cfg["method"] == "arat":
+        x_sub, y_sub = a_prev_subset(data, cfg["a_prev_examples"], seed=cfg["seed"])
+        callbacks.append(cb.APrevCallback(x_sub, y_sub))
+    stopper = cb.StopOnNonFinite()
+    callbacks += [stopper, cb.MetricsLogger(cfg["workdir"], schedule),
+                  cb.CheckpointCallback(manager, {"method": cfg["method"]})]
+    verbose = cfg["verbose"]
+    verbose = (1 if sys.stdout.isatty() else 2) if verbose == "auto" else int(verbose)
+
+    if initial_epoch < cfg["epochs"]:
+        dataset, _ = make_train_dataset(data, cfg["batch_size"], cfg["epochs"], cfg["seed"],
+                                        initial_epoch=initial_epoch,
+                                        crop_padding=cfg["crop_padding"], flip=flip)
+        trainer.fit(dataset, epochs=cfg["epochs"], initial_epoch=initial_epoch,
+                    steps_per_epoch=steps_per_epoch, callbacks=callbacks, verbose=verbose,
+                    shuffle=False)  # order and augmentation come from (seed, epoch)
+    if stopper.error:
+        raise cb.NonFiniteLossError(stopper.error)
+
+    start = time.time()
+    x_test, y_test = data.x_test, data.y_test
+    if cfg["eval_examples"]:
+        x_test, y_test = x_test[:cfg["eval_examples"]], y_test[:cfg["eval_examples"]]
+    x_test = x_test.astype("float32") / 255.0
+    evaluation = evaluate_network(network, x_test, y_test, cfg["eps"], ("adv",),
+                                  ("clean", "pgd20"), cfg["eval_batch_size"], cfg["seed"])
+    if cfg["split_bn"]:
+        evaluation.update(evaluate_network(network, x_test, y_test, cfg["eps"], ("clean",),
+                                           ("clean",), cfg["eval_batch_size"], cfg["seed"]))
+    else:  # one BN: both branches are the same network
+        evaluation["clean"] = {"clean": evaluation["adv"]["clean"]}
+    final_epoch = max(initial_epoch, cfg["epochs"])
+    run = runs.Run(cfg, data, network, trainer, final_epoch)
+    results = runs.update_results(cfg["workdir"], run, evaluation, len(x_test))
+    cb.append_metrics(os.path.join(cfg["workdir"], "metrics.jsonl"),
+                      {"split": "test", "epoch": final_epoch,
+                       "clean_acc": results["clean_acc"], "pgd20_acc": results["pgd20_acc"],
+                       "clean_acc_clean_branch": results["clean_acc_clean_branch"],
+                       "eval_time_s": round(time.time() - start, 3)},
+                      tf.summary.create_file_writer(os.path.join(cfg["workdir"], "tensorboard")))
+    return results
+
+
+def main(argv):
+    logging.set_verbosity(logging.WARNING)
+    if len(argv) > 1:
+        print(f"error: unexpected arguments {argv[1:]} (flags are --name=value)",
+              file=sys.stderr)
+        sys.exit(2)
+    from keras_arat.data import DataError
+    from keras_arat.training.callbacks import NonFiniteLossError
+    from keras_arat.training.checkpoint import CheckpointError
+    try:
+        cfg = runs.config_from_flags(FLAGS, TRAIN_FLAGS)
+        results = train(cfg)
+    except (runs.UsageError, DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:
+        print(f"error: {e.strerror or e} ({getattr(e, 'filename', '') or ''})", file=sys.stderr)
+        sys.exit(1)
+    print(json.dumps(results, indent=1))
+
+
+def run_main():
+    app.run(main, argv=runs.resolve_flagfiles(sys.argv))
+
+
+if __name__ == "__main__":
+    run_main()

@@ -1,0 +1,106 @@
+"""Callbacks of the training loop: a_prev, metrics/TensorBoard logging, checkpoints."""
+
+import json
+import math
+import os
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+def branch_accuracy(network, x, y, branch, batch_size=256):
+    """Inference-mode accuracy of one BN branch on in-memory arrays."""
+    predict = tf.function(lambda z: network(z, training=False, branch=branch))
+    correct = 0
+    for i in range(0, len(x), batch_size):
+        logits = predict(tf.convert_to_tensor(x[i:i + batch_size]))
+        correct += int(np.sum(np.argmax(logits.numpy(), -1) == y[i:i + batch_size]))
+    return correct / max(len(x), 1)
+
+
+class APrevCallback(keras.callbacks.Callback):
+    """Sets ARAT's a_prev at each epoch start: clean-branch accuracy, inference mode."""
+
+    def __init__(self, x, y, batch_size=256):
+        super().__init__()
+        self.x, self.y, self.batch_size = x, y, batch_size
+
+    def on_epoch_begin(self, epoch, logs=None):
+        acc = branch_accuracy(self.model.network, self.x, self.y, "clean", self.batch_size)
+        self.model.a_prev.assign(acc)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class StopOnNonFinite(keras.callbacks.Callback):
+    """Stops training at the first batch whose running loss is NaN or Inf."""
+
+    def __init__(self):
+        super().__init__()
+        self.error = None
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self.error = (f"loss became {float(loss)} at epoch {self.epoch + 1}, batch "
+                          f"{batch + 1}: lower the learning rate or check the input data; "
+                          "the last good checkpoint is kept")
+            self.model.stop_training = True
+
+
+class MetricsLogger(keras.callbacks.Callback):
+    """Appends one JSON line per epoch to metrics.jsonl and mirrors it to TensorBoard."""
+
+    def __init__(self, workdir, lr_schedule, extra=None):
+        super().__init__()
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+        self.lr_schedule = lr_schedule
+        self.extra = extra or {}
+        self.start = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.start = time.time()
+
+    def on_epoch_end(self, epoch, logs=None):
+        record = {"epoch": epoch + 1, "step": int(self.model.optimizer.iterations.numpy()),
+                  "lr": self.lr_schedule.value_at_epoch(epoch)}
+        record.update({k: float(v) for k, v in (logs or {}).items()})
+        record["epoch_time_s"] = round(time.time() - self.start, 3)
+        append_metrics(self.path, record, self.writer)
+
+
+def append_metrics(path, record, writer=None):
+    """One line of metrics.jsonl, flushed to disk, and its numbers as TensorBoard scalars."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    if writer is not None:
+        step = int(record.get("epoch", 0))
+        prefix = record.get("split", "train")
+        with writer.as_default():
+            for key, value in record.items():
+                if key not in ("epoch", "split") and isinstance(value, (int, float)):
+                    tf.summary.scalar(f"{prefix}/{key}", value, step=step)
+        writer.flush()
+
+
+class CheckpointCallback(keras.callbacks.Callback):
+    def __init__(self, manager, metadata=None):
+        super().__init__()
+        self.manager = manager
+        self.metadata = metadata or {}
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.model.stop_training:
+            return  # a stopped epoch (non-finite loss) is not a good state to keep
+        self.manager.save(epoch + 1, self.metadata)

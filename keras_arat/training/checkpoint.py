@@ -1,0 +1,120 @@
+"""One checkpoint writer: atomic epoch checkpoints with checksums.
+
+Layout: checkpoints/epoch-0003/{ckpt.index, ckpt.data-*, manifest.json}. A
+checkpoint is written into a temporary folder and renamed into place only after
+every file and the manifest (sha256 of each file) are on disk, so the latest
+`epoch-*` folder is always complete; a folder whose files no longer match their
+checksums is reported and skipped in favour of the previous one.
+"""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+
+import tensorflow as tf
+from absl import logging
+
+_NAME = re.compile(r"^epoch-(\d+)$")
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def verify(path):
+    """Problem with checkpoint folder `path` as a one-line string, or None if intact."""
+    manifest_path = os.path.join(path, MANIFEST)
+    try:
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        return f"unreadable manifest ({e.__class__.__name__})"
+    for name, digest in manifest.get("files", {}).items():
+        file_path = os.path.join(path, name)
+        if not os.path.exists(file_path):
+            return f"missing file {name}"
+        if _sha256(file_path) != digest:
+            return f"checksum mismatch in {name}"
+    return None
+
+
+class CheckpointManager:
+    """Writes and finds the training state (model, optimizer, a_prev, epoch)."""
+
+    def __init__(self, directory, keep=3, **objects):
+        self.directory = directory
+        self.keep = keep
+        self.checkpoint = tf.train.Checkpoint(**objects)
+
+    def folders(self):
+        """(epoch, path) of every checkpoint folder, newest first."""
+        if not os.path.isdir(self.directory):
+            return []
+        found = []
+        for name in os.listdir(self.directory):
+            m = _NAME.match(name)
+            if m:
+                found.append((int(m.group(1)), os.path.join(self.directory, name)))
+        return sorted(found, reverse=True)
+
+    def latest(self):
+        """(epoch, path) of the newest intact checkpoint, or None."""
+        for epoch, path in self.folders():
+            problem = verify(path)
+            if problem is None:
+                return epoch, path
+            logging.warning("checkpoint %s is damaged (%s); trying the previous one", path,
+                            problem)
+        return None
+
+    def save(self, epoch, metadata=None):
+        os.makedirs(self.directory, exist_ok=True)
+        final = os.path.join(self.directory, f"epoch-{epoch:04d}")
+        tmp = os.path.join(self.directory, f".tmp-epoch-{epoch:04d}-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        self.checkpoint.write(os.path.join(tmp, "ckpt"))
+        files = {name: _sha256(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
+        for name in files:
+            with open(os.path.join(tmp, name), "rb") as f:
+                os.fsync(f.fileno())
+        with open(os.path.join(tmp, MANIFEST), "w") as f:
+            json.dump({"epoch": epoch, "files": files, **(metadata or {})}, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(self.directory)
+        for _, old in self.folders()[self.keep:]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def restore(self, path):
+        """Load the checkpoint in folder `path`; every saved value must be used."""
+        status = self.checkpoint.read(os.path.join(path, "ckpt"))
+        try:
+            status.assert_existing_objects_matched()
+        except AssertionError as e:
+            raise CheckpointError(f"checkpoint {path} does not match this model: "
+                                  f"{str(e).splitlines()[0]}") from None
+        return status
