@@ -161,7 +161,7 @@ def build_network(cfg, num_classes, input_shape):
 
 
 def build_trainer(cfg, network, input_shape):
-    from keras_arat.training.trainers import TRAINERS
+    from keras_arat.training import TRAINERS
     common = dict(eps=cfg["eps"], step_size=cfg["step_size"],
                   attack_steps=cfg["attack_steps"], seed=cfg["seed"])
     if cfg["method"] == "arat":

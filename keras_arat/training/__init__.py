@@ -1,6 +1,10 @@
+from keras_arat.training.arat import ARATModel, Predictor
+from keras_arat.training.baselines import PGDATModel, StandardModel
 from keras_arat.training.optim import EpochPiecewiseConstant, TorchSGD
-from keras_arat.training.trainers import (TRAINERS, AdversarialTrainer, ARATModel,
-                                          PGDATModel, StandardModel)
+from keras_arat.training.trainers import AdversarialTrainer
+
+# --method name -> trainer class; every method shares the attack, data and workdir code.
+TRAINERS = {"arat": ARATModel, "pgd_at": PGDATModel, "standard": StandardModel}
 
 __all__ = ["ARATModel", "AdversarialTrainer", "EpochPiecewiseConstant", "PGDATModel",
-           "StandardModel", "TRAINERS", "TorchSGD"]
+           "Predictor", "StandardModel", "TRAINERS", "TorchSGD"]

@@ -1,4 +1,4 @@
-"""Adversarial trainers: a keras.Model wrapping a classifier with a custom train_step.
+"""The trainer base class: a keras.Model wrapping a classifier with a custom train_step.
 
 The wrapped `network` follows the keras_arat.models contract:
 network(x, training=..., branch="clean"|"adv", return_features=False).
@@ -8,9 +8,6 @@ import keras
 import tensorflow as tf
 
 from keras_arat.attacks import PGD, core
-from keras_arat.layers.split_batch_norm import TORCH_EPSILON, TORCH_MOMENTUM
-
-INVARIANCE_KINDS = ("asymmetric", "symmetric", "none")
 
 
 def mean_ce(logits, y):
@@ -34,30 +31,6 @@ def mean_cosine(a, b):
     a = tf.math.l2_normalize(a, axis=-1, epsilon=1e-12)
     b = tf.math.l2_normalize(b, axis=-1, epsilon=1e-12)
     return tf.reduce_mean(tf.reduce_sum(a * b, axis=-1))
-
-
-@keras.saving.register_keras_serializable(package="keras_arat")
-class Predictor(keras.layers.Layer):
-    """SimSiam-style predictor h: Dense(d/4, no bias) -> BN -> ReLU -> Dense(d)."""
-
-    def __init__(self, dim, **kwargs):
-        super().__init__(**kwargs)
-        self.dim = int(dim)
-        self.hidden = keras.layers.Dense(max(self.dim // 4, 1), use_bias=False, name="fc1")
-        self.bn = keras.layers.BatchNormalization(momentum=TORCH_MOMENTUM,
-                                                  epsilon=TORCH_EPSILON, name="bn")
-        self.out = keras.layers.Dense(self.dim, name="fc2")
-
-    def build(self, input_shape):
-        self.hidden.build(input_shape)
-        self.bn.build((input_shape[0], self.hidden.units))
-        self.out.build((input_shape[0], self.hidden.units))
-
-    def call(self, z, training=None):
-        return self.out(tf.nn.relu(self.bn(self.hidden(z), training=training)))
-
-    def get_config(self):
-        return {**super().get_config(), "dim": self.dim}
 
 
 class AdversarialTrainer(keras.Model):
@@ -114,94 +87,3 @@ class AdversarialTrainer(keras.Model):
         grads = tape.gradient(loss, variables)
         self.optimizer.apply(grads, variables)
         return self.track({"loss": loss, **logs})
-
-
-@keras.saving.register_keras_serializable(package="keras_arat")
-class ARATModel(AdversarialTrainer):
-    """ARAT (Waseda et al., ICLR 2025): split BN + asymmetric invariance loss.
-
-    loss = a * CE(f_adv(x'), y) + (1 - a) * CE(f_clean(x), y)
-           + sum_l gamma / L * (1 - cos(h_l(z'_l), stop_gradient(z_l)))
-
-    `a` (a_prev) is the clean branch's inference accuracy on training images,
-    set at each epoch start by APrevCallback and saved with the model state.
-    """
-
-    def __init__(self, network, taps=None, invariance_weight=None, invariance="asymmetric",
-                 predictor=True, input_shape=(32, 32, 3), **kwargs):
-        super().__init__(network, **kwargs)
-        if invariance not in INVARIANCE_KINDS:
-            raise ValueError(f"invariance must be one of {INVARIANCE_KINDS}, got {invariance!r}")
-        self.taps = tuple(taps) if taps else tuple(network.default_taps)
-        unknown = [t for t in self.taps if t not in network.tap_names]
-        if unknown:
-            raise ValueError(f"unknown tapped layers {unknown}; this model has "
-                             f"{list(network.tap_names)}")
-        self.invariance_weight = float(network.default_invariance_weight
-                                       if invariance_weight is None else invariance_weight)
-        self.invariance = invariance
-        self.use_predictor = bool(predictor) and invariance != "none"
-        _, feats = network(tf.zeros((1, *input_shape)), training=False, return_features=True)
-        self.feature_dims = {t: int(pooled_feature(feats[t]).shape[-1]) for t in self.taps}
-        self.predictors = []
-        if self.use_predictor:
-            for i, t in enumerate(self.taps):
-                p = Predictor(self.feature_dims[t], name=f"predictor_{i}")
-                p.build((None, self.feature_dims[t]))
-                self.predictors.append(p)
-        self.a_prev = self.add_weight(shape=(), initializer="zeros", trainable=False,
-                                      name="a_prev")
-
-    def invariance_loss(self, feats_clean, feats_adv):
-        """gamma / L * sum_l (1 - mean cos(h_l(z'_l), z_l)); clean side detached if asymmetric."""
-        total = tf.constant(0.0)
-        for i, tap in enumerate(self.taps):
-            z_adv = pooled_feature(feats_adv[tap])
-            z_clean = pooled_feature(feats_clean[tap])
-            if self.invariance == "asymmetric":
-                z_clean = tf.stop_gradient(z_clean)
-            if self.use_predictor:
-                z_adv = self.predictors[i](z_adv, training=True)
-            total += 1.0 - mean_cosine(z_adv, z_clean)
-        return self.invariance_weight / len(self.taps) * total
-
-    def losses_for(self, x, y):
-        x_adv = self.adversarial(x, y, branch="adv")
-        logits_c, feats_c = self.network(x, training=True, branch="clean",
-                                         return_features=True)
-        logits_a, feats_a = self.network(x_adv, training=True, branch="adv",
-                                         return_features=True)
-        ce_adv, ce_clean = mean_ce(logits_a, y), mean_ce(logits_c, y)
-        a = tf.convert_to_tensor(self.a_prev)
-        loss = a * ce_adv + (1.0 - a) * ce_clean
-        inv = tf.constant(0.0)
-        if self.invariance != "none":
-            inv = self.invariance_loss(feats_c, feats_a)
-            loss += inv
-        return loss, {"ce_adv": ce_adv, "ce_clean": ce_clean, "invariance": inv, "a_prev": a,
-                      "train_acc": accuracy(logits_a, y),
-                      "train_acc_clean": accuracy(logits_c, y)}
-
-
-@keras.saving.register_keras_serializable(package="keras_arat")
-class PGDATModel(AdversarialTrainer):
-    """PGD-AT (Madry et al.): cross-entropy on PGD examples only."""
-
-    def losses_for(self, x, y):
-        x_adv = self.adversarial(x, y)
-        logits = self.network(x_adv, training=True, branch="adv")
-        return mean_ce(logits, y), {"train_acc": accuracy(logits, y)}
-
-
-@keras.saving.register_keras_serializable(package="keras_arat")
-class StandardModel(AdversarialTrainer):
-    """Standard (non-robust) training: cross-entropy on clean inputs."""
-
-    uses_attack = False
-
-    def losses_for(self, x, y):
-        logits = self.network(x, training=True, branch="clean")
-        return mean_ce(logits, y), {"train_acc": accuracy(logits, y)}
-
-
-TRAINERS = {"arat": ARATModel, "pgd_at": PGDATModel, "standard": StandardModel}
