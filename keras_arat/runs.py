@@ -11,7 +11,9 @@ import sys
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            "configs")
-METHODS = ("arat", "pgd_at", "standard")
+METHODS = ("arat", "pgd_at", "trades", "mart", "standard")
+# The regularisation weight of TRADES and MART when --beta is not given (their papers').
+DEFAULT_BETA = {"trades": 6.0, "mart": 5.0}
 # Settings that may differ when a run is resumed; every other key must match.
 RESUMABLE_CHANGES = {"workdir", "resume", "overwrite", "verbose", "epochs", "eval_examples",
                      "eval_batch_size", "jit_compile"}
@@ -82,10 +84,15 @@ def define_train_flags(flags):
     f.DEFINE_enum("invariance", "asymmetric", ["asymmetric", "symmetric", "none"],
                   "ARAT invariance loss.")
     f.DEFINE_bool("predictor", True, "ARAT predictor heads.")
+    f.DEFINE_float("beta", None, "TRADES / MART regularisation weight (default 6 / 5).")
     f.DEFINE_bool("split_bn", True, "Split BN (ARAT only; baselines use one BN).")
     f.DEFINE_list("align_layers", [], "Tapped layers for the invariance loss "
                   "(default: the model's).")
     f.DEFINE_integer("a_prev_examples", 1024, "Training images for a_prev.")
+    f.DEFINE_bool("swa", False, "ARAT+SWA: average weights from --swa_start_epoch, evaluate "
+                  "the average after adv-branch BN re-estimation.")
+    f.DEFINE_integer("swa_start_epoch", 76, "First (1-based) epoch whose steps are averaged.")
+    f.DEFINE_integer("swa_every_steps", 500, "Add the weights to the average every N steps.")
     f.DEFINE_integer("crop_padding", 4, "Random-crop padding (0 disables).")
     f.DEFINE_enum("flip", "auto", ["auto", "true", "false"], "Horizontal flips "
                   "(auto: on for CIFAR, off for digits).")
@@ -133,6 +140,13 @@ def config_from_flags(flag_values, names):
         raise UsageError("--weight_decay must be >= 0 and --momentum in [0, 1)")
     if cfg["invariance_weight"] is not None and cfg["invariance_weight"] < 0:
         raise UsageError("--invariance_weight must be >= 0")
+    if cfg["beta"] is not None and cfg["beta"] < 0:
+        raise UsageError("--beta must be >= 0")
+    _positive(cfg, "swa_start_epoch")
+    _positive(cfg, "swa_every_steps")
+    if cfg["swa"] and cfg["swa_start_epoch"] > cfg["epochs"]:
+        raise UsageError(f"--swa_start_epoch={cfg['swa_start_epoch']} is after the last "
+                         f"epoch ({cfg['epochs']}): nothing would be averaged")
     if cfg["crop_padding"] < 0:
         raise UsageError("--crop_padding must be >= 0")
     if not cfg["workdir"]:
@@ -172,6 +186,10 @@ def build_trainer(cfg, network, input_shape):
                                     input_shape=tuple(input_shape), **common)
         except ValueError as e:
             raise UsageError(str(e)) from None
+    if cfg["method"] in DEFAULT_BETA:
+        beta = cfg.get("beta")
+        beta = DEFAULT_BETA[cfg["method"]] if beta is None else beta
+        return TRAINERS[cfg["method"]](network, beta=beta, **common)
     return TRAINERS[cfg["method"]](network, **common)
 
 
@@ -185,10 +203,12 @@ def load_data(cfg):
         raise UsageError(str(e)) from None
 
 
-def checkpoint_objects(trainer, optimizer=None):
+def checkpoint_objects(trainer, optimizer=None, swa_state=None):
     objects = {"trainer": trainer}
     if optimizer is not None:
         objects["optimizer"] = optimizer
+    if swa_state is not None:
+        objects["swa"] = swa_state
     return objects
 
 
@@ -245,8 +265,14 @@ def load_run(workdir, checkpoint=None):
     return Run(cfg, data, network, trainer, epoch)
 
 
-def update_results(workdir, run, evaluation, n_examples):
-    """Merge an evaluation into RUN/results.json (RobustBench-like keys at the top)."""
+def update_results(workdir, run, evaluation, n_examples, details=None):
+    """Merge an evaluation into RUN/results.json (RobustBench-like keys at the top).
+
+    evaluation: {branch: {attack: acc, f"{attack}_time_s": s}}; every attack of the adv
+    branch also lands at the top as f"{attack}_acc" (clean -> clean_acc, and the clean
+    branch's clean accuracy -> clean_acc_clean_branch). details (optional, from
+    keras_arat.evaluate): {branch: {"autoattack": breakdown, "warnings": [...]}}.
+    """
     path = os.path.join(workdir, "results.json")
     results = {}
     if os.path.exists(path):
@@ -256,15 +282,37 @@ def update_results(workdir, run, evaluation, n_examples):
     results.update(dataset=cfg["dataset"], model=cfg["model"], method=cfg["method"],
                    branch="adv", eps=cfg["eps"], n_examples=n_examples, epoch=run.epoch)
     adv, clean = evaluation.get("adv", {}), evaluation.get("clean", {})
-    if "clean" in adv:
-        results["clean_acc"] = adv["clean"]
+    for name, value in adv.items():
+        if not name.endswith("_time_s"):
+            results[f"{name}_acc"] = value
     if "clean" in clean:
         results["clean_acc_clean_branch"] = clean["clean"]
-    if "pgd20" in adv:
-        results["pgd20_acc"] = adv["pgd20"]
-    if "cw" in adv:
-        results["cw_acc"] = adv["cw"]
-    results.setdefault("per_branch", {}).update(evaluation)
+    per_branch = results.setdefault("per_branch", {})
+    for branch, accs in evaluation.items():
+        per_branch.setdefault(branch, {}).update(accs)
+    for branch, extra in (details or {}).items():
+        if "autoattack" in extra:
+            results.setdefault("autoattack_breakdown", {})[branch] = extra["autoattack"]
+        if extra.get("warnings") or extra.get("notes"):
+            results.setdefault("warnings", {})[branch] = list(extra.get("warnings", [])) + \
+                list(extra.get("notes", []))
+        elif branch in results.get("warnings", {}):
+            del results["warnings"][branch]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(tmp, path)
+    return results
+
+
+def merge_results(workdir, entries):
+    """Merge top-level `entries` into RUN/results.json as they are (written atomically)."""
+    path = os.path.join(workdir, "results.json")
+    results = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            results = json.load(f)
+    results.update(entries)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(results, f, indent=1)

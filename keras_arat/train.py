@@ -72,13 +72,12 @@ def trim_metrics(workdir, epoch):
 def train(cfg):
     """Run training and the final evaluation; returns the results dict."""
     import keras
-    import tensorflow as tf
 
     from keras_arat.data import a_prev_subset, make_train_dataset
-    from keras_arat.evaluate import evaluate_network
     from keras_arat.training import callbacks as cb
     from keras_arat.training.checkpoint import CheckpointManager
     from keras_arat.training.optim import EpochPiecewiseConstant, TorchSGD
+    from keras_arat.training.swa import SWACallback, SWAState, reestimate_bn
 
     resume = prepare_workdir(cfg)
     data = runs.load_data(cfg)
@@ -95,8 +94,15 @@ def train(cfg):
     trainer.compile(optimizer=optimizer, jit_compile=cfg["jit_compile"])
     optimizer.build(trainer.trainable_variables)
 
+    swa_state = SWAState(network.trainable_variables) if cfg["swa"] else None
+    if swa_state is not None:
+        averaged_steps = (cfg["epochs"] - cfg["swa_start_epoch"] + 1) * steps_per_epoch
+        if averaged_steps < cfg["swa_every_steps"]:
+            raise runs.UsageError(
+                f"--swa_every_steps={cfg['swa_every_steps']} exceeds the {averaged_steps} steps "
+                f"from epoch {cfg['swa_start_epoch']} on: nothing would be averaged")
     manager = CheckpointManager(os.path.join(cfg["workdir"], "checkpoints"),
-                                **runs.checkpoint_objects(trainer, optimizer))
+                                **runs.checkpoint_objects(trainer, optimizer, swa_state))
     initial_epoch = 0
     if resume:
         found = manager.latest()
@@ -110,6 +116,9 @@ def train(cfg):
     if cfg["method"] == "arat":
         x_sub, y_sub = a_prev_subset(data, cfg["a_prev_examples"], seed=cfg["seed"])
         callbacks.append(cb.APrevCallback(x_sub, y_sub))
+    if swa_state is not None:
+        callbacks.append(SWACallback(swa_state, network, cfg["swa_start_epoch"],
+                                     cfg["swa_every_steps"]))
     stopper = cb.StopOnNonFinite()
     callbacks += [stopper, cb.MetricsLogger(cfg["workdir"], schedule),
                   cb.CheckpointCallback(manager, {"method": cfg["method"]})]
@@ -126,11 +135,40 @@ def train(cfg):
     if stopper.error:
         raise cb.NonFiniteLossError(stopper.error)
 
+    final_epoch = max(initial_epoch, cfg["epochs"])
+    run = runs.Run(cfg, data, network, trainer, final_epoch)
+    final_evaluation(run, "test")
+    if swa_state is not None:
+        batches, _ = make_train_dataset(data, cfg["batch_size"], final_epoch + 1, cfg["seed"],
+                                        initial_epoch=final_epoch,
+                                        crop_padding=cfg["crop_padding"], flip=flip)
+        swa_state.copy_to(network.trainable_variables)
+        n_batches = reestimate_bn(network, batches, trainer.attack, "adv", cfg["seed"])
+        n_averaged = int(swa_state.count.numpy())
+        manager.save(final_epoch, {"swa": True, "n_averaged": n_averaged}, prefix="swa")
+        swa = final_evaluation(run, "test_swa")
+        runs.merge_results(cfg["workdir"], {
+            "swa": {"clean_acc": swa["clean_acc"], "pgd20_acc": swa["pgd20_acc"],
+                    "clean_acc_clean_branch": swa["clean_acc_clean_branch"],
+                    "n_averaged": n_averaged, "bn_reestimation_batches": n_batches,
+                    "checkpoint": f"checkpoints/swa-{final_epoch:04d}"}})
+    with open(os.path.join(cfg["workdir"], "results.json")) as f:
+        return json.load(f)
+
+
+def final_evaluation(run, split):
+    """Clean accuracy through both branches and PGD-20 through adv, on the test set.
+
+    split "test" writes results.json's main figures; any other split (the SWA model)
+    only returns them. Either way one metrics.jsonl line records them.
+    """
+    import tensorflow as tf
+
+    from keras_arat.evaluate import evaluate_network
+    from keras_arat.training import callbacks as cb
+    cfg, network = run.config, run.network
     start = time.time()
-    x_test, y_test = data.x_test, data.y_test
-    if cfg["eval_examples"]:
-        x_test, y_test = x_test[:cfg["eval_examples"]], y_test[:cfg["eval_examples"]]
-    x_test = x_test.astype("float32") / 255.0
+    x_test, y_test = run.test_arrays(cfg["eval_examples"])
     evaluation = evaluate_network(network, x_test, y_test, cfg["eps"], ("adv",),
                                   ("clean", "pgd20"), cfg["eval_batch_size"], cfg["seed"])
     if cfg["split_bn"]:
@@ -138,16 +176,15 @@ def train(cfg):
                                            ("clean",), cfg["eval_batch_size"], cfg["seed"]))
     else:  # one BN: both branches are the same network
         evaluation["clean"] = {"clean": evaluation["adv"]["clean"]}
-    final_epoch = max(initial_epoch, cfg["epochs"])
-    run = runs.Run(cfg, data, network, trainer, final_epoch)
-    results = runs.update_results(cfg["workdir"], run, evaluation, len(x_test))
+    figures = {"clean_acc": evaluation["adv"]["clean"], "pgd20_acc": evaluation["adv"]["pgd20"],
+               "clean_acc_clean_branch": evaluation["clean"]["clean"], "n_examples": len(x_test)}
+    if split == "test":
+        runs.update_results(cfg["workdir"], run, evaluation, len(x_test))
     cb.append_metrics(os.path.join(cfg["workdir"], "metrics.jsonl"),
-                      {"split": "test", "epoch": final_epoch,
-                       "clean_acc": results["clean_acc"], "pgd20_acc": results["pgd20_acc"],
-                       "clean_acc_clean_branch": results["clean_acc_clean_branch"],
+                      {"split": split, "epoch": run.epoch, **figures,
                        "eval_time_s": round(time.time() - start, 3)},
                       tf.summary.create_file_writer(os.path.join(cfg["workdir"], "tensorboard")))
-    return results
+    return figures
 
 
 def main(argv):

@@ -86,10 +86,11 @@ class CheckpointManager:
                             problem)
         return None
 
-    def save(self, epoch, metadata=None):
+    def save(self, epoch, metadata=None, prefix="epoch"):
+        """Write checkpoint `prefix-EPOCH` atomically; only `epoch-*` ones are resumed."""
         os.makedirs(self.directory, exist_ok=True)
-        final = os.path.join(self.directory, f"epoch-{epoch:04d}")
-        tmp = os.path.join(self.directory, f".tmp-epoch-{epoch:04d}-{os.getpid()}")
+        final = os.path.join(self.directory, f"{prefix}-{epoch:04d}")
+        tmp = os.path.join(self.directory, f".tmp-{prefix}-{epoch:04d}-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         self.checkpoint.write(os.path.join(tmp, "ckpt"))

@@ -43,14 +43,21 @@ class AdversarialTrainer(keras.Model):
     """
 
     uses_attack = True
+    # BN mode of the network while attacking: ARAT and PGD-AT attack in training mode
+    # (batch statistics), TRADES and MART in inference mode, as their reference code.
+    attack_training = True
 
     def __init__(self, network, eps=8 / 255, step_size=2 / 255, attack_steps=10, seed=0,
                  **kwargs):
         super().__init__(**kwargs)
         self.network = network
-        self.attack = PGD(eps=eps, step_size=step_size, steps=attack_steps)
+        self.attack = self.build_attack(eps, step_size, attack_steps)
         self.seed = int(seed)
         self.trackers = {}
+
+    def build_attack(self, eps, step_size, steps):
+        """The training attack: PGD on cross-entropy from a uniform random start."""
+        return PGD(eps=eps, step_size=step_size, steps=steps)
 
     def track(self, values):
         for name, value in values.items():
@@ -71,10 +78,11 @@ class AdversarialTrainer(keras.Model):
         step = tf.cast(self.optimizer.iterations, tf.int64)
         return tf.stack([tf.constant(self.seed, tf.int64), step])
 
-    def adversarial(self, x, y, branch="adv"):
-        """PGD examples against `branch` in training mode (batch statistics)."""
-        return self.attack(lambda z: self.network(z, training=True, branch=branch),
-                           x, y, self.attack_seed())
+    def adversarial(self, x, target, branch="adv"):
+        """Attack examples against `branch`, BN in the mode `attack_training` names."""
+        return self.attack(
+            lambda z: self.network(z, training=self.attack_training, branch=branch),
+            x, target, self.attack_seed())
 
     def losses_for(self, x, y):
         raise NotImplementedError

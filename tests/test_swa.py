@@ -1,0 +1,81 @@
+"""SWA: the average is the mean of the snapshots; BN re-estimation touches only adv."""
+
+import json
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from keras_arat.attacks import PGD
+from keras_arat.training.swa import SWAState, branch_batch_norms, reestimate_bn
+from tests import helpers
+from tests.test_cli import TINY, run_cli
+
+
+def test_average_equals_mean_of_snapshots():
+    variables = [tf.Variable(np.zeros((3, 2), np.float32)), tf.Variable(np.zeros(4, np.float32))]
+    state = SWAState(variables)
+    rng = np.random.RandomState(0)
+    snapshots = []
+    for _ in range(5):
+        values = [rng.randn(*v.shape).astype(np.float32) for v in variables]
+        for v, val in zip(variables, values):
+            v.assign(val)
+        snapshots.append(values)
+        state.update(variables)
+    assert int(state.count) == 5
+    for i, avg in enumerate(state.averages):
+        np.testing.assert_allclose(avg.numpy(), np.mean([s[i] for s in snapshots], 0),
+                                   rtol=1e-5, atol=1e-6)
+    target = [tf.Variable(tf.zeros_like(v)) for v in variables]
+    state.copy_to(target)
+    np.testing.assert_array_equal(target[0].numpy(), state.averages[0].numpy())
+
+
+def test_reestimation_changes_only_adv_statistics_and_averages_batches():
+    net = helpers.new_network(split_bn=True)
+    x, y = helpers.tiny_data().train
+    for _ in range(3):  # give both branches non-trivial statistics
+        net(x[:64], training=True, branch="clean")
+        net(x[64:128], training=True, branch="adv")
+    clean_before = [v.numpy().copy() for bn in branch_batch_norms(net, "clean")
+                    for v in (bn.moving_mean, bn.moving_variance)]
+    batches = [(tf.constant(x[i:i + 32]), tf.constant(y[i:i + 32])) for i in (0, 32, 64)]
+    attack = PGD(eps=0.3, step_size=0.1, steps=2)
+    n = reestimate_bn(net, batches, attack, "adv", seed=0)
+    assert n == 3
+    clean_after = [v.numpy() for bn in branch_batch_norms(net, "clean")
+                   for v in (bn.moving_mean, bn.moving_variance)]
+    for a, b in zip(clean_before, clean_after):
+        np.testing.assert_array_equal(a, b)
+    # The first BN's statistics must be the equal-weight mean of the three batches'
+    # statistics of conv1's output on the same attack examples.
+    first_bn = branch_batch_norms(net, "adv")[0]
+    estimated = first_bn.moving_mean.numpy().copy()  # read now: attacks below move it
+    # Training-mode outputs do not depend on moving statistics, so the attack
+    # examples are reproducible here.
+    conv1 = net.convs[0]
+    means = []
+    for k, (xb, yb) in enumerate(batches):
+        x_adv = attack(lambda z: net(z, training=True, branch="adv"), xb, yb,
+                       tf.constant([0, k], tf.int64))
+        means.append(conv1(x_adv).numpy().mean(axis=(0, 1, 2)))
+    np.testing.assert_allclose(estimated, np.mean(means, 0),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_swa_cli_writes_its_checkpoint_and_results(tmp_path):
+    workdir = str(tmp_path / "swa")
+    proc, _ = run_cli("keras_arat.train", *TINY, "--epochs=2", "--swa", "--swa_start_epoch=2",
+                      "--swa_every_steps=2", f"--workdir={workdir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.load(open(os.path.join(workdir, "results.json")))
+    swa = results["swa"]
+    assert swa["n_averaged"] == 2  # steps 6 and 8 of 8 (4 per epoch)
+    assert swa["bn_reestimation_batches"] == 4
+    for key in ("clean_acc", "pgd20_acc", "clean_acc_clean_branch"):
+        assert 0.0 <= swa[key] <= 1.0
+    assert os.path.isdir(os.path.join(workdir, swa["checkpoint"]))
+    proc, _ = run_cli("keras_arat.train", *TINY, "--epochs=2", "--swa", "--swa_start_epoch=3",
+                      f"--workdir={tmp_path}/bad")
+    assert proc.returncode == 2 and "nothing would be averaged" in proc.stderr
