@@ -147,3 +147,36 @@ def test_pgd_at_single_bn_step():
 def test_unknown_tap_is_rejected():
     with pytest.raises(ValueError, match="unknown tapped layers"):
         ARATModel(helpers.new_network(), taps=["nope"])
+
+
+def test_ablation_switches_change_what_they_name():
+    x, y = batch(16)
+    # --predictor=false: no predictor heads; the adversarial feature is compared directly.
+    no_pred = make_trainer(predictor=False)
+    assert no_pred.predictors == [] and no_pred.use_predictor is False
+    _, fc = no_pred.network(x, training=True, branch="clean", return_features=True)
+    _, fa = no_pred.network(x, training=True, branch="adv", return_features=True)
+    expected = 0.0
+    for tap in no_pred.taps:
+        a, c = pooled_feature(fa[tap]).numpy(), pooled_feature(fc[tap]).numpy()
+        cos = (a * c).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(c, axis=1),
+                                          1e-12)
+        expected += 1.0 - cos.mean()
+    expected *= no_pred.invariance_weight / len(no_pred.taps)
+    np.testing.assert_allclose(float(no_pred.invariance_loss(fc, fa)), expected, rtol=1e-4)
+    # --invariance=none: no invariance term, no predictors, loss = weighted CE only.
+    none = make_trainer(invariance="none")
+    none.a_prev.assign(0.25)
+    _, logs = none.losses_for(x, y)
+    assert none.predictors == [] and float(logs["invariance"]) == 0.0
+    loss, logs = none.losses_for(x, y)
+    np.testing.assert_allclose(float(loss), 0.25 * float(logs["ce_adv"]) +
+                               0.75 * float(logs["ce_clean"]), rtol=1e-5)
+    # --split_bn=false: one BN per site, so the clean and adv forwards share statistics.
+    single = make_trainer(split_bn=False)
+    assert not any("/clean/" in v.path or "/adv/" in v.path for v in single.network.variables)
+    # --align_layers and --invariance_weight pick the taps and the scale.
+    one_tap = make_trainer(taps=["conv4"], invariance_weight=3.0)
+    assert one_tap.taps == ("conv4",) and len(one_tap.predictors) == 1
+    assert one_tap.invariance_weight == 3.0
+    assert make_trainer().invariance_weight == 30.0  # the small CNN's default gamma
