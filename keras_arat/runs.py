@@ -16,7 +16,7 @@ METHODS = ("arat", "pgd_at", "trades", "mart", "standard")
 DEFAULT_BETA = {"trades": 6.0, "mart": 5.0}
 # Settings that may differ when a run is resumed; every other key must match.
 RESUMABLE_CHANGES = {"workdir", "resume", "overwrite", "verbose", "epochs", "eval_examples",
-                     "eval_batch_size", "jit_compile"}
+                     "eval_batch_size", "jit_compile", "nan_policy", "deterministic"}
 
 
 class UsageError(ValueError):
@@ -104,6 +104,10 @@ def define_train_flags(flags):
                      "(default: all).")
     f.DEFINE_integer("eval_batch_size", 256, "Batch size of the final evaluation.")
     f.DEFINE_bool("jit_compile", False, "XLA-compile the train step.")
+    f.DEFINE_enum("nan_policy", "stop", ["stop", "skip_batch"], "On a NaN/Inf loss: stop "
+                  "(keeping the last good checkpoint) or skip the batch and count it.")
+    f.DEFINE_bool("deterministic", False, "TensorFlow op determinism: a resumed run ends "
+                  "with the same weights as an uninterrupted one (somewhat slower).")
     f.DEFINE_enum("verbose", "auto", ["auto", "0", "1", "2"], "Keras fit verbosity "
                   "(auto: progress bar on a terminal, a line per epoch otherwise).")
 
@@ -177,7 +181,8 @@ def build_network(cfg, num_classes, input_shape):
 def build_trainer(cfg, network, input_shape):
     from keras_arat.training import TRAINERS
     common = dict(eps=cfg["eps"], step_size=cfg["step_size"],
-                  attack_steps=cfg["attack_steps"], seed=cfg["seed"])
+                  attack_steps=cfg["attack_steps"], seed=cfg["seed"],
+                  nan_policy=cfg.get("nan_policy", "stop"))
     if cfg["method"] == "arat":
         try:
             return TRAINERS["arat"](network, taps=cfg["align_layers"] or None,
@@ -204,7 +209,28 @@ def load_data(cfg):
 
 
 def checkpoint_objects(trainer, optimizer=None, swa_state=None):
-    objects = {"trainer": trainer}
+    """What a checkpoint holds: every weight of the trainer by path (network, both BN
+    branches' moving statistics, predictors, a_prev), the optimizer, the SWA average.
+
+    Keras 3 layers are not tracked as attributes by tf.train.Checkpoint, so the weights
+    are listed explicitly; keyed by path, a checkpoint only loads into the same model.
+    """
+    def relative(path):  # drop the auto-generated top name ("small_cnn_1/...")
+        return path.split("/", 1)[1] if "/" in path else path
+
+    groups = [("network", trainer.network.weights)]
+    groups += [(f"predictor{i}", p.weights) for i, p in enumerate(getattr(trainer, "predictors", []))]
+    seen = {id(v) for _, vs in groups for v in vs}
+    groups.append(("trainer", [v for v in trainer.weights if id(v) not in seen]))
+    weights = {}
+    for prefix, variables in groups:
+        for v in variables:
+            key = f"{prefix}.{relative(v.path) if prefix != 'trainer' else v.name}"
+            key = key.replace("/", ".")
+            if key in weights:
+                raise ValueError(f"two weights share the checkpoint key {key}")
+            weights[key] = v
+    objects = {"weights": weights}
     if optimizer is not None:
         objects["optimizer"] = optimizer
     if swa_state is not None:

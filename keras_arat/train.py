@@ -82,6 +82,9 @@ def train(cfg):
     resume = prepare_workdir(cfg)
     data = runs.load_data(cfg)
     keras.utils.set_random_seed(cfg["seed"])
+    if cfg["deterministic"]:
+        import tensorflow as tf
+        tf.config.experimental.enable_op_determinism()
     network = runs.build_network(cfg, data.num_classes, data.image_shape)
     trainer = runs.build_trainer(cfg, network, data.image_shape)
 
@@ -119,9 +122,9 @@ def train(cfg):
     if swa_state is not None:
         callbacks.append(SWACallback(swa_state, network, cfg["swa_start_epoch"],
                                      cfg["swa_every_steps"]))
-    stopper = cb.StopOnNonFinite()
-    callbacks += [stopper, cb.MetricsLogger(cfg["workdir"], schedule),
-                  cb.CheckpointCallback(manager, {"method": cfg["method"]})]
+    stopper = cb.StopOnNonFinite(steps_per_epoch) if cfg["nan_policy"] == "stop" else None
+    callbacks += [c for c in (stopper, cb.MetricsLogger(cfg["workdir"], schedule),
+                              cb.CheckpointCallback(manager, {"method": cfg["method"]})) if c]
     verbose = cfg["verbose"]
     verbose = (1 if sys.stdout.isatty() else 2) if verbose == "auto" else int(verbose)
 
@@ -132,7 +135,7 @@ def train(cfg):
         trainer.fit(dataset, epochs=cfg["epochs"], initial_epoch=initial_epoch,
                     steps_per_epoch=steps_per_epoch, callbacks=callbacks, verbose=verbose,
                     shuffle=False)  # order and augmentation come from (seed, epoch)
-    if stopper.error:
+    if stopper is not None and stopper.error:
         raise cb.NonFiniteLossError(stopper.error)
 
     final_epoch = max(initial_epoch, cfg["epochs"])

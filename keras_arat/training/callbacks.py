@@ -39,8 +39,9 @@ class NonFiniteLossError(RuntimeError):
 class StopOnNonFinite(keras.callbacks.Callback):
     """Stops training at the first batch whose running loss is NaN or Inf."""
 
-    def __init__(self):
+    def __init__(self, steps_per_epoch):
         super().__init__()
+        self.steps_per_epoch = steps_per_epoch
         self.error = None
         self.epoch = 0
 
@@ -50,9 +51,11 @@ class StopOnNonFinite(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
-            self.error = (f"loss became {float(loss)} at epoch {self.epoch + 1}, batch "
-                          f"{batch + 1}: lower the learning rate or check the input data; "
-                          "the last good checkpoint is kept")
+            step = self.epoch * self.steps_per_epoch + batch + 1
+            self.error = (f"loss became {float(loss)} at step {step} (epoch {self.epoch + 1}, "
+                          f"batch {batch + 1}): the learning rate is likely too high for this "
+                          "model or the data holds bad values; the last good checkpoint is "
+                          "kept (--nan_policy=skip_batch skips such batches instead)")
             self.model.stop_training = True
 
 

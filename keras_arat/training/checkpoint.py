@@ -93,18 +93,22 @@ class CheckpointManager:
         tmp = os.path.join(self.directory, f".tmp-{prefix}-{epoch:04d}-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        self.checkpoint.write(os.path.join(tmp, "ckpt"))
-        files = {name: _sha256(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
-        for name in files:
-            with open(os.path.join(tmp, name), "rb") as f:
+        try:
+            self.checkpoint.write(os.path.join(tmp, "ckpt"))
+            files = {name: _sha256(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
+            for name in files:
+                with open(os.path.join(tmp, name), "rb") as f:
+                    os.fsync(f.fileno())
+            with open(os.path.join(tmp, MANIFEST), "w") as f:
+                json.dump({"epoch": epoch, "files": files, **(metadata or {})}, f, indent=1)
+                f.flush()
                 os.fsync(f.fileno())
-        with open(os.path.join(tmp, MANIFEST), "w") as f:
-            json.dump({"epoch": epoch, "files": files, **(metadata or {})}, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # e.g. a full disk: no partial folder left
+            raise
         _fsync_dir(self.directory)
         for _, old in self.folders()[self.keep:]:
             shutil.rmtree(old, ignore_errors=True)

@@ -36,7 +36,7 @@ def mean_cosine(a, b):
 class AdversarialTrainer(keras.Model):
     """Shared machinery: the PGD attack, seeding, loss trackers, inference calls.
 
-    Subclasses implement `losses(x, y)` returning (total_loss, {name: scalar}).
+    Subclasses implement `losses_for(x, y)` returning (total_loss, {name: scalar}).
     Every logged figure goes through a keras.metrics.Mean, so `fit` reports the
     epoch mean of each (a raw tensor named "loss" would be shadowed by Keras'
     own loss tracker).
@@ -47,28 +47,39 @@ class AdversarialTrainer(keras.Model):
     # (batch statistics), TRADES and MART in inference mode, as their reference code.
     attack_training = True
 
+    NAN_POLICIES = ("stop", "skip_batch")
+
     def __init__(self, network, eps=8 / 255, step_size=2 / 255, attack_steps=10, seed=0,
-                 **kwargs):
+                 nan_policy="stop", **kwargs):
         super().__init__(**kwargs)
+        if nan_policy not in self.NAN_POLICIES:
+            raise ValueError(f"nan_policy must be one of {self.NAN_POLICIES}, got {nan_policy!r}")
         self.network = network
         self.attack = self.build_attack(eps, step_size, attack_steps)
         self.seed = int(seed)
+        self.nan_policy = nan_policy
         self.trackers = {}
+        if nan_policy == "skip_batch":
+            self.skipped = keras.metrics.Sum(name="skipped_batches")
 
     def build_attack(self, eps, step_size, steps):
         """The training attack: PGD on cross-entropy from a uniform random start."""
         return PGD(eps=eps, step_size=step_size, steps=steps)
 
-    def track(self, values):
+    def track(self, values, weight=None):
         for name, value in values.items():
             if name not in self.trackers:
                 self.trackers[name] = keras.metrics.Mean(name=name)
-            self.trackers[name].update_state(value)
-        return {name: t.result() for name, t in self.trackers.items()}
+            self.trackers[name].update_state(value, sample_weight=weight)
+        logs = {name: t.result() for name, t in self.trackers.items()}
+        if self.nan_policy == "skip_batch":
+            logs["skipped_batches"] = self.skipped.result()
+        return logs
 
     @property
     def metrics(self):
-        return list(self.trackers.values())
+        extra = [self.skipped] if self.nan_policy == "skip_batch" else []
+        return list(self.trackers.values()) + extra
 
     def call(self, x, training=False, branch="adv"):
         return self.network(x, training=training, branch=branch)
@@ -93,5 +104,19 @@ class AdversarialTrainer(keras.Model):
             loss, logs = self.losses_for(x, y)
         variables = self.trainable_variables
         grads = tape.gradient(loss, variables)
-        self.optimizer.apply(grads, variables)
-        return self.track({"loss": loss, **logs})
+        if self.nan_policy == "stop":  # StopOnNonFinite ends the run at the first bad loss
+            self.optimizer.apply(grads, variables)
+            return self.track({"loss": loss, **logs})
+        # skip_batch: a batch with a non-finite loss or gradient changes no weight and
+        # no figure (BN statistics of its forward passes have moved all the same).
+        finite = tf.reduce_all(tf.stack(
+            [tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None]
+            + [tf.math.is_finite(loss)]))
+
+        def apply():
+            self.optimizer.apply(grads, variables)
+            return tf.constant(0.0)
+
+        self.skipped.update_state(tf.cond(finite, apply, lambda: tf.constant(1.0)))
+        values = {k: tf.where(finite, v, tf.zeros_like(v)) for k, v in {"loss": loss, **logs}.items()}
+        return self.track(values, weight=tf.cast(finite, tf.float32))

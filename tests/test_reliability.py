@@ -1,0 +1,128 @@
+"""No lost training: atomic, verified checkpoints; NaN handling; kill -9 and resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_arat.training.checkpoint import CheckpointManager, verify
+from tests.test_cli import ROOT, TINY, read_jsonl, run_cli
+
+
+def small_state():
+    module = tf.Module()
+    module.w = tf.Variable(np.arange(6, dtype=np.float32))
+    return module
+
+
+def test_damaged_checkpoint_is_detected_and_the_previous_one_used(tmp_path):
+    module = small_state()
+    manager = CheckpointManager(str(tmp_path), module=module)
+    manager.save(1)
+    module.w.assign(module.w * 2)
+    path2 = manager.save(2)
+    data = [n for n in os.listdir(path2) if n.startswith("ckpt.data")][0]
+    with open(os.path.join(path2, data), "r+b") as f:
+        f.truncate(8)
+    assert "checksum mismatch" in verify(path2) or "missing" in verify(path2)
+    epoch, path = manager.latest()
+    assert epoch == 1 and path.endswith("epoch-0001")
+    module.w.assign(tf.zeros(6))
+    manager.restore(path)
+    np.testing.assert_array_equal(module.w.numpy(), np.arange(6, dtype=np.float32))
+    os.remove(os.path.join(path, "manifest.json"))
+    assert manager.latest() is None
+
+
+def test_a_failed_write_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
+    module = small_state()
+    manager = CheckpointManager(str(tmp_path), module=module)
+    manager.save(1)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(manager.checkpoint, "write", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        manager.save(2)
+    assert sorted(os.listdir(tmp_path)) == ["epoch-0001"]
+    assert manager.latest()[0] == 1
+
+
+def test_keeps_only_the_newest_checkpoints(tmp_path):
+    manager = CheckpointManager(str(tmp_path), keep=2, module=small_state())
+    for epoch in range(1, 5):
+        manager.save(epoch)
+    assert sorted(os.listdir(tmp_path)) == ["epoch-0003", "epoch-0004"]
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path):
+    workdir = str(tmp_path / "nan")
+    proc, _ = run_cli("keras_arat.train", *TINY, "--epochs=2", "--lr_values=1e30,1e30",
+                      f"--workdir={workdir}")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    error = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(error) == 1 and "loss became" in error[0] and "at step" in error[0]
+    assert not os.path.exists(os.path.join(workdir, "checkpoints", "epoch-0001"))
+    assert not os.path.exists(os.path.join(workdir, "results.json"))
+
+
+def test_nan_policy_skip_batch_counts_and_continues(tmp_path):
+    workdir = str(tmp_path / "skip")
+    proc, _ = run_cli("keras_arat.train", *TINY, "--epochs=1", "--lr_values=1e30,1e30",
+                      "--nan_policy=skip_batch", f"--workdir={workdir}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = read_jsonl(os.path.join(workdir, "metrics.jsonl"))[0]
+    assert 1 <= line["skipped_batches"] <= 4 and np.isfinite(line["loss"])
+    assert os.path.exists(os.path.join(workdir, "results.json"))
+
+
+def final_weights(workdir, epoch):
+    reader = tf.train.load_checkpoint(
+        os.path.join(workdir, "checkpoints", f"epoch-{epoch:04d}", "ckpt"))
+    names = [n for n in reader.get_variable_to_shape_map() if "OBJECT_GRAPH" not in n]
+    return {n: reader.get_tensor(n) for n in names}
+
+
+def test_kill_9_mid_epoch_then_resume_ends_with_the_same_weights(tmp_path):
+    args = [*TINY, "--n_train=1024", "--epochs=3", "--deterministic", "--eval_examples=32"]
+    straight = str(tmp_path / "straight")
+    proc, _ = run_cli("keras_arat.train", *args, f"--workdir={straight}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    killed = str(tmp_path / "killed")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="-1")
+    child = subprocess.Popen([sys.executable, "-m", "keras_arat.train", *args,
+                              f"--workdir={killed}"], cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = os.path.join(killed, "checkpoints", "epoch-0001")
+    deadline = time.time() + 240
+    while not os.path.exists(first) and child.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # into epoch 2
+    assert child.poll() is None, "the run finished before it could be killed"
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    done = sorted(n for n in os.listdir(os.path.join(killed, "checkpoints"))
+                  if n.startswith("epoch-"))
+    assert done and done[-1] != "epoch-0003"
+
+    proc, _ = run_cli("keras_arat.train", *args, f"--workdir={killed}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"from epoch {int(done[-1][-4:])}" in proc.stdout
+    a, b = final_weights(straight, 3), final_weights(killed, 3)
+    assert a.keys() == b.keys() and len(a) > 20
+    for name in a:  # model, optimizer, a_prev, step counter
+        np.testing.assert_allclose(a[name], b[name], rtol=0, atol=1e-6, err_msg=name)
+    lines = [ln for ln in read_jsonl(os.path.join(killed, "metrics.jsonl"))
+             if ln.get("split", "train") == "train"]
+    assert [ln["epoch"] for ln in lines] == [1, 2, 3]
+    ra = json.load(open(os.path.join(straight, "results.json")))
+    rb = json.load(open(os.path.join(killed, "results.json")))
+    assert ra["clean_acc"] == rb["clean_acc"] and ra["pgd20_acc"] == rb["pgd20_acc"]
