@@ -1,0 +1,216 @@
+"""The experiment grid end to end: cells, table, plot, skip on re-run, failures, bad input."""
+
+import csv
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ("dataset=digits,n_train=128,n_test=64,batch_size=64,cnn_width=8,attack_steps=1,"
+        "epochs=1,eps=0.3,step_size=0.1,lr_values=0.05,lr_boundaries=,a_prev_examples=64")
+ROWS = ["arat:method=arat", "pgd_at:method=pgd_at",
+        "broken:method=arat,eps=2"]  # eps=2 passes flag parsing; the trainer rejects it
+GRID_ARGS = ["--base_flagfile=configs/quickstart.flags", f"--overrides={TINY}", "--seeds=0,1",
+             *[f"--rows={r}" for r in ROWS]]
+GOOD = [("arat", 0), ("arat", 1), ("pgd_at", 0), ("pgd_at", 1)]
+
+
+def run_grid(*args, timeout=400):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="-1")
+    start = time.time()
+    proc = subprocess.run([sys.executable, "-m", "keras_arat.experiments", *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    return proc, time.time() - start
+
+
+def read(path, mode="r"):
+    with open(path, mode) as f:
+        return f.read()
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("grid") / "g")
+    proc, seconds = run_grid(*GRID_ARGS, f"--workdir={workdir}")
+    return workdir, proc, seconds
+
+
+def test_grid_trains_every_cell_and_marks_the_broken_ones_failed(grid):
+    workdir, proc, _ = grid
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]  # some cells failed
+    state = json.load(open(os.path.join(workdir, "grid.json")))
+    assert state["seeds"] == [0, 1] and [r["name"] for r in state["rows"]] == [
+        "arat", "pgd_at", "broken"]
+    for row, seed in GOOD:
+        cell = state["cells"][f"{row}/seed_{seed}"]
+        assert cell["status"] == "done"
+        results = json.load(open(os.path.join(workdir, row, f"seed_{seed}", "results.json")))
+        assert cell["results"]["clean"] == results["clean_acc"]
+        assert cell["results"]["pgd20"] == results["pgd20_acc"]
+        config = json.load(open(os.path.join(workdir, row, f"seed_{seed}", "config.json")))
+        assert config["seed"] == seed and config["method"] == row
+        assert config["n_train"] == 128 and config["epochs"] == 1
+    for seed in (0, 1):
+        cell = state["cells"][f"broken/seed_{seed}"]
+        assert cell["status"] == "failed"
+        assert "exit status 2" in cell["error"] and "--eps=2 must be in (0, 1]" in cell["error"]
+    log = read(os.path.join(workdir, "experiments.log"))
+    assert "[broken/seed_0] FAILED" in log and "--eps=2 must be in (0, 1]" in log
+    assert "4 done, 2 failed" in log
+
+
+def test_table_holds_mean_and_std_over_seeds(grid):
+    workdir, _, _ = grid
+    with open(os.path.join(workdir, "table.csv")) as f:
+        table = {line["row"]: line for line in csv.DictReader(f)}
+    assert list(table) == ["arat", "pgd_at", "broken"]
+    for row in ("arat", "pgd_at"):
+        results = [json.load(open(os.path.join(workdir, row, f"seed_{s}", "results.json")))
+                   for s in (0, 1)]
+        line = table[row]
+        assert line["seeds_finished"] == "2" and line["seeds_total"] == "2"
+        assert line["method"] == row
+        for column, values in [
+                ("clean", [r["clean_acc"] for r in results]),
+                ("pgd20", [r["pgd20_acc"] for r in results]),
+                ("clean+pgd20", [r["clean_acc"] + r["pgd20_acc"] for r in results])]:
+            assert float(line[f"{column}_mean"]) == pytest.approx(statistics.mean(values))
+            assert float(line[f"{column}_std"]) == pytest.approx(statistics.stdev(values))
+            assert line[f"{column}_n"] == "2"
+        mean = statistics.mean(r["pgd20_acc"] for r in results)
+        assert f"{100 * mean:.2f} ± " in read(os.path.join(workdir, "table.md"))
+    assert table["broken"]["seeds_finished"] == "0" and table["broken"]["seeds_failed"] == "2"
+    assert table["broken"]["clean_mean"] == ""
+    md = read(os.path.join(workdir, "table.md"))
+    assert "| Row | Method | Overrides | Seeds | Clean | PGD-20 | Clean + PGD-20 |" in md
+    assert "| broken | arat | method=arat,eps=2 | 0/2 (2 failed) |" in md
+
+
+def test_plot_is_a_png(grid):
+    workdir, _, _ = grid
+    png = read(os.path.join(workdir, "tradeoff.png"), "rb")
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_rerun_skips_finished_cells_and_rewrites_the_same_table(grid):
+    workdir, _, first_seconds = grid
+    before = {n: read(os.path.join(workdir, n)) for n in ("table.md", "table.csv")}
+    mtimes = {(r, s): os.path.getmtime(os.path.join(workdir, r, f"seed_{s}", "results.json"))
+              for r, s in GOOD}
+    proc, seconds = run_grid(*GRID_ARGS, f"--workdir={workdir}", "--retry_failed=false")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert seconds < first_seconds / 4, (seconds, first_seconds)
+    assert proc.stdout.count("finished: skipped") == 4
+    assert proc.stdout.count("failed before; skipped") == 2
+    for name, text in before.items():
+        assert read(os.path.join(workdir, name)) == text
+    for (r, s), mtime in mtimes.items():
+        assert os.path.getmtime(os.path.join(workdir, r, f"seed_{s}", "results.json")) == mtime
+
+
+def test_partial_cell_is_resumed_and_a_fixed_row_runs(grid, tmp_path):
+    """A cell whose run stopped before results.json resumes through the trainer."""
+    workdir, _, _ = grid
+    copy = str(tmp_path / "g")
+    shutil.copytree(workdir, copy)
+    state = json.load(open(os.path.join(copy, "grid.json")))
+    # Pretend arat/seed_1 was interrupted after its checkpoint but before its evaluation.
+    os.remove(os.path.join(copy, "arat", "seed_1", "results.json"))
+    state["cells"]["arat/seed_1"]["status"] = "interrupted"
+    with open(os.path.join(copy, "grid.json"), "w") as f:
+        json.dump(state, f)
+    proc, _ = run_grid("--base_flagfile=configs/quickstart.flags", f"--overrides={TINY}",
+                       "--seeds=0,1", "--rows=arat:method=arat", f"--workdir={copy}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[arat/seed_0] finished: skipped" in proc.stdout
+    assert "[arat/seed_1] training (resuming)" in proc.stdout
+    train_log = read(os.path.join(copy, "arat", "seed_1", "train.log"))
+    train_err = read(os.path.join(copy, "arat", "seed_1", "train.stderr.log"))
+    assert "from epoch 1" in train_log + train_err  # resumed, not retrained
+    assert os.path.exists(os.path.join(copy, "arat", "seed_1", "results.json"))
+    with open(os.path.join(copy, "table.csv")) as f:
+        assert [line["row"] for line in csv.DictReader(f)] == ["arat"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--rows=arat-method=arat"], "row 'arat-method=arat' has no ':'"),
+    (["--rows=arat:method"], "row arat: 'method' is not key=value"),
+    (["--rows=arat:methd=arat"], "row arat: unknown training flag 'methd'"),
+    (["--rows=arat:method=nope"], "row arat: --method=nope:"),
+    (["--rows=arat:seed=3"], "row arat: seed is set by the grid runner"),
+    (["--rows=a:method=arat;a:method=pgd_at"], "row name 'a' is used twice"),
+    (["--rows=arat:method=arat", "--base_flagfile=nope.flags"], "base flagfile nope.flags"),
+    (["--rows=arat:method=arat", "--seeds=0,x"], "--seeds must be integers"),
+    (["--rows=arat:method=arat", "--attacks=clean,fgsm"], "unknown attack 'fgsm'"),
+])
+def test_bad_input_is_one_line_exit_2(tmp_path, args, message):
+    base = [] if any(a.startswith("--base_flagfile") for a in args) else [
+        "--base_flagfile=quickstart.flags"]
+    proc, _ = run_grid(*base, *args, f"--workdir={tmp_path}/g", timeout=120)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not os.path.exists(os.path.join(tmp_path, "g", "grid.json"))
+
+
+def test_rows_parse_lists_and_the_shipped_flagfiles_are_valid():
+    from keras_arat import experiments
+    fv = experiments.train_flag_values()
+    rows = experiments.parse_rows(
+        ["a:method=arat,lr_values=0.1,0.01,lr_boundaries=3;b:", "c:split_bn=false"], fv)
+    assert rows == [{"name": "a", "overrides": [("method", "arat"),
+                                                  ("lr_values", "0.1,0.01"),
+                                                  ("lr_boundaries", "3")]},
+                    {"name": "b", "overrides": []},
+                    {"name": "c", "overrides": [("split_bn", "false")]}]
+    for name in ("tradeoff_quickstart.flags", "tradeoff_cifar.flags"):
+        proc, _ = run_grid(f"--flagfile=configs/{name}", "--workdir=/nonexistent/g",
+                           "--dry_run", timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        commands = [c for c in proc.stdout.splitlines() if c.startswith("python -m ")]
+        assert len(commands) == 18 and all(c.startswith("python -m keras_arat.train") for c in
+                                           commands)
+        methods = {c.split("--method=")[-1].split()[0] for c in commands}
+        assert methods == {"arat", "pgd_at", "trades", "mart"}
+        assert sum("--split_bn=false" in c for c in commands) == 3
+        assert not os.path.exists("/nonexistent/g")
+
+
+def test_extra_attacks_run_keras_arat_evaluate_on_finished_cells(grid, tmp_path):
+    """--attacks beyond clean,pgd20 evaluate finished cells without retraining them."""
+    workdir, _, _ = grid
+    copy = str(tmp_path / "g")
+    os.makedirs(copy)
+    shutil.copytree(os.path.join(workdir, "arat"), os.path.join(copy, "arat"))
+    shutil.copy(os.path.join(workdir, "grid.json"), copy)
+    seed_0 = os.path.join(copy, "arat", "seed_0")
+    checkpoints = sorted(os.listdir(os.path.join(seed_0, "checkpoints")))
+    args = ["--base_flagfile=configs/quickstart.flags", f"--overrides={TINY}", "--seeds=0",
+            "--rows=arat:method=arat", "--attacks=clean,pgd20,cw,autoattack",
+            f"--workdir={copy}"]
+    proc, _ = run_grid(*args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[arat/seed_0] evaluating cw" in proc.stdout and "training" not in proc.stdout
+    assert sorted(os.listdir(os.path.join(seed_0, "checkpoints"))) == checkpoints
+    results = json.load(open(os.path.join(seed_0, "results.json")))
+    with open(os.path.join(copy, "table.csv")) as f:
+        line = next(csv.DictReader(f))
+    assert float(line["cw_mean"]) == pytest.approx(results["cw_acc"])
+    assert line["cw_std"] == "" and line["cw_n"] == "1"  # one seed: no std
+    from keras_arat import evaluate
+    if "autoattack" in evaluate.ATTACKS:  # AutoAttack has landed: it is a column too
+        assert "autoattack_mean" in line and "AutoAttack" in read(os.path.join(copy,
+                                                                               "table.md"))
+    else:
+        assert "warning: autoattack is not in keras_arat.evaluate.ATTACKS" in proc.stdout
+        assert "autoattack_mean" not in line
+    # Once evaluated, the cell is finished for these attacks too.
+    proc, _ = run_grid(*args)
+    assert proc.returncode == 0 and "[arat/seed_0] finished: skipped" in proc.stdout
