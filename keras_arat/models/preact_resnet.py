@@ -3,12 +3,12 @@
 import keras
 
 from keras_arat.layers.split_batch_norm import SplitBatchNormalization
-from keras_arat.models.resnet import (torch_bias_initializer, torch_conv,
+from keras_arat.models.resnet import (ResidualBlock, torch_bias_initializer, torch_conv,
                                       torch_kernel_initializer)
 
 
 @keras.saving.register_keras_serializable(package="keras_arat")
-class PreActBlock(keras.layers.Layer):
+class PreActBlock(ResidualBlock):
     """bn1 -> relu -> conv1 -> bn2 -> relu -> conv2, plus shortcut.
 
     The shortcut is a 1x1 conv of the first ReLU's output when the stride or the
@@ -16,11 +16,7 @@ class PreActBlock(keras.layers.Layer):
     """
 
     def __init__(self, in_planes, planes, stride=1, split_bn=True, **kwargs):
-        super().__init__(**kwargs)
-        self.in_planes = int(in_planes)
-        self.planes = int(planes)
-        self.stride = int(stride)
-        self.split_bn = bool(split_bn)
+        super().__init__(in_planes, planes, stride, split_bn, **kwargs)
         self.bn1 = SplitBatchNormalization(split=self.split_bn, name="bn1")
         self.conv1 = torch_conv(self.planes, 3, self.stride, 1, "conv1")
         self.bn2 = SplitBatchNormalization(split=self.split_bn, name="bn2")
@@ -39,18 +35,6 @@ class PreActBlock(keras.layers.Layer):
         if return_features:
             return out, {"relu1": r1, "relu2": r2}
         return out
-
-    def compute_output_shape(self, input_shape):
-        h, w = input_shape[1], input_shape[2]
-        h = None if h is None else (h - 1) // self.stride + 1
-        w = None if w is None else (w - 1) // self.stride + 1
-        return (input_shape[0], h, w, self.planes)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(in_planes=self.in_planes, planes=self.planes,
-                      stride=self.stride, split_bn=self.split_bn)
-        return config
 
 
 @keras.saving.register_keras_serializable(package="keras_arat")

@@ -93,12 +93,10 @@ def torch_conv(filters, kernel_size, stride, padding, name, kernel_initializer=N
         name=name)
 
 
-@keras.saving.register_keras_serializable(package="keras_arat")
-class BasicBlock(keras.layers.Layer):
-    """conv3x3 -> bn1 -> relu -> conv3x3 -> bn2 -> (+ shortcut) -> relu.
+class ResidualBlock(keras.layers.Layer):
+    """What every residual block shares: its channels in and out, its stride, split BN.
 
-    The shortcut is a 1x1 conv + BN when the stride or the width changes.
-    Features: "bn1", "bn2" (bn2 before the residual addition).
+    Subclasses build their layers after calling this __init__ and implement `call`.
     """
 
     def __init__(self, in_planes, planes, stride=1, split_bn=True, **kwargs):
@@ -107,6 +105,30 @@ class BasicBlock(keras.layers.Layer):
         self.planes = int(planes)
         self.stride = int(stride)
         self.split_bn = bool(split_bn)
+
+    def compute_output_shape(self, input_shape):
+        h, w = input_shape[1], input_shape[2]
+        h = None if h is None else (h - 1) // self.stride + 1
+        w = None if w is None else (w - 1) // self.stride + 1
+        return (input_shape[0], h, w, self.planes)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(in_planes=self.in_planes, planes=self.planes,
+                      stride=self.stride, split_bn=self.split_bn)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_arat")
+class BasicBlock(ResidualBlock):
+    """conv3x3 -> bn1 -> relu -> conv3x3 -> bn2 -> (+ shortcut) -> relu.
+
+    The shortcut is a 1x1 conv + BN when the stride or the width changes.
+    Features: "bn1", "bn2" (bn2 before the residual addition).
+    """
+
+    def __init__(self, in_planes, planes, stride=1, split_bn=True, **kwargs):
+        super().__init__(in_planes, planes, stride, split_bn, **kwargs)
         self.conv1 = torch_conv(self.planes, 3, self.stride, 1, "conv1")
         self.bn1 = SplitBatchNormalization(split=self.split_bn, name="bn1")
         self.conv2 = torch_conv(self.planes, 3, 1, 1, "conv2")
@@ -131,18 +153,6 @@ class BasicBlock(keras.layers.Layer):
         if return_features:
             return out, {"bn1": b1, "bn2": b2}
         return out
-
-    def compute_output_shape(self, input_shape):
-        h, w = input_shape[1], input_shape[2]
-        h = None if h is None else (h - 1) // self.stride + 1
-        w = None if w is None else (w - 1) // self.stride + 1
-        return (input_shape[0], h, w, self.planes)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(in_planes=self.in_planes, planes=self.planes,
-                      stride=self.stride, split_bn=self.split_bn)
-        return config
 
 
 @keras.saving.register_keras_serializable(package="keras_arat")

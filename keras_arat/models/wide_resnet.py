@@ -5,7 +5,7 @@ import math
 import keras
 
 from keras_arat.layers.split_batch_norm import SplitBatchNormalization
-from keras_arat.models.resnet import torch_conv, torch_kernel_initializer
+from keras_arat.models.resnet import ResidualBlock, torch_conv, torch_kernel_initializer
 
 
 def wrn_blocks_per_stage(depth):
@@ -30,19 +30,16 @@ def _wrn_conv(filters, kernel_size, stride, padding, name):
 
 
 @keras.saving.register_keras_serializable(package="keras_arat")
-class WideBasicBlock(keras.layers.Layer):
+class WideBasicBlock(ResidualBlock):
     """bn1 -> relu1 -> conv3x3(stride) -> bn2 -> relu2 -> conv3x3, plus shortcut.
 
     When the widths differ the shortcut is a 1x1 conv(stride) of relu1's output,
     otherwise the block input itself. Features: "relu1", "relu2".
     """
 
-    def __init__(self, in_planes, out_planes, stride=1, split_bn=True, **kwargs):
-        super().__init__(**kwargs)
-        self.in_planes = int(in_planes)
-        self.out_planes = int(out_planes)
-        self.stride = int(stride)
-        self.split_bn = bool(split_bn)
+    def __init__(self, in_planes, planes, stride=1, split_bn=True, **kwargs):
+        super().__init__(in_planes, planes, stride, split_bn, **kwargs)
+        self.out_planes = self.planes
         self.equal_in_out = self.in_planes == self.out_planes
         if self.equal_in_out and self.stride != 1:
             # The reference code would add tensors of different sizes here.
@@ -65,18 +62,6 @@ class WideBasicBlock(keras.layers.Layer):
         if return_features:
             return out, {"relu1": r1, "relu2": r2}
         return out
-
-    def compute_output_shape(self, input_shape):
-        h, w = input_shape[1], input_shape[2]
-        h = None if h is None else (h - 1) // self.stride + 1
-        w = None if w is None else (w - 1) // self.stride + 1
-        return (input_shape[0], h, w, self.out_planes)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(in_planes=self.in_planes, out_planes=self.out_planes,
-                      stride=self.stride, split_bn=self.split_bn)
-        return config
 
 
 @keras.saving.register_keras_serializable(package="keras_arat")
