@@ -16,7 +16,8 @@ METHODS = ("arat", "pgd_at", "trades", "mart", "standard")
 DEFAULT_BETA = {"trades": 6.0, "mart": 5.0}
 # Settings that may differ when a run is resumed; every other key must match.
 RESUMABLE_CHANGES = {"workdir", "resume", "overwrite", "verbose", "epochs", "eval_examples",
-                     "eval_batch_size", "jit_compile", "nan_policy", "deterministic"}
+                     "eval_batch_size", "jit_compile", "nan_policy", "deterministic",
+                     "strategy", "cpu_devices"}
 
 
 class UsageError(ValueError):
@@ -104,6 +105,11 @@ def define_train_flags(flags):
                      "(default: all).")
     f.DEFINE_integer("eval_batch_size", 256, "Batch size of the final evaluation.")
     f.DEFINE_bool("jit_compile", False, "XLA-compile the train step.")
+    f.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"],
+                  "tf.distribute strategy: one device, MirroredStrategy (all local GPUs, "
+                  "or --cpu_devices logical CPUs), MultiWorkerMirroredStrategy (TF_CONFIG).")
+    f.DEFINE_integer("cpu_devices", 0, "Split the CPU into N logical devices (for testing "
+                     "multi-device training without GPUs); 0 leaves it alone.")
     f.DEFINE_enum("nan_policy", "stop", ["stop", "skip_batch"], "On a NaN/Inf loss: stop "
                   "(keeping the last good checkpoint) or skip the batch and count it.")
     f.DEFINE_bool("deterministic", False, "TensorFlow op determinism: a resumed run ends "

@@ -9,6 +9,7 @@ Writes RUN/config.json, metrics.jsonl, tensorboard/, checkpoints/ and results.js
 import json
 import os
 import sys
+import tempfile
 import time
 
 from absl import app, flags, logging
@@ -79,12 +80,16 @@ def train(cfg):
     from keras_arat.training.optim import EpochPiecewiseConstant, TorchSGD
     from keras_arat.training.swa import SWACallback, SWAState, reestimate_bn
 
-    resume = prepare_workdir(cfg)
+    strategy = make_strategy(cfg)  # before anything starts the TensorFlow runtime
+    chief = is_chief(strategy)
+    resume = prepare_workdir(cfg) if chief else True
     data = runs.load_data(cfg)
     keras.utils.set_random_seed(cfg["seed"])
     if cfg["deterministic"]:
         import tensorflow as tf
         tf.config.experimental.enable_op_determinism()
+    scope = strategy.scope()
+    scope.__enter__()
     network = runs.build_network(cfg, data.num_classes, data.image_shape)
     trainer = runs.build_trainer(cfg, network, data.image_shape)
 
@@ -96,6 +101,7 @@ def train(cfg):
                          l2_weight_decay=cfg["weight_decay"])
     trainer.compile(optimizer=optimizer, jit_compile=cfg["jit_compile"])
     optimizer.build(trainer.trainable_variables)
+    scope.__exit__(None, None, None)
 
     swa_state = SWAState(network.trainable_variables) if cfg["swa"] else None
     if swa_state is not None:
@@ -104,7 +110,9 @@ def train(cfg):
             raise runs.UsageError(
                 f"--swa_every_steps={cfg['swa_every_steps']} exceeds the {averaged_steps} steps "
                 f"from epoch {cfg['swa_start_epoch']} on: nothing would be averaged")
-    manager = CheckpointManager(os.path.join(cfg["workdir"], "checkpoints"),
+    # Every worker writes (saving may involve collectives); only the chief's copy is kept.
+    ckpt_dir = os.path.join(cfg["workdir"], "checkpoints") if chief else tempfile.mkdtemp()
+    manager = CheckpointManager(ckpt_dir, keep=3 if chief else 1,
                                 **runs.checkpoint_objects(trainer, optimizer, swa_state))
     initial_epoch = 0
     if resume:
@@ -113,7 +121,8 @@ def train(cfg):
             initial_epoch, path = found
             manager.restore(path)
             print(f"resuming {cfg['workdir']} from epoch {initial_epoch}", flush=True)
-    trim_metrics(cfg["workdir"], initial_epoch)
+    if chief:
+        trim_metrics(cfg["workdir"], initial_epoch)
 
     callbacks = []
     if cfg["method"] == "arat":
@@ -123,7 +132,8 @@ def train(cfg):
         callbacks.append(SWACallback(swa_state, network, cfg["swa_start_epoch"],
                                      cfg["swa_every_steps"]))
     stopper = cb.StopOnNonFinite(steps_per_epoch) if cfg["nan_policy"] == "stop" else None
-    callbacks += [c for c in (stopper, cb.MetricsLogger(cfg["workdir"], schedule),
+    logger = cb.MetricsLogger(cfg["workdir"], schedule) if chief else None
+    callbacks += [c for c in (stopper, logger,
                               cb.CheckpointCallback(manager, {"method": cfg["method"]})) if c]
     verbose = cfg["verbose"]
     verbose = (1 if sys.stdout.isatty() else 2) if verbose == "auto" else int(verbose)
@@ -139,6 +149,8 @@ def train(cfg):
         raise cb.NonFiniteLossError(stopper.error)
 
     final_epoch = max(initial_epoch, cfg["epochs"])
+    if not chief:
+        return {"worker": "done", "epoch": final_epoch}
     run = runs.Run(cfg, data, network, trainer, final_epoch)
     final_evaluation(run, "test")
     if swa_state is not None:
@@ -157,6 +169,43 @@ def train(cfg):
                     "checkpoint": f"checkpoints/swa-{final_epoch:04d}"}})
     with open(os.path.join(cfg["workdir"], "results.json")) as f:
         return json.load(f)
+
+
+def make_strategy(cfg):
+    """The tf.distribute strategy named by --strategy (with --cpu_devices logical CPUs)."""
+    import tensorflow as tf
+
+    from keras_arat.layers import split_batch_norm
+    if cfg["cpu_devices"]:
+        cpus = tf.config.list_physical_devices("CPU")
+        tf.config.set_logical_device_configuration(
+            cpus[0], [tf.config.LogicalDeviceConfiguration()] * cfg["cpu_devices"])
+    if cfg["strategy"] == "default":
+        return tf.distribute.get_strategy()
+    if cfg["strategy"] == "mirrored":
+        devices = None
+        if cfg["cpu_devices"] and not tf.config.list_physical_devices("GPU"):
+            devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+        strategy = tf.distribute.MirroredStrategy(devices=devices)
+    else:
+        if "TF_CONFIG" not in os.environ:
+            raise runs.UsageError("--strategy=multi_worker needs TF_CONFIG describing the "
+                                  "cluster and this worker's task (see BUILD.md)")
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    if strategy.num_replicas_in_sync > 1:
+        split_batch_norm.SYNCHRONIZED_DEFAULT = True  # N replicas train as one device
+    print(f"strategy {cfg['strategy']}: {strategy.num_replicas_in_sync} replicas", flush=True)
+    return strategy
+
+
+def is_chief(strategy):
+    """Whether this process writes the workdir (always, but for non-chief workers)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    return resolver.task_type == "chief" or (resolver.task_type == "worker"
+                                              and resolver.task_id == 0
+                                              and "chief" not in resolver.cluster_spec().jobs)
 
 
 def final_evaluation(run, split):

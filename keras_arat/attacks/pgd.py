@@ -58,6 +58,12 @@ class PGD:
             x_adv = core.ascent_step(x_adv, grad, self.step_size, self.norm)
             return i + 1, core.project(x_adv, x, self.eps, self.norm)
 
-        _, x_adv = tf.while_loop(lambda i, _: i < self.steps, body,
-                                 (tf.constant(0), x_adv))
+        if tf.distribute.get_strategy().num_replicas_in_sync > 1:
+            # Synchronized BN all-reduces inside the model, which a while loop cannot
+            # hold under a multi-replica strategy: unroll the steps there.
+            for i in range(self.steps):
+                _, x_adv = body(i, x_adv)
+        else:
+            _, x_adv = tf.while_loop(lambda i, _: i < self.steps, body,
+                                     (tf.constant(0), x_adv))
         return tf.stop_gradient(x_adv)

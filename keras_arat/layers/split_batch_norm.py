@@ -7,6 +7,9 @@ BRANCHES = ("clean", "adv")
 # PyTorch's BatchNorm2d defaults, in Keras terms: torch momentum 0.1 is keras 0.9.
 TORCH_MOMENTUM = 0.9
 TORCH_EPSILON = 1e-5
+# Default of `synchronized` for layers built while it is set; the trainer sets it for
+# multi-device strategies (see keras_arat.train).
+SYNCHRONIZED_DEFAULT = False
 
 
 @keras.saving.register_keras_serializable(package="keras_arat")
@@ -21,16 +24,21 @@ class SplitBatchNormalization(keras.layers.Layer):
     """
 
     def __init__(self, split=True, momentum=TORCH_MOMENTUM, epsilon=TORCH_EPSILON,
-                 axis=-1, **kwargs):
+                 axis=-1, synchronized=None, **kwargs):
         super().__init__(**kwargs)
         self.split = bool(split)
         self.momentum = momentum
         self.epsilon = epsilon
         self.axis = axis
+        # Under a multi-device tf.distribute strategy, batch statistics are reduced
+        # across replicas, so N devices train exactly as one device on the global batch.
+        self.synchronized = (SYNCHRONIZED_DEFAULT if synchronized is None
+                             else bool(synchronized))
         names = BRANCHES if self.split else ("shared",)
         self.bns = {
             name: keras.layers.BatchNormalization(
-                axis=axis, momentum=momentum, epsilon=epsilon, name=name)
+                axis=axis, momentum=momentum, epsilon=epsilon, name=name,
+                synchronized=self.synchronized)
             for name in names
         }
         # Attribute assignment makes Keras track the sublayers and their weights.
@@ -56,5 +64,5 @@ class SplitBatchNormalization(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update(split=self.split, momentum=self.momentum,
-                      epsilon=self.epsilon, axis=self.axis)
+                      epsilon=self.epsilon, axis=self.axis, synchronized=self.synchronized)
         return config

@@ -3,6 +3,7 @@
 import keras
 import tensorflow as tf
 
+from keras_arat.layers import split_batch_norm
 from keras_arat.layers.split_batch_norm import TORCH_EPSILON, TORCH_MOMENTUM
 from keras_arat.training.trainers import (AdversarialTrainer, accuracy, mean_ce, mean_cosine,
                                           pooled_feature)
@@ -18,8 +19,9 @@ class Predictor(keras.layers.Layer):
         super().__init__(**kwargs)
         self.dim = int(dim)
         self.hidden = keras.layers.Dense(max(self.dim // 4, 1), use_bias=False, name="fc1")
-        self.bn = keras.layers.BatchNormalization(momentum=TORCH_MOMENTUM,
-                                                  epsilon=TORCH_EPSILON, name="bn")
+        self.bn = keras.layers.BatchNormalization(
+            momentum=TORCH_MOMENTUM, epsilon=TORCH_EPSILON, name="bn",
+            synchronized=split_batch_norm.SYNCHRONIZED_DEFAULT)
         self.out = keras.layers.Dense(self.dim, name="fc2")
 
     def build(self, input_shape):
@@ -45,6 +47,8 @@ class ARATModel(AdversarialTrainer):
     `a` (a_prev) is the clean branch's inference accuracy on training images,
     set at each epoch start by APrevCallback and saved with the model state.
     """
+
+    log_names = ("ce_adv", "ce_clean", "invariance", "a_prev", "train_acc", "train_acc_clean")
 
     def __init__(self, network, taps=None, invariance_weight=None, invariance="asymmetric",
                  predictor=True, input_shape=(32, 32, 3), **kwargs):

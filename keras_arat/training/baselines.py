@@ -37,6 +37,7 @@ class TRADESModel(AdversarialTrainer):
     """
 
     attack_training = False
+    log_names = ("ce_clean", "kl", "train_acc", "train_acc_clean")
 
     def __init__(self, network, beta=6.0, **kwargs):
         super().__init__(network, **kwargs)
@@ -67,6 +68,7 @@ class MARTModel(AdversarialTrainer):
     """
 
     attack_training = False
+    log_names = ("bce_adv", "kl_weighted", "train_acc", "train_acc_clean")
 
     def __init__(self, network, beta=5.0, **kwargs):
         super().__init__(network, **kwargs)

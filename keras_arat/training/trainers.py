@@ -48,6 +48,9 @@ class AdversarialTrainer(keras.Model):
     attack_training = True
 
     NAN_POLICIES = ("stop", "skip_batch")
+    # The figures `losses_for` logs besides "loss"; their trackers are made up front
+    # (a tf.distribute replica may not add state while training).
+    log_names = ("train_acc",)
 
     def __init__(self, network, eps=8 / 255, step_size=2 / 255, attack_steps=10, seed=0,
                  nan_policy="stop", **kwargs):
@@ -58,7 +61,8 @@ class AdversarialTrainer(keras.Model):
         self.attack = self.build_attack(eps, step_size, attack_steps)
         self.seed = int(seed)
         self.nan_policy = nan_policy
-        self.trackers = {}
+        self.trackers = {name: keras.metrics.Mean(name=name)
+                         for name in ("loss",) + tuple(self.log_names)}
         if nan_policy == "skip_batch":
             self.skipped = keras.metrics.Sum(name="skipped_batches")
 
@@ -68,8 +72,6 @@ class AdversarialTrainer(keras.Model):
 
     def track(self, values, weight=None):
         for name, value in values.items():
-            if name not in self.trackers:
-                self.trackers[name] = keras.metrics.Mean(name=name)
             self.trackers[name].update_state(value, sample_weight=weight)
         logs = {name: t.result() for name, t in self.trackers.items()}
         if self.nan_policy == "skip_batch":
@@ -102,8 +104,11 @@ class AdversarialTrainer(keras.Model):
         x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
         with tf.GradientTape() as tape:
             loss, logs = self.losses_for(x, y)
+            # Replicas' gradients are summed: scale so they add up to the global mean.
+            replicas = tf.distribute.get_strategy().num_replicas_in_sync
+            scaled = loss / replicas if replicas > 1 else loss
         variables = self.trainable_variables
-        grads = tape.gradient(loss, variables)
+        grads = tape.gradient(scaled, variables)
         if self.nan_policy == "stop":  # StopOnNonFinite ends the run at the first bad loss
             self.optimizer.apply(grads, variables)
             return self.track({"loss": loss, **logs})

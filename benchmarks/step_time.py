@@ -1,0 +1,94 @@
+"""Median train-step time of PGD-AT, ARAT and TRADES side by side, in one process.
+
+    python benchmarks/step_time.py --model=small_cnn --batch_size=128
+    python benchmarks/step_time.py --model=resnet18 --batch_size=32 --steps=5
+
+Same model family, batch, attack (PGD-10 unless --attack_steps) and data for each
+method; the first --warmup steps (tracing) are not timed. Also prints the input
+pipeline's images/s. Figures go to BENCHMARKS.md.
+"""
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="small_cnn")
+    parser.add_argument("--cnn_width", type=int, default=16)
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--attack_steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per method")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--methods", default="pgd_at,arat,trades")
+    parser.add_argument("--jit_compile", action="store_true")
+    args = parser.parse_args()
+
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from keras_arat import runs
+    from keras_arat.data import load_dataset, make_train_dataset
+    from keras_arat.training import TorchSGD
+
+    data = load_dataset("digits")
+    dataset, _ = make_train_dataset(data, args.batch_size, 1, seed=0)
+    x, y = next(iter(dataset))
+
+    # Pipeline alone: a full epoch of augmented batches, after one warm-up batch.
+    ds, steps = make_train_dataset(data, args.batch_size, 2, seed=0)
+    it = iter(ds)
+    next(it)
+    start = time.perf_counter()
+    for _ in range(steps):
+        next(it)
+    pipeline_ips = steps * args.batch_size / (time.perf_counter() - start)
+
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, TF {tf.__version__}, "
+          f"keras {keras.__version__}, GPUs: {len(tf.config.list_physical_devices('GPU'))}")
+    print(f"model {args.model} batch {args.batch_size} PGD-{args.attack_steps} "
+          f"jit_compile={args.jit_compile}")
+    print(f"input pipeline: {pipeline_ips:,.0f} images/s (crop+flip, digits)")
+    medians = {}
+    for method in args.methods.split(","):
+        cfg = {"model": args.model, "cnn_width": args.cnn_width, "wrn_depth": 10, "wrn_width": 1,
+               "method": method, "split_bn": method == "arat", "eps": 8 / 255,
+               "step_size": 2 / 255, "attack_steps": args.attack_steps, "seed": 0,
+               "align_layers": [], "invariance_weight": None, "invariance": "asymmetric",
+               "predictor": True, "beta": None}
+        keras.utils.set_random_seed(0)
+        network = runs.build_network(cfg, data.num_classes, data.image_shape)
+        trainer = runs.build_trainer(cfg, network, data.image_shape)
+        trainer.compile(optimizer=TorchSGD(0.01), jit_compile=args.jit_compile)
+        times = []
+        for i in range(args.warmup + args.steps):
+            start = time.perf_counter()
+            logs = trainer.train_on_batch(x, y, return_dict=True)
+            float(logs["loss"])  # wait for the step
+            if i >= args.warmup:
+                times.append(time.perf_counter() - start)
+        medians[method] = statistics.median(times)
+        print(f"{method:8s} median step {medians[method] * 1000:8.1f} ms  "
+              f"{args.batch_size / medians[method]:8.1f} images/s  "
+              f"(min {min(times) * 1000:.1f}, max {max(times) * 1000:.1f} ms, "
+              f"{len(times)} steps)")
+    if "pgd_at" in medians:
+        for method, t in medians.items():
+            if method != "pgd_at":
+                print(f"ratio {method}/pgd_at: {t / medians['pgd_at']:.3f}")
+    slowest = max(medians.values())
+    print(f"pipeline / slowest training step throughput: "
+          f"{pipeline_ips / (args.batch_size / slowest):,.0f}x")
+    del np
+
+
+if __name__ == "__main__":
+    main()
