@@ -105,9 +105,9 @@ def define_train_flags(flags):
                      "(default: all).")
     f.DEFINE_integer("eval_batch_size", 256, "Batch size of the final evaluation.")
     f.DEFINE_bool("jit_compile", False, "XLA-compile the train step.")
-    f.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"],
-                  "tf.distribute strategy: one device, MirroredStrategy (all local GPUs, "
-                  "or --cpu_devices logical CPUs), MultiWorkerMirroredStrategy (TF_CONFIG).")
+    f.DEFINE_enum("strategy", "default", ["default", "mirrored"],
+                  "tf.distribute strategy: one device, or MirroredStrategy (all local GPUs, "
+                  "or --cpu_devices logical CPUs).")
     f.DEFINE_integer("cpu_devices", 0, "Split the CPU into N logical devices (for testing "
                      "multi-device training without GPUs); 0 leaves it alone.")
     f.DEFINE_enum("nan_policy", "stop", ["stop", "skip_batch"], "On a NaN/Inf loss: stop "

@@ -9,7 +9,6 @@ Writes RUN/config.json, metrics.jsonl, tensorboard/, checkpoints/ and results.js
 import json
 import os
 import sys
-import tempfile
 import time
 
 from absl import app, flags, logging
@@ -81,8 +80,7 @@ def train(cfg):
     from keras_arat.training.swa import SWACallback, SWAState, reestimate_bn
 
     strategy = make_strategy(cfg)  # before anything starts the TensorFlow runtime
-    chief = is_chief(strategy)
-    resume = prepare_workdir(cfg) if chief else True
+    resume = prepare_workdir(cfg)
     data = runs.load_data(cfg)
     keras.utils.set_random_seed(cfg["seed"])
     if cfg["deterministic"]:
@@ -110,9 +108,7 @@ def train(cfg):
             raise runs.UsageError(
                 f"--swa_every_steps={cfg['swa_every_steps']} exceeds the {averaged_steps} steps "
                 f"from epoch {cfg['swa_start_epoch']} on: nothing would be averaged")
-    # Every worker writes (saving may involve collectives); only the chief's copy is kept.
-    ckpt_dir = os.path.join(cfg["workdir"], "checkpoints") if chief else tempfile.mkdtemp()
-    manager = CheckpointManager(ckpt_dir, keep=3 if chief else 1,
+    manager = CheckpointManager(os.path.join(cfg["workdir"], "checkpoints"),
                                 **runs.checkpoint_objects(trainer, optimizer, swa_state))
     initial_epoch = 0
     if resume:
@@ -121,8 +117,7 @@ def train(cfg):
             initial_epoch, path = found
             manager.restore(path)
             print(f"resuming {cfg['workdir']} from epoch {initial_epoch}", flush=True)
-    if chief:
-        trim_metrics(cfg["workdir"], initial_epoch)
+    trim_metrics(cfg["workdir"], initial_epoch)
 
     callbacks = []
     if cfg["method"] == "arat":
@@ -132,8 +127,7 @@ def train(cfg):
         callbacks.append(SWACallback(swa_state, network, cfg["swa_start_epoch"],
                                      cfg["swa_every_steps"]))
     stopper = cb.StopOnNonFinite(steps_per_epoch) if cfg["nan_policy"] == "stop" else None
-    logger = cb.MetricsLogger(cfg["workdir"], schedule) if chief else None
-    callbacks += [c for c in (stopper, logger,
+    callbacks += [c for c in (stopper, cb.MetricsLogger(cfg["workdir"], schedule),
                               cb.CheckpointCallback(manager, {"method": cfg["method"]})) if c]
     verbose = cfg["verbose"]
     verbose = (1 if sys.stdout.isatty() else 2) if verbose == "auto" else int(verbose)
@@ -149,8 +143,6 @@ def train(cfg):
         raise cb.NonFiniteLossError(stopper.error)
 
     final_epoch = max(initial_epoch, cfg["epochs"])
-    if not chief:
-        return {"worker": "done", "epoch": final_epoch}
     run = runs.Run(cfg, data, network, trainer, final_epoch)
     final_evaluation(run, "test")
     if swa_state is not None:
@@ -172,7 +164,12 @@ def train(cfg):
 
 
 def make_strategy(cfg):
-    """The tf.distribute strategy named by --strategy (with --cpu_devices logical CPUs)."""
+    """The tf.distribute strategy named by --strategy (with --cpu_devices logical CPUs).
+
+    Multi-worker training is not offered yet: under MultiWorkerMirroredStrategy, Keras
+    3's fit handed this train_step PerReplica values (seen with two workers on
+    127.0.0.1).
+    """
     import tensorflow as tf
 
     from keras_arat.layers import split_batch_norm
@@ -182,30 +179,14 @@ def make_strategy(cfg):
             cpus[0], [tf.config.LogicalDeviceConfiguration()] * cfg["cpu_devices"])
     if cfg["strategy"] == "default":
         return tf.distribute.get_strategy()
-    if cfg["strategy"] == "mirrored":
-        devices = None
-        if cfg["cpu_devices"] and not tf.config.list_physical_devices("GPU"):
-            devices = [d.name for d in tf.config.list_logical_devices("CPU")]
-        strategy = tf.distribute.MirroredStrategy(devices=devices)
-    else:
-        if "TF_CONFIG" not in os.environ:
-            raise runs.UsageError("--strategy=multi_worker needs TF_CONFIG describing the "
-                                  "cluster and this worker's task (see BUILD.md)")
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    devices = None
+    if cfg["cpu_devices"] and not tf.config.list_physical_devices("GPU"):
+        devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+    strategy = tf.distribute.MirroredStrategy(devices=devices)
     if strategy.num_replicas_in_sync > 1:
         split_batch_norm.SYNCHRONIZED_DEFAULT = True  # N replicas train as one device
     print(f"strategy {cfg['strategy']}: {strategy.num_replicas_in_sync} replicas", flush=True)
     return strategy
-
-
-def is_chief(strategy):
-    """Whether this process writes the workdir (always, but for non-chief workers)."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.task_type:
-        return True
-    return resolver.task_type == "chief" or (resolver.task_type == "worker"
-                                              and resolver.task_id == 0
-                                              and "chief" not in resolver.cluster_spec().jobs)
 
 
 def final_evaluation(run, split):

@@ -43,3 +43,17 @@ def test_two_logical_devices_match_one_device():
     proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert "DISTRIBUTE-OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_mirrored_cli_trains_and_checkpoints(tmp_path):
+    import json
+
+    from tests.test_cli import TINY, run_cli
+    workdir = str(tmp_path / "mirrored")
+    proc, _ = run_cli("keras_arat.train", *TINY, "--epochs=1", "--strategy=mirrored",
+                      "--cpu_devices=2", "--eval_examples=32", f"--workdir={workdir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "strategy mirrored: 2 replicas" in proc.stdout
+    assert os.listdir(os.path.join(workdir, "checkpoints")) == ["epoch-0001"]
+    results = json.load(open(os.path.join(workdir, "results.json")))
+    assert 0.0 <= results["pgd20_acc"] <= results["clean_acc"] <= 1.0
