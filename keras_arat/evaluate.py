@@ -1,7 +1,44 @@
-"""Evaluate a trained run: clean and adversarial accuracy through either BN branch.
+"""Evaluate a trained run or a deployed model: clean, PGD-20, CW and AutoAttack accuracy.
+
+A training run (its latest checkpoint), through either BN branch:
 
     python -m keras_arat.evaluate --workdir=RUN [--branch=adv|clean|both]
-        [--attacks=clean,pgd20,cw] [--n_examples=N] [--batch_size=B]
+        [--attacks=clean,pgd20,cw,autoattack] [--n_examples=N] [--batch_size=B]
+
+A deployed model, whose serving signature takes "images" (float32 [N,H,W,C] in [0,1])
+and returns "logits":
+
+    python -m keras_arat.evaluate --saved_model=DIR [--workdir=RUN | --dataset=digits] ...
+    python -m keras_arat.evaluate --onnx=FILE [--workdir=RUN | --dataset=digits] ...
+
+With --saved_model or --onnx the model is the exported one (its branch is whatever was
+exported; --branch is ignored); --workdir then only supplies the test data, the eps
+and the place results go, otherwise --dataset (digits by default) and --eps (8/255 by
+default) do, and --output_dir says where to write (nothing is written without one).
+ONNX models are run with onnxruntime and have no gradients: only Square (and clean)
+can run; gradient attacks are skipped with a printed note.
+
+Attacks (--attacks, comma list): clean; pgd20 (PGD-20 on cross-entropy, step eps/4,
+random start); cw (PGD-20 on the CW margin: CW-L-inf); apgd-ce, apgd-t, fab-t, square
+(AutoAttack's stages alone); autoattack (the "standard" version: APGD-CE, APGD-T,
+FAB-T, Square in sequence). Accuracies are per-example worst cases: an example counts
+as robust to an attack only if it is classified correctly clean, and AutoAttack only
+attacks the examples every earlier attack of the same command failed on (so clean >=
+pgd20 >= autoattack per example). --restarts=R runs pgd20 and cw R times.
+
+Files written (checkpoint mode, into RUN):
+  results.json            merged: clean_acc, clean_acc_clean_branch, pgd20_acc, cw_acc,
+                          autoattack_acc (adv branch), <attack>_acc, per_branch
+                          {branch: {attack: acc, attack_time_s}}, autoattack_breakdown,
+                          warnings
+  autoattack_breakdown.json  per branch: robust accuracy after each stage, time taken
+  robustbench.json        RobustBench-style entry for the adv branch
+Deployed mode writes OUT/deployed_results.json ({"saved_model"|"onnx": ...}),
+OUT/autoattack_breakdown_<kind>.json and OUT/robustbench_<kind>.json.
+
+Refusals (exit status 2, one line on stderr): inputs outside [0,1], a model that outputs
+probabilities instead of logits, bad flags. A warning is printed and recorded when
+Square (gradient-free) breaks points the gradient attacks could not (gradient masking).
 """
 
 import json
@@ -13,18 +50,30 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
-from keras_arat.attacks import PGD, core
+from keras_arat.attacks import (APGD, PGD, AutoAttack, EvaluationError, FABTargeted, Restarts,
+                                Square, check_inputs, check_logits, core, run_attack)
 
-ATTACKS = ("clean", "pgd20", "cw")
+ATTACKS = ("clean", "pgd20", "cw", "apgd-ce", "apgd-t", "fab-t", "square", "autoattack")
+GRADIENT_ATTACKS = ("pgd20", "cw", "apgd-ce", "apgd-t", "fab-t")
 
 
-def make_attack(name, eps):
-    """The evaluation protocol's attacks: PGD-20 on CE and on the CW margin, step eps/4."""
+def make_attack(name, eps, norm="linf", restarts=1):
+    """The evaluation protocol's attacks (AutoAttack's stages use the reference settings)."""
     if name == "pgd20":
-        return PGD(eps=eps, step_size=eps / 4, steps=20, loss=core.cross_entropy)
-    if name == "cw":
-        return PGD(eps=eps, step_size=eps / 4, steps=20, loss=core.cw_margin)
-    raise ValueError(f"unknown attack {name!r}; choose from {ATTACKS}")
+        attack = PGD(eps=eps, step_size=eps / 4, steps=20, loss=core.cross_entropy, norm=norm)
+    elif name == "cw":
+        attack = PGD(eps=eps, step_size=eps / 4, steps=20, loss=core.cw_margin, norm=norm)
+    elif name == "apgd-ce":
+        return APGD(eps=eps, norm=norm, loss="ce", n_iter=100)
+    elif name == "apgd-t":
+        return APGD(eps=eps, norm=norm, loss="dlr-targeted", n_iter=100, n_target_classes=9)
+    elif name == "fab-t":
+        return FABTargeted(eps=eps, norm=norm, n_iter=100, n_target_classes=9)
+    elif name == "square":
+        return Square(eps=eps, norm=norm, n_queries=5000, p_init=0.8)
+    else:
+        raise ValueError(f"unknown attack {name!r}; choose from {ATTACKS}")
+    return Restarts(attack, restarts) if restarts > 1 else attack
 
 
 def correct_mask(network, x, y, branch, attack=None, batch_size=256, seed=0):
@@ -33,65 +82,314 @@ def correct_mask(network, x, y, branch, attack=None, batch_size=256, seed=0):
     def predict(z):
         return network(z, training=False, branch=branch)
 
-    @tf.function
-    def batch_correct(xb, yb, batch_seed):
-        if attack is not None:
-            xb = attack(predict, xb, yb, batch_seed)
-        return tf.equal(tf.argmax(predict(xb), -1), tf.cast(yb, tf.int64))
+    if attack is None:
+        from keras_arat.attacks.autoattack import predict_labels
+        return predict_labels(predict, np.asarray(x, np.float32), batch_size) == np.asarray(y)
+    return run_attack(attack, predict, x, y, batch_size, seed)[1]
 
-    out = []
-    for i, start in enumerate(range(0, len(x), batch_size)):
-        xb = tf.convert_to_tensor(x[start:start + batch_size], tf.float32)
-        yb = tf.convert_to_tensor(y[start:start + batch_size])
-        out.append(batch_correct(xb, yb, tf.constant([seed, i], tf.int64)).numpy())
-    return np.concatenate(out) if out else np.zeros([0], bool)
+
+def evaluate_model_fn(model_fn, x, y, eps, attacks=("clean", "pgd20"), batch_size=256, seed=0,
+                      norm="linf", gradients=True, restarts=1, progress=False, log=None,
+                      autoattack=None, eager=False):
+    """Accuracies of one model (images -> logits) under each attack, and the details.
+
+    Returns (accs, details): accs = {attack: acc, f"{attack}_time_s": s}; details holds
+    the per-example masks, the AutoAttack breakdown and the warnings. Raises
+    EvaluationError (a ValueError) for inputs outside [0,1] or probability outputs.
+    autoattack: an AutoAttack to use instead of the standard one; eager: no tf.function.
+    """
+    log = log or (lambda msg: None)
+    x = np.asarray(x, np.float32)
+    y = np.asarray(y).astype(np.int64)
+    check_inputs(x)
+    check_logits(model_fn, x)
+    accs, details = {}, {"masks": {}, "warnings": [], "notes": []}
+    start = time.time()
+    from keras_arat.attacks.autoattack import predict_labels
+    clean = predict_labels(model_fn, x, batch_size) == y
+    clean_time = round(time.time() - start, 3)
+    robust_so_far = clean.copy()
+    earlier = []
+    for name in attacks:
+        if name not in ATTACKS:
+            raise ValueError(f"unknown attack {name!r}; choose from {ATTACKS}")
+        if not gradients and name in GRADIENT_ATTACKS + ("autoattack",):
+            note = (f"{name}: skipped, this model has no gradients (ONNX); only Square "
+                    f"(gradient-free) runs, an upper bound on robust accuracy")
+            if name == "autoattack":
+                note = ("autoattack: this model has no gradients (ONNX), so only its "
+                        "gradient-free stage runs: Square, 5,000 queries (an upper bound "
+                        "on robust accuracy, not AutoAttack)")
+                name = "square"
+            details["notes"].append(note)
+            log(f"note: {note}")
+            if name != "square" or "square" in accs:
+                continue
+        start = time.time()
+        if name == "clean":
+            mask, elapsed = clean, clean_time
+        elif name == "autoattack":
+            aa = autoattack or AutoAttack(eps=eps, norm=norm, eager=eager)
+            result = aa.run(model_fn, x, y, batch_size, seed, initial_stages=earlier,
+                            progress=progress, check=True, log=log)
+            mask = result.robust
+            details["autoattack"] = result.breakdown()
+            details["warnings"] += result.warnings
+            elapsed = round(time.time() - start, 3)
+        else:
+            _, mask = run_attack(make_attack(name, eps, norm, restarts), model_fn, x, y,
+                                 batch_size, seed, progress=progress, desc=name, eager=eager)
+            mask = mask & clean
+            elapsed = round(time.time() - start, 3)
+            earlier.append((name, mask))
+            if name == "square" and gradients:
+                n_free = int(np.sum(robust_so_far & ~mask))
+                if any(n in GRADIENT_ATTACKS for n, _ in earlier[:-1]) and \
+                        n_free > 0.002 * len(x):
+                    details["warnings"].append(
+                        f"gradient masking suspected: square (gradient-free) broke {n_free} "
+                        f"of {len(x)} points the gradient attacks failed on")
+        if name != "clean":
+            robust_so_far &= mask
+        accs[name] = float(mask.mean()) if len(mask) else 0.0
+        accs[f"{name}_time_s"] = elapsed
+        details["masks"][name] = mask
+        log(f"{name}: accuracy {accs[name]:.4f} ({elapsed:.1f} s)")
+    for w in details["warnings"]:
+        log(f"WARNING: {w}")
+    return accs, details
 
 
 def evaluate_network(network, x, y, eps, branches=("adv",), attacks=("clean", "pgd20"),
-                     batch_size=256, seed=0):
-    """{branch: {attack: accuracy}} plus the time each took; x float32 in [0,1]."""
+                     batch_size=256, seed=0, details=None, norm="linf", progress=False,
+                     log=None):
+    """{branch: {attack: accuracy, f"{attack}_time_s": seconds}}; x float32 in [0,1].
+
+    details, if a dict, receives {branch: evaluate_model_fn's details}.
+    """
     results = {}
     for branch in branches:
-        results[branch] = {}
-        for name in attacks:
-            start = time.time()
-            attack = None if name == "clean" else make_attack(name, eps)
-            mask = correct_mask(network, x, y, branch, attack, batch_size, seed)
-            results[branch][name] = float(mask.mean())
-            results[branch][f"{name}_time_s"] = round(time.time() - start, 3)
+        def model_fn(z, branch=branch):
+            return network(z, training=False, branch=branch)
+        accs, extra = evaluate_model_fn(model_fn, x, y, eps, attacks, batch_size, seed, norm,
+                                        progress=progress, log=log)
+        results[branch] = accs
+        if details is not None:
+            details[branch] = extra
     return results
 
+
+# ----------------------------------------------------------------------------- models
+
+def saved_model_fn(path):
+    """images -> logits through a SavedModel's serving_default signature (with gradients)."""
+    loaded = tf.saved_model.load(path)
+    if "serving_default" not in loaded.signatures:
+        raise EvaluationError(f"{path} has no serving_default signature")
+    signature = loaded.signatures["serving_default"]
+    inputs = signature.structured_input_signature[1]
+    if "images" not in inputs:
+        raise EvaluationError(f"{path}: the serving signature must take 'images', it takes "
+                              f"{sorted(inputs)}")
+    if "logits" not in signature.structured_outputs:
+        raise EvaluationError(f"{path}: the serving signature must return 'logits', it "
+                              f"returns {sorted(signature.structured_outputs)}")
+
+    def model_fn(z):
+        return signature(images=tf.cast(z, tf.float32))["logits"]
+
+    model_fn.keep_alive = loaded  # the signature needs its object graph alive
+    return model_fn
+
+
+def onnx_model_fn(path):
+    """images -> logits through onnxruntime (CPU), usable inside tf.function; no gradients."""
+    import onnxruntime as ort
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+    outputs = [o.name for o in session.get_outputs()]
+    output_name = next((o for o in outputs if "logits" in o), outputs[0])
+
+    def run(z):
+        return session.run([output_name], {input_name: np.asarray(z, np.float32)})[0].astype(
+            np.float32)
+
+    def model_fn(z):
+        out = tf.numpy_function(run, [tf.cast(z, tf.float32)], tf.float32, stateful=False)
+        out.set_shape([None, None])
+        return out
+
+    return model_fn
+
+
+# ------------------------------------------------------------------------------ files
+
+def write_json(path, data):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def robustbench_entry(accs, details, eps, n_examples, model, method, dataset, norm="linf"):
+    breakdown = details.get("autoattack", {})
+    return {"name": f"keras_arat {method} {model}", "model": model, "method": method,
+            "dataset": dataset, "threat_model": {"linf": "Linf", "l2": "L2"}[norm],
+            "eps": eps, "n_examples": n_examples, "clean_acc": accs.get("clean"),
+            "autoattack_acc": accs.get("autoattack"), "pgd20_acc": accs.get("pgd20"),
+            "additional_data": False, "unreliable": bool(details.get("warnings")),
+            "evaluation": "AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square 5000) - "
+                          "keras_arat TensorFlow implementation, worst case over the "
+                          "attacks run in the same evaluation",
+            "autoattack_stages": breakdown.get("stages"),
+            "warnings": details.get("warnings", [])}
+
+
+def write_checkpoint_outputs(workdir, run, evaluation, details, n_examples, norm):
+    from keras_arat import runs
+    merged = runs.update_results(workdir, run, evaluation, n_examples, details=details)
+    breakdowns = {b: d["autoattack"] for b, d in details.items() if "autoattack" in d}
+    if breakdowns:
+        write_json(os.path.join(workdir, "autoattack_breakdown.json"), breakdowns)
+    if "autoattack" in evaluation.get("adv", {}):
+        cfg = run.config
+        write_json(os.path.join(workdir, "robustbench.json"), robustbench_entry(
+            evaluation["adv"], details["adv"], cfg["eps"], n_examples, cfg["model"],
+            cfg["method"], cfg["dataset"], norm))
+    return merged
+
+
+def write_deployed_outputs(out_dir, kind, source, accs, details, eps, n_examples, dataset,
+                           norm):
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "deployed_results.json")
+    results = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            results = json.load(f)
+    entry = {"source": os.path.abspath(source), "dataset": dataset, "eps": eps,
+             "threat_model": {"linf": "Linf", "l2": "L2"}[norm], "n_examples": n_examples,
+             "accuracy": accs, "warnings": details["warnings"], "notes": details["notes"]}
+    for name in ATTACKS:
+        if name in accs:
+            entry[f"{name}_acc"] = accs[name]
+    if "autoattack" in details:
+        entry["autoattack_breakdown"] = details["autoattack"]
+        write_json(os.path.join(out_dir, f"autoattack_breakdown_{kind}.json"),
+                   details["autoattack"])
+        write_json(os.path.join(out_dir, f"robustbench_{kind}.json"), robustbench_entry(
+            accs, details, eps, n_examples, os.path.basename(os.path.normpath(source)),
+            "deployed", dataset, norm))
+    results[kind] = entry
+    write_json(path, results)
+    return results
+
+
+# -------------------------------------------------------------------------------- CLI
 
 FLAGS = flags.FLAGS
 
 
 def define_flags():
-    flags.DEFINE_string("workdir", None, "Training run folder (with config.json, checkpoints/).")
+    flags.DEFINE_string("workdir", None, "Training run folder (config.json, checkpoints/). "
+                        "With --saved_model/--onnx: only the data, eps and output place.")
+    flags.DEFINE_string("saved_model", None, "Evaluate this SavedModel (serving_default: "
+                        "images float32 [N,H,W,C] in [0,1] -> logits) instead of a checkpoint.")
+    flags.DEFINE_string("onnx", None, "Evaluate this ONNX model with onnxruntime (no "
+                        "gradients: clean and Square only).")
+    flags.DEFINE_string("dataset", "digits", "Test data for --saved_model/--onnx without "
+                        "--workdir: digits (embedded), cifar10, cifar100, svhn_cropped, mnist, "
+                        "npz:/path/file.npz.")
+    flags.DEFINE_string("data_dir", None, "tfds data directory (with --dataset).")
+    flags.DEFINE_string("eps", None, "Budget in [0,1] pixel units (default: the run's eps; "
+                        "8/255 without --workdir).")
+    flags.DEFINE_enum("norm", "linf", ["linf", "l2"], "Threat model.")
+    flags.DEFINE_string("output_dir", None, "Where --saved_model/--onnx results go "
+                        "(default: --workdir; nothing is written without either).")
     flags.DEFINE_enum("branch", "adv", ["adv", "clean", "both"], "BN branch to evaluate.")
-    flags.DEFINE_list("attacks", ["clean", "pgd20"], f"Comma list from {ATTACKS}.")
+    flags.DEFINE_list("attacks", ["clean", "pgd20"], f"Comma list from {list(ATTACKS)}.")
     flags.DEFINE_integer("n_examples", None, "First N test examples (default: all).")
     flags.DEFINE_integer("batch_size", 256, "Evaluation batch size.")
-    flags.DEFINE_integer("seed", 0, "Seed of the attacks' random starts.")
+    flags.DEFINE_integer("restarts", 1, "Random restarts of pgd20 and cw (worst case kept).")
+    flags.DEFINE_integer("seed", 0, "Seed of the attacks' randomness.")
+    flags.DEFINE_bool("progress", True, "Progress bars on stderr (tqdm).")
+
+
+def _log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _check_flags(runs):
+    unknown = [a for a in FLAGS.attacks if a not in ATTACKS]
+    if unknown:
+        raise runs.UsageError(f"unknown attack(s) {unknown}; choose from {list(ATTACKS)}")
+    if FLAGS.n_examples is not None and FLAGS.n_examples < 1:
+        raise runs.UsageError("--n_examples must be >= 1")
+    if FLAGS.batch_size < 1 or FLAGS.restarts < 1:
+        raise runs.UsageError("--batch_size and --restarts must be >= 1")
+    if FLAGS.saved_model and FLAGS.onnx:
+        raise runs.UsageError("give --saved_model or --onnx, not both")
+    if not (FLAGS.workdir or FLAGS.saved_model or FLAGS.onnx):
+        raise runs.UsageError("--workdir is required (or --saved_model/--onnx)")
+
+
+def _deployed(runs):
+    kind, source = ("saved_model", FLAGS.saved_model) if FLAGS.saved_model else \
+        ("onnx", FLAGS.onnx)
+    if not os.path.exists(source):
+        raise runs.UsageError(f"{source} not found")
+    if FLAGS.workdir:
+        cfg = runs.read_config(FLAGS.workdir)
+        cfg = dict(cfg, n_train=1, n_test=FLAGS.n_examples)
+    else:
+        cfg = {"dataset": FLAGS.dataset, "data_dir": FLAGS.data_dir, "download": False,
+               "n_train": 1, "n_test": FLAGS.n_examples, "eps": 8 / 255}
+    eps = runs.parse_fraction(FLAGS.eps, "eps") if FLAGS.eps else cfg["eps"]
+    data = runs.load_data(cfg)
+    x = data.x_test.astype("float32") / 255.0
+    y = data.y_test
+    if FLAGS.n_examples:
+        x, y = x[:FLAGS.n_examples], y[:FLAGS.n_examples]
+    try:
+        model_fn = saved_model_fn(source) if kind == "saved_model" else onnx_model_fn(source)
+    except EvaluationError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign model file
+        raise runs.UsageError(f"cannot load {source}: {str(e).splitlines()[0][:200]}") from None
+    if kind == "onnx":
+        _log("note: ONNX model: onnxruntime gives no gradients, so only clean accuracy and "
+             "Square (gradient-free, 5,000 queries) run; the result is an upper bound on "
+             "robust accuracy")
+    accs, details = evaluate_model_fn(model_fn, x, y, eps, FLAGS.attacks, FLAGS.batch_size,
+                                      FLAGS.seed, FLAGS.norm, gradients=(kind != "onnx"),
+                                      restarts=FLAGS.restarts, progress=FLAGS.progress,
+                                      log=_log)
+    out_dir = FLAGS.output_dir or FLAGS.workdir
+    if out_dir:
+        return write_deployed_outputs(out_dir, kind, source, accs, details, eps, len(x),
+                                      cfg["dataset"], FLAGS.norm)
+    return {kind: {"accuracy": accs, "warnings": details["warnings"]}}
 
 
 def main(argv):
     from keras_arat import runs  # heavy imports after flag parsing
     del argv
     try:
-        if not FLAGS.workdir:
-            raise runs.UsageError("--workdir is required")
-        unknown = [a for a in FLAGS.attacks if a not in ATTACKS]
-        if unknown:
-            raise runs.UsageError(f"unknown attack(s) {unknown}; choose from {list(ATTACKS)}")
-        if FLAGS.n_examples is not None and FLAGS.n_examples < 1:
-            raise runs.UsageError("--n_examples must be >= 1")
-        run = runs.load_run(FLAGS.workdir)
-        x, y = run.test_arrays(FLAGS.n_examples)
-        branches = ("adv", "clean") if FLAGS.branch == "both" else (FLAGS.branch,)
-        results = evaluate_network(run.network, x, y, run.config["eps"], branches,
-                                   FLAGS.attacks, FLAGS.batch_size, FLAGS.seed)
-        merged = runs.update_results(FLAGS.workdir, run, results, len(x))
-    except runs.UsageError as e:
+        _check_flags(runs)
+        if FLAGS.saved_model or FLAGS.onnx:
+            merged = _deployed(runs)
+        else:
+            run = runs.load_run(FLAGS.workdir)
+            x, y = run.test_arrays(FLAGS.n_examples)
+            eps = runs.parse_fraction(FLAGS.eps, "eps") if FLAGS.eps else run.config["eps"]
+            branches = ("adv", "clean") if FLAGS.branch == "both" else (FLAGS.branch,)
+            details = {}
+            results = evaluate_network(run.network, x, y, eps, branches, FLAGS.attacks,
+                                       FLAGS.batch_size, FLAGS.seed, details, FLAGS.norm,
+                                       FLAGS.progress, _log)
+            merged = write_checkpoint_outputs(FLAGS.workdir, run, results, details, len(x),
+                                              FLAGS.norm)
+    except (runs.UsageError, EvaluationError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps(merged, indent=1))
