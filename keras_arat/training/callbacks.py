@@ -10,9 +10,8 @@ import numpy as np
 import tensorflow as tf
 
 
-def branch_accuracy(network, x, y, branch, batch_size=256):
-    """Inference-mode accuracy of one BN branch on in-memory arrays."""
-    predict = tf.function(lambda z: network(z, training=False, branch=branch))
+def branch_accuracy(predict, x, y, batch_size=256):
+    """Accuracy of `predict` (images -> logits) on in-memory arrays, in batches."""
     correct = 0
     for i in range(0, len(x), batch_size):
         logits = predict(tf.convert_to_tensor(x[i:i + batch_size]))
@@ -26,10 +25,14 @@ class APrevCallback(keras.callbacks.Callback):
     def __init__(self, x, y, batch_size=256):
         super().__init__()
         self.x, self.y, self.batch_size = x, y, batch_size
+        self.predict = None
 
     def on_epoch_begin(self, epoch, logs=None):
-        acc = branch_accuracy(self.model.network, self.x, self.y, "clean", self.batch_size)
-        self.model.a_prev.assign(acc)
+        if self.predict is None:  # traced once, not once per epoch
+            network = self.model.network
+            self.predict = tf.function(lambda z: network(z, training=False, branch="clean"))
+        self.model.a_prev.assign(branch_accuracy(self.predict, self.x, self.y,
+                                                 self.batch_size))
 
 
 class NonFiniteLossError(RuntimeError):
