@@ -54,7 +54,7 @@ def main():
     import tensorflow as tf
     from absl import logging
 
-    from export import cli, convert
+    from export import cli
     logging.set_verbosity(logging.WARNING)
 
     tmp = None

@@ -176,8 +176,10 @@ def check_checkpoint_holds_network(network, checkpoint):
 def load_keras_network(path):
     import keras
 
-    import keras_arat.models  # noqa: F401  registers the network classes
-    from keras_arat.training import arat  # noqa: F401  predictor heads, if saved with one
+    import importlib
+    # Importing these registers the network classes and the predictor heads with Keras.
+    for module in ("keras_arat.models", "keras_arat.training.arat"):
+        importlib.import_module(module)
     if not os.path.isfile(path):
         raise UsageError(f"--keras_model={path} is not a file")
     try:
@@ -349,7 +351,7 @@ def export(a, log=print):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log(f"max abs logit difference vs the split-BN model: "
+    log("max abs logit difference vs the split-BN model: "
         + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()) + f" (atol {a.atol:g})")
     log(f"wrote {out}: " + ", ".join(report["files"]))
     return report

@@ -126,7 +126,6 @@ class GrpcClient:
     def predict(self, images):
         """Logits [N, K] for float32 images [N, H, W, C] in [0, 1]."""
         import tensorflow as tf
-        from tensorflow_serving.apis import predict_pb2
         return self.predict_tensor(tf.make_tensor_proto(np.asarray(images, np.float32)))
 
     def predict_tensor(self, tensor_proto):
