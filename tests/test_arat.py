@@ -180,3 +180,59 @@ def test_ablation_switches_change_what_they_name():
     assert one_tap.taps == ("conv4",) and len(one_tap.predictors) == 1
     assert one_tap.invariance_weight == 3.0
     assert make_trainer().invariance_weight == 30.0  # the small CNN's default gamma
+
+
+@pytest.mark.parametrize("split_bn", [True, False])
+def test_joint_pass_equals_two_separate_passes(split_bn):
+    """branch="both" on [x; x_adv]: same loss, gradients and BN statistics as two calls."""
+    x, y = batch(16)
+    x_adv = tf.clip_by_value(x + 0.2 * tf.sign(tf.random.stateless_normal(x.shape, [3, 4])),
+                             0.0, 1.0)
+    results = []
+    for joint in (False, True):
+        trainer = make_trainer(split_bn=split_bn, joint_pass=joint)
+        trainer.a_prev.assign(0.4)
+        trainer.adversarial = lambda x_, y_, branch="adv": x_adv
+        with tf.GradientTape() as tape:
+            loss, logs = trainer.losses_for(x, y)
+        variables = trainer.trainable_variables
+        grads = tape.gradient(loss, variables)
+        assert all(g is not None for g in grads)
+        # Drop the network's auto-numbered name ("small_cnn_12/..."); keep the predictors'.
+        key = lambda v: v.path if v.path.startswith("predictor") else v.path.split("/", 1)[1]  # noqa: E731
+        moving = {key(v): v.numpy() for v in trainer.non_trainable_variables
+                  if "moving" in v.path}
+        results.append((float(loss), {k: float(v) for k, v in logs.items()},
+                        {key(v): g.numpy() for v, g in zip(variables, grads)}, moving))
+    (loss2, logs2, grads2, moving2), (loss1, logs1, grads1, moving1) = results
+    # float32 sums over a batch of 32 instead of 16: tolerance rtol 1e-5 on figures,
+    # atol 1e-5 + rtol 1e-4 on gradients and moving statistics.
+    np.testing.assert_allclose(loss1, loss2, rtol=1e-5)
+    for name in logs2:
+        np.testing.assert_allclose(logs1[name], logs2[name], rtol=1e-5, atol=1e-7, err_msg=name)
+    assert grads1.keys() == grads2.keys() and moving1.keys() == moving2.keys()
+    assert len(moving1) == (16 if split_bn else 8) + 6  # 4 sites (x2 branches) + 3 predictor BNs
+    for path in grads2:
+        np.testing.assert_allclose(grads1[path], grads2[path], rtol=1e-4, atol=1e-5,
+                                   err_msg=path)
+    for path in moving2:
+        np.testing.assert_allclose(moving1[path], moving2[path], rtol=1e-4, atol=1e-6,
+                                   err_msg=path)
+
+
+def test_both_branch_normalises_each_half_with_its_own_statistics():
+    from keras_arat.layers import SplitBatchNormalization
+    layer = SplitBatchNormalization()
+    rng = np.random.default_rng(0)
+    clean = rng.normal(2.0, 3.0, (8, 4, 4, 3)).astype(np.float32)
+    adv = rng.normal(-1.0, 0.5, (8, 4, 4, 3)).astype(np.float32)
+    layer.build(clean.shape)
+    layer.bns["adv"].gamma.assign([2.0, 2.0, 2.0])
+    out = layer(np.concatenate([clean, adv]), training=True, branch="both").numpy()
+    for half, data, gamma in ((out[:8], clean, 1.0), (out[8:], adv, 2.0)):
+        z = (data - data.mean((0, 1, 2))) / np.sqrt(data.var((0, 1, 2)) + 1e-5)
+        np.testing.assert_allclose(half, gamma * z, atol=1e-4)
+    np.testing.assert_allclose(layer.bns["clean"].moving_mean.numpy(),
+                               0.1 * clean.mean((0, 1, 2)), rtol=1e-4)
+    np.testing.assert_allclose(layer.bns["adv"].moving_mean.numpy(),
+                               0.1 * adv.mean((0, 1, 2)), rtol=1e-4, atol=1e-6)

@@ -3,6 +3,9 @@
 import keras
 
 BRANCHES = ("clean", "adv")
+# Pseudo-branch of a joint call: the batch is [clean half; adv half], each half is
+# normalised by its own branch, exactly as two separate calls (clean first) would.
+BOTH = "both"
 
 # PyTorch's BatchNorm2d defaults, in Keras terms: torch momentum 0.1 is keras 0.9.
 TORCH_MOMENTUM = 0.9
@@ -18,7 +21,10 @@ class SplitBatchNormalization(keras.layers.Layer):
 
     Each branch has its own gamma, beta and moving mean/variance; the branch is
     picked per call with a Python string, so each branch traces its own graph
-    and only the used branch's statistics move. With `split=False` the layer is a
+    and only the used branch's statistics move. `branch="both"` takes a batch whose
+    first half is clean and second half adversarial and normalises each half with
+    its own branch, so a network runs both halves through every other layer as one
+    batch (what ARAT's train step does). With `split=False` the layer is a
     plain BatchNormalization that accepts (and ignores) the `branch` argument,
     which is how single-BN baselines and ablations share the model code.
     """
@@ -56,6 +62,13 @@ class SplitBatchNormalization(keras.layers.Layer):
             bn.build(input_shape)
 
     def call(self, inputs, training=None, branch="adv"):
+        if branch == BOTH:
+            # Clean half first: a shared (split=False) BN then moves its statistics in
+            # the same order as a clean call followed by an adversarial one.
+            clean, adv = keras.ops.split(inputs, 2, axis=0)
+            return keras.ops.concatenate(
+                [self.branch_layer("clean")(clean, training=training),
+                 self.branch_layer("adv")(adv, training=training)], axis=0)
         return self.branch_layer(branch)(inputs, training=training)
 
     def compute_output_shape(self, input_shape):

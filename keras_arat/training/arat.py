@@ -51,8 +51,11 @@ class ARATModel(AdversarialTrainer):
     log_names = ("ce_adv", "ce_clean", "invariance", "a_prev", "train_acc", "train_acc_clean")
 
     def __init__(self, network, taps=None, invariance_weight=None, invariance="asymmetric",
-                 predictor=True, input_shape=(32, 32, 3), **kwargs):
+                 predictor=True, input_shape=(32, 32, 3), joint_pass=True, **kwargs):
         super().__init__(network, **kwargs)
+        # One forward/backward pass over [x; x_adv] (branch="both") instead of two:
+        # the same figures (tests/test_arat.py) in less time (BENCHMARKS.md).
+        self.joint_pass = bool(joint_pass)
         if invariance not in INVARIANCE_KINDS:
             raise ValueError(f"invariance must be one of {INVARIANCE_KINDS}, got {invariance!r}")
         self.taps = tuple(taps) if taps else tuple(network.default_taps)
@@ -88,12 +91,21 @@ class ARATModel(AdversarialTrainer):
             total += 1.0 - mean_cosine(z_adv, z_clean)
         return self.invariance_weight / len(self.taps) * total
 
+    def clean_and_adv_pass(self, x, x_adv):
+        """(logits, features) of x through the clean branch and of x_adv through adv."""
+        if not self.joint_pass:
+            return (self.network(x, training=True, branch="clean", return_features=True),
+                    self.network(x_adv, training=True, branch="adv", return_features=True))
+        logits, feats = self.network(tf.concat([x, x_adv], axis=0), training=True,
+                                     branch="both", return_features=True)
+        halves = {name: tf.split(t, 2, axis=0) for name, t in feats.items()}
+        logits_c, logits_a = tf.split(logits, 2, axis=0)
+        return ((logits_c, {name: h[0] for name, h in halves.items()}),
+                (logits_a, {name: h[1] for name, h in halves.items()}))
+
     def losses_for(self, x, y):
         x_adv = self.adversarial(x, y, branch="adv")
-        logits_c, feats_c = self.network(x, training=True, branch="clean",
-                                         return_features=True)
-        logits_a, feats_a = self.network(x_adv, training=True, branch="adv",
-                                         return_features=True)
+        (logits_c, feats_c), (logits_a, feats_a) = self.clean_and_adv_pass(x, x_adv)
         ce_adv, ce_clean = mean_ce(logits_a, y), mean_ce(logits_c, y)
         a = tf.convert_to_tensor(self.a_prev)
         loss = a * ce_adv + (1.0 - a) * ce_clean
