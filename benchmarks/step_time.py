@@ -1,11 +1,16 @@
 """Median train-step time of PGD-AT, ARAT and TRADES side by side, in one process.
 
     python benchmarks/step_time.py --model=small_cnn --batch_size=128
-    python benchmarks/step_time.py --model=resnet18 --batch_size=32 --steps=5
+    python benchmarks/step_time.py --model=resnet18 --batch_size=32 --steps=5 \
+        --image_shape=32,32,3
 
 Same model family, batch, attack (PGD-10 unless --attack_steps) and data for each
-method; the first --warmup steps (tracing) are not timed. Also prints the input
-pipeline's images/s. Figures go to BENCHMARKS.md.
+method; the first --warmup steps (tracing) are not timed, and the timed steps are
+taken in rounds (one step of each method per round) so that a change in the machine's
+speed affects every method alike. "arat_two_pass" is ARAT with --joint_pass=false (clean
+and adversarial halves as two forward passes). --image_shape replaces the digits with
+random images of that shape (e.g. CIFAR's 32,32,3). Also prints the input pipeline's
+images/s. Figures go to BENCHMARKS.md.
 """
 
 import argparse
@@ -29,6 +34,10 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--methods", default="pgd_at,arat,trades")
     parser.add_argument("--jit_compile", action="store_true")
+    parser.add_argument("--mixed_precision", default="off",
+                        choices=["off", "bfloat16", "float16"])
+    parser.add_argument("--image_shape", default="",
+                        help="e.g. 32,32,3: time on random images of this shape")
     args = parser.parse_args()
 
     import keras
@@ -42,6 +51,12 @@ def main():
     data = load_dataset("digits")
     dataset, _ = make_train_dataset(data, args.batch_size, 1, seed=0)
     x, y = next(iter(dataset))
+    image_shape = data.image_shape
+    if args.image_shape:
+        image_shape = tuple(int(d) for d in args.image_shape.split(","))
+        x = tf.random.stateless_uniform((args.batch_size, *image_shape), seed=[0, 1])
+    if args.mixed_precision != "off":
+        keras.mixed_precision.set_dtype_policy(f"mixed_{args.mixed_precision}")
 
     # Pipeline alone: a full epoch of augmented batches, after one warm-up batch.
     ds, steps = make_train_dataset(data, args.batch_size, 2, seed=0)
@@ -54,32 +69,44 @@ def main():
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, TF {tf.__version__}, "
           f"keras {keras.__version__}, GPUs: {len(tf.config.list_physical_devices('GPU'))}")
-    print(f"model {args.model} batch {args.batch_size} PGD-{args.attack_steps} "
-          f"jit_compile={args.jit_compile}")
+    print(f"model {args.model} batch {args.batch_size} input {tuple(x.shape[1:])} "
+          f"PGD-{args.attack_steps} jit_compile={args.jit_compile} "
+          f"mixed_precision={args.mixed_precision}")
     print(f"input pipeline: {pipeline_ips:,.0f} images/s (crop+flip, digits)")
-    medians = {}
+    trainers = {}
     for method in args.methods.split(","):
+        base = "arat" if method == "arat_two_pass" else method
         cfg = {"model": args.model, "cnn_width": args.cnn_width, "wrn_depth": 10, "wrn_width": 1,
-               "method": method, "split_bn": method == "arat", "eps": 8 / 255,
+               "method": base, "split_bn": base == "arat", "eps": 8 / 255,
                "step_size": 2 / 255, "attack_steps": args.attack_steps, "seed": 0,
                "align_layers": [], "invariance_weight": None, "invariance": "asymmetric",
-               "predictor": True, "beta": None}
+               "predictor": True, "beta": None, "joint_pass": method != "arat_two_pass"}
         keras.utils.set_random_seed(0)
-        network = runs.build_network(cfg, data.num_classes, data.image_shape)
-        trainer = runs.build_trainer(cfg, network, data.image_shape)
+        network = runs.build_network(cfg, data.num_classes, image_shape)
+        trainer = runs.build_trainer(cfg, network, image_shape)
         trainer.compile(optimizer=TorchSGD(0.01), jit_compile=args.jit_compile)
-        times = []
-        for i in range(args.warmup + args.steps):
-            start = time.perf_counter()
-            logs = trainer.train_on_batch(x, y, return_dict=True)
-            float(logs["loss"])  # wait for the step
-            if i >= args.warmup:
-                times.append(time.perf_counter() - start)
-        medians[method] = statistics.median(times)
-        print(f"{method:8s} median step {medians[method] * 1000:8.1f} ms  "
+        trainers[method] = trainer
+
+    def step(trainer):
+        start = time.perf_counter()
+        logs = trainer.train_on_batch(x, y, return_dict=True)
+        float(logs["loss"])  # wait for the step
+        return time.perf_counter() - start
+
+    for trainer in trainers.values():
+        for _ in range(args.warmup):
+            step(trainer)
+    times = {method: [] for method in trainers}
+    for _ in range(args.steps):
+        for method, trainer in trainers.items():
+            times[method].append(step(trainer))
+    medians = {}
+    for method, ts in times.items():
+        medians[method] = statistics.median(ts)
+        print(f"{method:13s} median step {medians[method] * 1000:8.1f} ms  "
               f"{args.batch_size / medians[method]:8.1f} images/s  "
-              f"(min {min(times) * 1000:.1f}, max {max(times) * 1000:.1f} ms, "
-              f"{len(times)} steps)")
+              f"(min {min(ts) * 1000:.1f}, max {max(ts) * 1000:.1f} ms, "
+              f"{len(ts)} steps)")
     if "pgd_at" in medians:
         for method, t in medians.items():
             if method != "pgd_at":

@@ -17,7 +17,7 @@ DEFAULT_BETA = {"trades": 6.0, "mart": 5.0}
 # Settings that may differ when a run is resumed; every other key must match.
 RESUMABLE_CHANGES = {"workdir", "resume", "overwrite", "verbose", "epochs", "eval_examples",
                      "eval_batch_size", "jit_compile", "nan_policy", "deterministic",
-                     "strategy", "cpu_devices"}
+                     "strategy", "cpu_devices", "joint_pass"}
 
 
 class UsageError(ValueError):
@@ -105,6 +105,12 @@ def define_train_flags(flags):
                      "(default: all).")
     f.DEFINE_integer("eval_batch_size", 256, "Batch size of the final evaluation.")
     f.DEFINE_bool("jit_compile", False, "XLA-compile the train step.")
+    f.DEFINE_enum("mixed_precision", "off", ["off", "auto", "bfloat16", "float16"],
+                  "Mixed-precision training (float32 weights, attacks' eps arithmetic and "
+                  "logits): auto picks mixed_float16 on a GPU and mixed_bfloat16 on a CPU "
+                  "with bfloat16 instructions (AVX512_BF16 / AMX), and refuses otherwise.")
+    f.DEFINE_bool("joint_pass", True, "ARAT: run the clean and adversarial halves as one "
+                  "batch through the split-BN network (same result as two passes).")
     f.DEFINE_enum("strategy", "default", ["default", "mirrored"],
                   "tf.distribute strategy: one device, or MirroredStrategy (all local GPUs, "
                   "or --cpu_devices logical CPUs).")
@@ -194,7 +200,8 @@ def build_trainer(cfg, network, input_shape):
             return TRAINERS["arat"](network, taps=cfg["align_layers"] or None,
                                     invariance_weight=cfg["invariance_weight"],
                                     invariance=cfg["invariance"], predictor=cfg["predictor"],
-                                    input_shape=tuple(input_shape), **common)
+                                    input_shape=tuple(input_shape),
+                                    joint_pass=cfg.get("joint_pass", True), **common)
         except ValueError as e:
             raise UsageError(str(e)) from None
     if cfg["method"] in DEFAULT_BETA:

@@ -86,6 +86,11 @@ def train(cfg):
     if cfg["deterministic"]:
         import tensorflow as tf
         tf.config.experimental.enable_op_determinism()
+    policy = precision_policy(cfg)
+    if policy:
+        keras.mixed_precision.set_dtype_policy(policy)
+        print(f"mixed precision: {policy} (float32 weights, logits and attack arithmetic)",
+              flush=True)
     scope = strategy.scope()
     scope.__enter__()
     network = runs.build_network(cfg, data.num_classes, data.image_shape)
@@ -143,6 +148,11 @@ def train(cfg):
         raise cb.NonFiniteLossError(stopper.error)
 
     final_epoch = max(initial_epoch, cfg["epochs"])
+    if policy:  # evaluate (and re-estimate SWA's BN) in float32, as keras_arat.evaluate does
+        keras.mixed_precision.set_dtype_policy("float32")
+        trained = network
+        network = runs.build_network(cfg, data.num_classes, data.image_shape)
+        network.set_weights(trained.get_weights())
     run = runs.Run(cfg, data, network, trainer, final_epoch)
     final_evaluation(run, "test")
     if swa_state is not None:
@@ -161,6 +171,33 @@ def train(cfg):
                     "checkpoint": f"checkpoints/swa-{final_epoch:04d}"}})
     with open(os.path.join(cfg["workdir"], "results.json")) as f:
         return json.load(f)
+
+
+def cpu_has_bfloat16():
+    """True when this (Linux) CPU advertises bfloat16 instructions (AVX512_BF16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def precision_policy(cfg):
+    """The Keras dtype policy --mixed_precision names, or None for float32."""
+    choice = cfg.get("mixed_precision", "off")
+    if choice == "off":
+        return None
+    if choice != "auto":
+        return f"mixed_{choice}"
+    import tensorflow as tf
+    if tf.config.list_physical_devices("GPU"):
+        return "mixed_float16"
+    if cpu_has_bfloat16():
+        return "mixed_bfloat16"
+    raise runs.UsageError("--mixed_precision=auto: no GPU, and this CPU has no bfloat16 "
+                          "instructions (AVX512_BF16 / AMX); leave it off, or force "
+                          "--mixed_precision=bfloat16 (emulated, slow)")
 
 
 def make_strategy(cfg):

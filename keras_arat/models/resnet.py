@@ -199,7 +199,8 @@ class ResNet18(keras.Model):
         self.pool = keras.layers.GlobalAveragePooling2D(name="pool")
         self.linear = keras.layers.Dense(
             self.num_classes, kernel_initializer=torch_kernel_initializer(),
-            bias_initializer=torch_bias_initializer(in_planes), name="linear")
+            bias_initializer=torch_bias_initializer(in_planes), name="linear",
+            dtype="float32")  # float32 logits under a mixed-precision policy
 
     def call(self, inputs, training=None, branch="adv", return_features=False):
         x = keras.ops.relu(self.bn1(self.conv1(inputs), training=training,

@@ -47,7 +47,9 @@ class SmallCNN(keras.Model):
         ]
         self.flatten = keras.layers.Flatten(name="flatten")
         self.hidden = keras.layers.Dense(self.dense_units, name="dense")
-        self.classifier = keras.layers.Dense(self.num_classes, name="classifier")
+        # float32 logits under a mixed-precision policy (attacks and losses need them)
+        self.classifier = keras.layers.Dense(self.num_classes, name="classifier",
+                                             dtype="float32")
 
     def call(self, inputs, training=None, branch="adv", return_features=False):
         feats = {}

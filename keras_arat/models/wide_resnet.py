@@ -106,7 +106,8 @@ class WideResNet(keras.Model):
         self.pool = keras.layers.GlobalAveragePooling2D(name="pool")
         self.fc = keras.layers.Dense(
             self.num_classes, kernel_initializer=torch_kernel_initializer(),
-            bias_initializer="zeros", name="fc")
+            bias_initializer="zeros", name="fc",
+            dtype="float32")  # float32 logits under a mixed-precision policy
 
     @property
     def tap_names(self):

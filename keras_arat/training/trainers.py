@@ -20,16 +20,16 @@ def accuracy(logits, y):
 
 
 def pooled_feature(t):
-    """ARAT's z_l: ReLU, then global average pooling of a spatial map."""
-    t = tf.nn.relu(t)
+    """ARAT's z_l: ReLU, then global average pooling of a spatial map (in float32)."""
+    t = tf.nn.relu(tf.cast(t, tf.float32))
     if t.shape.rank == 4:
         t = tf.reduce_mean(t, axis=[1, 2])
     return t
 
 
 def mean_cosine(a, b):
-    a = tf.math.l2_normalize(a, axis=-1, epsilon=1e-12)
-    b = tf.math.l2_normalize(b, axis=-1, epsilon=1e-12)
+    a = tf.math.l2_normalize(tf.cast(a, tf.float32), axis=-1, epsilon=1e-12)
+    b = tf.math.l2_normalize(tf.cast(b, tf.float32), axis=-1, epsilon=1e-12)
     return tf.reduce_mean(tf.reduce_sum(a * b, axis=-1))
 
 
@@ -107,6 +107,9 @@ class AdversarialTrainer(keras.Model):
             # Replicas' gradients are summed: scale so they add up to the global mean.
             replicas = tf.distribute.get_strategy().num_replicas_in_sync
             scaled = loss / replicas if replicas > 1 else loss
+            # Under mixed_float16 compile wraps the optimizer in a LossScaleOptimizer,
+            # whose apply() unscales; for every other optimizer this is the identity.
+            scaled = self.optimizer.scale_loss(scaled)
         variables = self.trainable_variables
         grads = tape.gradient(scaled, variables)
         if self.nan_policy == "stop":  # StopOnNonFinite ends the run at the first bad loss

@@ -1,0 +1,89 @@
+"""--mixed_precision: low-precision compute, float32 weights, logits and attack arithmetic."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from keras_arat import runs, train
+from tests.test_cli import ROOT, TINY, run_cli
+
+# A global dtype policy must not leak into other tests: each check runs in its own process.
+SCRIPT = r'''
+import sys
+import keras, numpy as np, tensorflow as tf
+keras.mixed_precision.set_dtype_policy(sys.argv[1])
+from keras_arat.training import ARATModel, TorchSGD
+from tests import helpers
+compute = keras.mixed_precision.dtype_policy().compute_dtype
+x, y = helpers.tiny_data().train
+x, y = x[:64], y[:64]
+net = helpers.new_network(split_bn=True, seed=1)
+trainer = ARATModel(net, eps=0.3, step_size=0.1, attack_steps=3)
+trainer.compile(optimizer=TorchSGD(0.05))
+assert all(v.dtype == "float32" for v in trainer.weights), "weights must stay float32"
+logits, feats = net(x, training=False, return_features=True)
+assert logits.dtype == tf.float32, logits.dtype
+assert any(t.dtype == compute for t in feats.values()), [t.dtype for t in feats.values()]
+x_adv = trainer.adversarial(tf.constant(x), tf.constant(y))
+assert x_adv.dtype == tf.float32, x_adv.dtype
+delta = np.abs(x_adv.numpy() - x).max()
+assert delta <= 0.3 + 1e-6, delta
+assert delta > 0.25, delta  # three steps of 0.1 reach the ball's surface
+assert x_adv.numpy().min() >= 0.0 and x_adv.numpy().max() <= 1.0
+before = [w.numpy().copy() for w in net.trainable_weights]
+ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(32).repeat(20)
+trainer.fit(ds, epochs=1, verbose=0)
+moved = max(float(np.abs(w.numpy() - b).max()) for w, b in zip(net.trainable_weights, before))
+assert moved > 0, "no step was applied"
+assert all(np.isfinite(w.numpy()).all() for w in trainer.weights)
+print("MIXED-OK", compute, type(trainer.optimizer).__name__)
+'''
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_policy_keeps_float32_weights_logits_and_attack(policy):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="-1", PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, policy], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert "MIXED-OK" in proc.stdout, proc.stderr[-3000:]
+    compute = policy.split("_")[1]
+    assert f"MIXED-OK {compute}" in proc.stdout
+    if policy == "mixed_float16":  # float16 needs loss scaling; bfloat16 does not
+        assert "LossScaleOptimizer" in proc.stdout
+    else:
+        assert "LossScaleOptimizer" not in proc.stdout
+
+
+def test_cli_bfloat16_run_trains_and_evaluates_in_float32(tmp_path):
+    workdir = str(tmp_path / "bf16")
+    proc, _ = run_cli("keras_arat.train", *TINY, "--epochs=2", "--mixed_precision=bfloat16",
+                      "--eval_examples=64", f"--workdir={workdir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mixed precision: mixed_bfloat16" in proc.stdout
+    records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    train_records = [r for r in records if "loss" in r]
+    assert len(train_records) == 2
+    assert all(0 < r["loss"] < 100 for r in train_records)
+    results = json.load(open(os.path.join(workdir, "results.json")))
+    assert 0.0 <= results["pgd20_acc"] <= results["clean_acc"] <= 1.0
+
+
+def test_mixed_precision_cannot_change_on_resume():
+    assert "mixed_precision" not in runs.RESUMABLE_CHANGES  # the optimizer state differs
+
+
+def test_auto_policy(monkeypatch):
+    import tensorflow as tf
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])
+    monkeypatch.setattr(train, "cpu_has_bfloat16", lambda: True)
+    assert train.precision_policy({"mixed_precision": "auto"}) == "mixed_bfloat16"
+    assert train.precision_policy({"mixed_precision": "off"}) is None
+    assert train.precision_policy({"mixed_precision": "float16"}) == "mixed_float16"
+    monkeypatch.setattr(train, "cpu_has_bfloat16", lambda: False)
+    with pytest.raises(runs.UsageError, match="no GPU"):
+        train.precision_policy({"mixed_precision": "auto"})
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: ["GPU:0"])
+    assert train.precision_policy({"mixed_precision": "auto"}) == "mixed_float16"
