@@ -161,6 +161,8 @@ def train(cfg):
                                         crop_padding=cfg["crop_padding"], flip=flip)
         swa_state.copy_to(network.trainable_variables)
         n_batches = reestimate_bn(network, batches, trainer.attack, "adv", cfg["seed"])
+        if trainer.network is not network:  # mixed precision: the checkpoint holds trainer's
+            trainer.network.set_weights(network.get_weights())
         n_averaged = int(swa_state.count.numpy())
         manager.save(final_epoch, {"swa": True, "n_averaged": n_averaged}, prefix="swa")
         swa = final_evaluation(run, "test_swa")

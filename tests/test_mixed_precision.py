@@ -58,8 +58,10 @@ def test_mixed_policy_keeps_float32_weights_logits_and_attack(policy):
 
 
 def test_cli_bfloat16_run_trains_and_evaluates_in_float32(tmp_path):
+    import numpy as np
     workdir = str(tmp_path / "bf16")
     proc, _ = run_cli("keras_arat.train", *TINY, "--epochs=2", "--mixed_precision=bfloat16",
+                      "--swa", "--swa_start_epoch=2", "--swa_every_steps=1",
                       "--eval_examples=64", f"--workdir={workdir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "mixed precision: mixed_bfloat16" in proc.stdout
@@ -69,6 +71,17 @@ def test_cli_bfloat16_run_trains_and_evaluates_in_float32(tmp_path):
     assert all(0 < r["loss"] < 100 for r in train_records)
     results = json.load(open(os.path.join(workdir, "results.json")))
     assert 0.0 <= results["pgd20_acc"] <= results["clean_acc"] <= 1.0
+    # The SWA checkpoint holds the averaged float32 weights that were evaluated.
+    assert results["swa"]["n_averaged"] == 4  # epoch 2's four steps
+    run = runs.load_run(workdir, os.path.join(workdir, results["swa"]["checkpoint"]))
+    x, y = run.test_arrays(64)
+    logits = run.network(x, training=False, branch="adv").numpy()
+    acc = float(np.mean(logits.argmax(-1) == y))
+    assert abs(acc - results["swa"]["clean_acc"]) <= 1 / 64, (acc, results["swa"])
+    last = runs.load_run(workdir, os.path.join(workdir, "checkpoints", "epoch-0002"))
+    gap = max(float(np.abs(a.numpy() - b.numpy()).max())
+              for a, b in zip(run.network.trainable_weights, last.network.trainable_weights))
+    assert gap > 1e-4, "the SWA checkpoint holds the last weights, not their average"
 
 
 def test_mixed_precision_cannot_change_on_resume():
