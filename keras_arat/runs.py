@@ -111,9 +111,11 @@ def define_train_flags(flags):
                   "with bfloat16 instructions (AVX512_BF16 / AMX), and refuses otherwise.")
     f.DEFINE_bool("joint_pass", True, "ARAT: run the clean and adversarial halves as one "
                   "batch through the split-BN network (same result as two passes).")
-    f.DEFINE_enum("strategy", "default", ["default", "mirrored"],
-                  "tf.distribute strategy: one device, or MirroredStrategy (all local GPUs, "
-                  "or --cpu_devices logical CPUs).")
+    f.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"],
+                  "tf.distribute strategy: one device; MirroredStrategy (all local GPUs, "
+                  "or --cpu_devices logical CPUs); or MultiWorkerMirroredStrategy over the "
+                  "cluster in TF_CONFIG (run the same command on every worker; the chief "
+                  "writes --workdir, which must be shared for resuming).")
     f.DEFINE_integer("cpu_devices", 0, "Split the CPU into N logical devices (for testing "
                      "multi-device training without GPUs); 0 leaves it alone.")
     f.DEFINE_enum("nan_policy", "stop", ["stop", "skip_batch"], "On a NaN/Inf loss: stop "

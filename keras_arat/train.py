@@ -6,9 +6,12 @@ Writes RUN/config.json, metrics.jsonl, tensorboard/, checkpoints/ and results.js
 (see DESIGN.md). Re-running the same command resumes from the last complete checkpoint.
 """
 
+import atexit
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 from absl import app, flags, logging
@@ -21,10 +24,17 @@ runs.define_train_flags(flags)
 TRAIN_FLAGS = sorted(set(FLAGS) - _BEFORE)
 
 
-def prepare_workdir(cfg):
-    """Write config.json, or check it matches an existing run. Returns True to resume."""
+def prepare_workdir(cfg, write=True):
+    """Write config.json, or check it matches an existing run. Returns True to resume.
+
+    write=False (a non-chief worker) only checks: it changes nothing on disk.
+    """
     path = os.path.join(cfg["workdir"], "config.json")
-    os.makedirs(cfg["workdir"], exist_ok=True)
+    if not write:
+        if cfg["overwrite"] or not os.path.exists(path):
+            return False
+    else:
+        os.makedirs(cfg["workdir"], exist_ok=True)
     ckpt_dir = os.path.join(cfg["workdir"], "checkpoints")
     has_checkpoints = os.path.isdir(ckpt_dir) and any(
         n.startswith("epoch-") for n in os.listdir(ckpt_dir))
@@ -39,6 +49,8 @@ def prepare_workdir(cfg):
         if has_checkpoints and not cfg["resume"]:
             raise runs.UsageError(f"{cfg['workdir']} already has checkpoints: pass --resume "
                                   "to continue or --overwrite to start afresh")
+    if not write:
+        return has_checkpoints and cfg["resume"]
     if cfg["overwrite"]:
         import shutil
         for name in ("checkpoints", "tensorboard", "metrics.jsonl", "results.json"):
@@ -80,7 +92,17 @@ def train(cfg):
     from keras_arat.training.swa import SWACallback, SWAState, reestimate_bn
 
     strategy = make_strategy(cfg)  # before anything starts the TensorFlow runtime
-    resume = prepare_workdir(cfg)
+    shared_workdir = cfg["workdir"]
+    if not is_chief(strategy):
+        # Every worker runs the same steps (collectives need all of them); only the chief
+        # writes --workdir. The others write to a private folder removed at the end and
+        # resume from the chief's checkpoints.
+        resume = prepare_workdir(cfg, write=False)
+        cfg = dict(cfg, workdir=tempfile.mkdtemp(prefix="keras_arat_worker_"))
+        atexit.register(shutil.rmtree, cfg["workdir"], True)
+        prepare_workdir(cfg)
+    else:
+        resume = prepare_workdir(cfg)
     data = runs.load_data(cfg)
     keras.utils.set_random_seed(cfg["seed"])
     if cfg["deterministic"]:
@@ -117,11 +139,15 @@ def train(cfg):
                                 **runs.checkpoint_objects(trainer, optimizer, swa_state))
     initial_epoch = 0
     if resume:
-        found = manager.latest()
+        source = manager
+        if shared_workdir != cfg["workdir"]:  # a non-chief worker reads the chief's
+            source = CheckpointManager(os.path.join(shared_workdir, "checkpoints"),
+                                       **runs.checkpoint_objects(trainer, optimizer, swa_state))
+        found = source.latest()
         if found is not None:
             initial_epoch, path = found
-            manager.restore(path)
-            print(f"resuming {cfg['workdir']} from epoch {initial_epoch}", flush=True)
+            source.restore(path)
+            print(f"resuming {shared_workdir} from epoch {initial_epoch}", flush=True)
     trim_metrics(cfg["workdir"], initial_epoch)
 
     callbacks = []
@@ -202,16 +228,55 @@ def precision_policy(cfg):
                           "--mixed_precision=bfloat16 (emulated, slow)")
 
 
-def make_strategy(cfg):
-    """The tf.distribute strategy named by --strategy (with --cpu_devices logical CPUs).
+def is_chief(strategy):
+    """True unless this process is a non-chief worker of a multi-worker cluster."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.cluster_spec().as_dict():
+        return True
+    task_type, task_id = resolver.task_type, resolver.task_id
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return task_type == "chief" or (not has_chief and task_type == "worker" and task_id == 0)
 
-    Multi-worker training is not offered yet: under MultiWorkerMirroredStrategy, Keras
-    3's fit handed this train_step PerReplica values (seen with two workers on
-    127.0.0.1).
-    """
+
+def check_tf_config():
+    """The parsed TF_CONFIG of a multi-worker run, or a UsageError saying what is wrong."""
+    text = os.environ.get("TF_CONFIG")
+    if not text:
+        raise runs.UsageError("--strategy=multi_worker needs TF_CONFIG, e.g. "
+                              '{"cluster": {"worker": ["host1:port", "host2:port"]}, '
+                              '"task": {"type": "worker", "index": 0}}')
+    try:
+        config = json.loads(text)
+        workers = config["cluster"]["worker"]
+        task = config["task"]
+        index = int(task["index"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise runs.UsageError(f"TF_CONFIG is not a valid cluster description ({e!r})") \
+            from None
+    members = config["cluster"].get(task["type"], [])
+    if not isinstance(workers, list) or not 0 <= index < len(members):
+        raise runs.UsageError(f"TF_CONFIG's task {task} is not in its cluster "
+                              f"{config['cluster']}")
+    return config
+
+
+def make_strategy(cfg):
+    """The tf.distribute strategy named by --strategy (with --cpu_devices logical CPUs)."""
     import tensorflow as tf
 
     from keras_arat.layers import split_batch_norm
+    if cfg["strategy"] == "multi_worker":
+        if cfg["cpu_devices"]:
+            raise runs.UsageError("--cpu_devices goes with --strategy=mirrored; a multi-worker "
+                                  "run uses each worker's GPUs, or its CPU")
+        check_tf_config()
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        split_batch_norm.SYNCHRONIZED_DEFAULT = strategy.num_replicas_in_sync > 1
+        resolver = strategy.cluster_resolver
+        print(f"strategy multi_worker: {strategy.num_replicas_in_sync} replicas; this is "
+              f"{resolver.task_type} {resolver.task_id}"
+              f"{' (chief)' if is_chief(strategy) else ''}", flush=True)
+        return strategy
     if cfg["cpu_devices"]:
         cpus = tf.config.list_physical_devices("CPU")
         tf.config.set_logical_device_configuration(

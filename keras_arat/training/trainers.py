@@ -19,6 +19,13 @@ def accuracy(logits, y):
                                   tf.float32))
 
 
+def in_multi_worker_mode():
+    """True inside a MultiWorkerMirroredStrategy whose cluster has more than one worker."""
+    strategy = tf.distribute.get_strategy()
+    return (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+            and strategy.extended._in_multi_worker_mode())  # noqa: SLF001
+
+
 def pooled_feature(t):
     """ARAT's z_l: ReLU, then global average pooling of a spatial map (in float32)."""
     t = tf.nn.relu(tf.cast(t, tf.float32))
@@ -76,12 +83,36 @@ class AdversarialTrainer(keras.Model):
         logs = {name: t.result() for name, t in self.trackers.items()}
         if self.nan_policy == "skip_batch":
             logs["skipped_batches"] = self.skipped.result()
+        if in_multi_worker_mode():
+            # Keras 3.15 averages a step's outputs across workers with
+            # strategy.reduce("MEAN", v, axis=0), which needs a leading axis.
+            logs = {name: tf.reshape(v, [1]) for name, v in logs.items()}
         return logs
 
     @property
     def metrics(self):
         extra = [self.skipped] if self.nan_policy == "skip_batch" else []
         return list(self.trackers.values()) + extra
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Build state from one replica's batch, never from a cross-replica reduction.
+
+        Keras 3.15's version reduces the first distributed batch to a MEAN before
+        building, which fails under MultiWorkerMirroredStrategy ("Attempt to convert a
+        value (PerReplica ...) to a Tensor") and is wasted traffic under mirroring.
+        Shapes are all the symbolic build needs, and one replica's batch has them.
+        """
+        if self._distribute_strategy is None or iterator is None:
+            return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+        strategy = self.distribute_strategy
+        for _, _, it in iterator:
+            data_batch = tf.nest.map_structure(
+                lambda v: (strategy.experimental_local_results(v)[0]
+                           if isinstance(v, tf.distribute.DistributedValues) else v),
+                next(it))
+            break
+        with strategy.scope():
+            self._symbolic_build(data_batch=data_batch)
 
     def call(self, x, training=False, branch="adv"):
         return self.network(x, training=training, branch=branch)
