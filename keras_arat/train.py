@@ -7,6 +7,7 @@ Writes RUN/config.json, metrics.jsonl, tensorboard/, checkpoints/ and results.js
 """
 
 import atexit
+import errno
 import json
 import os
 import shutil
@@ -343,7 +344,12 @@ def main(argv):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except OSError as e:
-        print(f"error: {e.strerror or e} ({getattr(e, 'filename', '') or ''})", file=sys.stderr)
+        hint = ""
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            hint = ("; earlier checkpoints are intact: free space, then run the same command "
+                    "again to resume")
+        print(f"error: {e.strerror or e} ({getattr(e, 'filename', '') or ''}){hint}",
+              file=sys.stderr)
         sys.exit(1)
     print(json.dumps(results, indent=1))
 

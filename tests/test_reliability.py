@@ -91,7 +91,10 @@ def final_weights(workdir, epoch):
 
 
 def test_kill_9_mid_epoch_then_resume_ends_with_the_same_weights(tmp_path):
-    args = [*TINY, "--n_train=1024", "--epochs=3", "--deterministic", "--eval_examples=32"]
+    # SWA from epoch 2: the run is killed in epoch 3, so the checkpoint it resumes from
+    # carries a non-empty average that must be continued, not restarted.
+    args = [*TINY, "--n_train=1024", "--epochs=4", "--deterministic", "--eval_examples=32",
+            "--swa", "--swa_start_epoch=2", "--swa_every_steps=2"]
     straight = str(tmp_path / "straight")
     proc, _ = run_cli("keras_arat.train", *args, f"--workdir={straight}")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -101,28 +104,71 @@ def test_kill_9_mid_epoch_then_resume_ends_with_the_same_weights(tmp_path):
     child = subprocess.Popen([sys.executable, "-m", "keras_arat.train", *args,
                               f"--workdir={killed}"], cwd=ROOT, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = os.path.join(killed, "checkpoints", "epoch-0001")
+    first = os.path.join(killed, "checkpoints", "epoch-0002")
     deadline = time.time() + 240
     while not os.path.exists(first) and child.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    time.sleep(0.5)  # into epoch 2
+    time.sleep(0.5)  # into epoch 3
     assert child.poll() is None, "the run finished before it could be killed"
     os.kill(child.pid, signal.SIGKILL)
     child.wait()
     done = sorted(n for n in os.listdir(os.path.join(killed, "checkpoints"))
                   if n.startswith("epoch-"))
-    assert done and done[-1] != "epoch-0003"
+    assert done and done[-1] in ("epoch-0002", "epoch-0003")
+    reader = tf.train.load_checkpoint(os.path.join(killed, "checkpoints", done[-1], "ckpt"))
+    assert any(n.startswith("swa") for n in reader.get_variable_to_shape_map())
 
     proc, _ = run_cli("keras_arat.train", *args, f"--workdir={killed}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"from epoch {int(done[-1][-4:])}" in proc.stdout
-    a, b = final_weights(straight, 3), final_weights(killed, 3)
+    a, b = final_weights(straight, 4), final_weights(killed, 4)
     assert a.keys() == b.keys() and len(a) > 20
-    for name in a:  # model, optimizer, a_prev, step counter
+    assert any(name.startswith("swa") for name in a)
+    for name in a:  # model, optimizer, a_prev, step counter, SWA average and count
         np.testing.assert_allclose(a[name], b[name], rtol=0, atol=1e-6, err_msg=name)
     lines = [ln for ln in read_jsonl(os.path.join(killed, "metrics.jsonl"))
              if ln.get("split", "train") == "train"]
-    assert [ln["epoch"] for ln in lines] == [1, 2, 3]
+    assert [ln["epoch"] for ln in lines] == [1, 2, 3, 4]
     ra = json.load(open(os.path.join(straight, "results.json")))
     rb = json.load(open(os.path.join(killed, "results.json")))
     assert ra["clean_acc"] == rb["clean_acc"] and ra["pgd20_acc"] == rb["pgd20_acc"]
+    assert ra["swa"]["n_averaged"] == rb["swa"]["n_averaged"] == 3 * 16 // 2
+    assert ra["swa"] == rb["swa"]
+    sa, sb = (tf.train.load_checkpoint(os.path.join(d, "checkpoints", "swa-0004", "ckpt"))
+              for d in (straight, killed))
+    for name in sa.get_variable_to_shape_map():  # the averaged, re-estimated model
+        if "OBJECT_GRAPH" not in name:
+            np.testing.assert_allclose(sa.get_tensor(name), sb.get_tensor(name), rtol=0,
+                                       atol=1e-6, err_msg=name)
+
+
+def test_full_disk_is_one_line_and_the_same_command_completes_once_freed(tmp_path):
+    disk = tmp_path / "small_disk"
+    disk.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(disk)],
+                           capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mount.stderr.strip()}")
+    try:
+        workdir = str(disk / "run")
+        args = [*TINY, "--epochs=2", "--eval_examples=32", f"--workdir={workdir}"]
+        proc, seconds = run_cli("keras_arat.train", *args)
+        assert proc.returncode == 1
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: No space left on device (")
+        assert "epoch-0001" in last and "run the same command again" in last
+        assert "Traceback" not in proc.stderr
+        # nothing half-written: no temporary or partial checkpoint folder remains
+        assert os.listdir(os.path.join(workdir, "checkpoints")) == []
+        assert json.load(open(os.path.join(workdir, "config.json")))["epochs"] == 2
+
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        proc, _ = run_cli("keras_arat.train", *args)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == \
+            ["epoch-0001", "epoch-0002"]
+        lines = [ln for ln in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+                 if ln.get("split", "train") == "train"]
+        assert [ln["epoch"] for ln in lines] == [1, 2]
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)

@@ -7,6 +7,7 @@ every file and the manifest (sha256 of each file) are on disk, so the latest
 checksums is reported and skipped in favour of the previous one.
 """
 
+import errno
 import hashlib
 import json
 import os
@@ -94,7 +95,13 @@ class CheckpointManager:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         try:
-            self.checkpoint.write(os.path.join(tmp, "ckpt"))
+            try:
+                self.checkpoint.write(os.path.join(tmp, "ckpt"))
+            except tf.errors.OpError as e:  # TensorFlow's own file layer: make it an OSError
+                full = "No space left" in e.message or "File too large" in e.message
+                raise OSError(errno.ENOSPC if full else errno.EIO,
+                              "No space left on device" if full else e.message.splitlines()[0],
+                              final) from None
             files = {name: _sha256(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
             for name in files:
                 with open(os.path.join(tmp, name), "rb") as f:
