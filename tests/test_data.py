@@ -292,9 +292,9 @@ def _save(tmp_path, arrays, name="user.npz"):
 
 def test_npz_round_trip_grayscale(tmp_path):
     arrays = _arrays()
+    arrays["y_train"][0] = 6  # the largest label sets num_classes
     arrays["y_train"] = arrays["y_train"].reshape(-1, 1).astype(np.uint8)
     arrays["y_test"] = arrays["y_test"].astype(np.int32)
-    arrays["y_test"][0] = 6  # max label only in the test split
     path = _save(tmp_path, arrays)
     ds = load_dataset(f"npz:{path}")
     assert ds.x_train.shape == (20, 12, 10, 1) and ds.x_test.shape == (8, 12, 10, 1)
@@ -366,6 +366,17 @@ def _bad_one_hot(a):
     return a
 
 
+def _test_label_unseen_in_training(a):
+    a["y_test"][0] = a["y_train"].max() + 3
+    return a
+
+
+def _absurd_label(a):
+    a["y_train"][0] = 10 ** 9
+    a["y_test"][0] = 10 ** 9
+    return a
+
+
 def _missing_keys(a):
     del a["y_train"], a["x_test"]
     return a
@@ -384,6 +395,8 @@ def _missing_keys(a):
         (_bad_float_labels, r"y_train has dtype float32 but labels must be integers"),
         (_bad_one_hot, r"y_test has shape \(8, 5\) but labels must be 1-D"),
         (_missing_keys, r"missing key\(s\) y_train, x_test"),
+        (_test_label_unseen_in_training, r"y_test has label \d+ but y_train's labels only go up"),
+        (_absurd_label, r"1000000000, which would make a 1000000001-way classifier"),
     ],
 )
 def test_npz_invalid(tmp_path, mutate, pattern):

@@ -222,6 +222,9 @@ def _npz_labels(path, key, y, n_images) -> np.ndarray:
     return y.astype(np.int64)
 
 
+MAX_CLASSES = 100_000  # a larger label is a data error, not a classifier to build
+
+
 def _load_npz(name: str, n_train, n_test, flip) -> Dataset:
     path = name[len("npz:"):] if name.startswith("npz:") else name
     path = os.path.expanduser(path)
@@ -268,7 +271,17 @@ def _load_npz(name: str, n_train, n_test, flip) -> Dataset:
             f"{path}: train images have shape {x_train.shape[1:]} but test images "
             f"have {x_test.shape[1:]}: both splits need the same (H, W, C)"
         )
-    num_classes = int(max(y_train.max(), y_test.max())) + 1
+    if y_test.max() > y_train.max():
+        raise DataError(
+            f"{path}: y_test has label {int(y_test.max())} but y_train's labels only go up "
+            f"to {int(y_train.max())}: every test class must appear in training"
+        )
+    num_classes = int(y_train.max()) + 1
+    if num_classes > MAX_CLASSES:
+        raise DataError(
+            f"{path}: y_train has label {num_classes - 1}, which would make a "
+            f"{num_classes}-way classifier: labels must be class indices below {MAX_CLASSES}"
+        )
     x_train, y_train = _subset(x_train, y_train, n_train)
     x_test, y_test = _subset(x_test, y_test, n_test)
     return Dataset(
