@@ -24,6 +24,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+class Timed:
+    """A tf.function timed like a train step (train_on_batch's interface)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def train_on_batch(self, xb, yb, return_dict=True):
+        import tensorflow as tf
+        return {"loss": tf.reduce_sum(self.fn(xb, yb))}
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="small_cnn")
@@ -41,10 +52,10 @@ def main():
     args = parser.parse_args()
 
     import keras
-    import numpy as np
     import tensorflow as tf
 
     from keras_arat import runs
+    from keras_arat.attacks import PGD
     from keras_arat.data import load_dataset, make_train_dataset
     from keras_arat.training import TorchSGD
 
@@ -93,6 +104,19 @@ def main():
         float(logs["loss"])  # wait for the step
         return time.perf_counter() - start
 
+    if "pgd_at" in trainers:
+        # PGD-AT's attack alone (ARAT's is the same attack on the same branch and mode):
+        # the rest of a PGD-AT step is one training pass over the batch.
+        attack = tf.function(lambda xb, yb: trainers["pgd_at"].adversarial(xb, yb),
+                             jit_compile=args.jit_compile)
+        trainers["attack_only"] = Timed(attack)
+        # Evaluation's PGD-20 (inference-mode BN, step eps/4), as keras_arat.evaluate runs it.
+        net = trainers["pgd_at"].network
+        pgd20 = PGD(eps=8 / 255, step_size=2 / 255, steps=20)
+        trainers["pgd20_eval"] = Timed(tf.function(lambda xb, yb: pgd20(
+            lambda z: net(z, training=False, branch="adv"), xb, yb,
+            tf.constant([0, 0], tf.int64))))
+
     for trainer in trainers.values():
         for _ in range(args.warmup):
             step(trainer)
@@ -107,14 +131,26 @@ def main():
               f"{args.batch_size / medians[method]:8.1f} images/s  "
               f"(min {min(ts) * 1000:.1f}, max {max(ts) * 1000:.1f} ms, "
               f"{len(ts)} steps)")
+    attack_time = medians.pop("attack_only", None)
+    eval_time = medians.pop("pgd20_eval", None)
+    if eval_time is not None:
+        print(f"evaluation PGD-20 (inference mode): {args.batch_size / eval_time:.1f} images/s")
     if "pgd_at" in medians:
         for method, t in medians.items():
             if method != "pgd_at":
                 print(f"ratio {method}/pgd_at: {t / medians['pgd_at']:.3f}")
+        # ARAT = the same attack + one training pass over twice the batch (clean and
+        # adversarial halves) + the small predictors: its floor when nothing is wasted.
+        train_pass = medians["pgd_at"] - attack_time
+        print(f"PGD-{args.attack_steps} attack alone {attack_time * 1000:.1f} ms "
+              f"({attack_time / args.attack_steps * 1000:.1f} ms an iteration); one "
+              f"training pass {train_pass * 1000:.1f} ms "
+              f"= {train_pass / (attack_time / args.attack_steps):.2f} attack iterations")
+        print(f"pass-count floor of arat/pgd_at (attack + 2 training passes over attack + "
+              f"1): {(attack_time + 2 * train_pass) / medians['pgd_at']:.3f}")
     slowest = max(medians.values())
     print(f"pipeline / slowest training step throughput: "
           f"{pipeline_ips / (args.batch_size / slowest):,.0f}x")
-    del np
 
 
 if __name__ == "__main__":
