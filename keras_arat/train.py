@@ -41,8 +41,10 @@ def prepare_workdir(cfg, write=True):
         n.startswith("epoch-") for n in os.listdir(ckpt_dir))
     if os.path.exists(path) and not cfg["overwrite"]:
         old = runs.read_config(cfg["workdir"])
+        def value(config, k):  # a flag added since the run began counts at its default
+            return config.get(k, FLAGS[k].default if k in FLAGS else None)
         diff = sorted(k for k in set(old) | set(cfg)
-                      if k not in runs.RESUMABLE_CHANGES and old.get(k) != cfg.get(k))
+                      if k not in runs.RESUMABLE_CHANGES and value(old, k) != value(cfg, k))
         if diff and has_checkpoints:
             raise runs.UsageError(
                 f"{cfg['workdir']} holds a run with a different configuration ({', '.join(diff)}"

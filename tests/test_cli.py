@@ -87,6 +87,11 @@ def test_train_writes_every_workdir_file(trained_run):
 
 def test_resume_continues_at_the_next_epoch(trained_run):
     workdir, _ = trained_run
+    # A run begun before a flag existed resumes: the missing key counts at its default.
+    config_path = os.path.join(workdir, "config.json")
+    config = json.load(open(config_path))
+    del config["mixed_precision"]
+    json.dump(config, open(config_path, "w"))
     proc, _ = run_cli("keras_arat.train", *TINY, "--epochs=3", f"--workdir={workdir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "from epoch 2" in proc.stdout + proc.stderr
@@ -101,6 +106,9 @@ def test_resume_continues_at_the_next_epoch(trained_run):
                       f"--workdir={workdir}")
     assert proc.returncode == 2 and "different configuration" in proc.stderr
     assert "seed" in proc.stderr
+    proc, _ = run_cli("keras_arat.train", *TINY, "--epochs=3", "--mixed_precision=bfloat16",
+                      f"--workdir={workdir}")
+    assert proc.returncode == 2 and "different configuration (mixed_precision)" in proc.stderr
 
 
 @pytest.mark.parametrize("args,message", [
