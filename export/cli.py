@@ -407,7 +407,8 @@ def main(argv=None):
             _fail(f"error: export failed: {type(e).__name__}: {_one_line(e)[:300]} "
                   f"(EXPORT_DEBUG=1 for the traceback)", 1)
 
-    app.run(run, argv=argv)
+    from keras_arat import runs as train_runs
+    app.run(run, argv=argv, flags_parser=train_runs.parse_flags)
 
 
 def _fail(line, status):

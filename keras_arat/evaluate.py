@@ -397,4 +397,5 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    from keras_arat import runs
+    app.run(main, flags_parser=runs.parse_flags)

@@ -58,6 +58,18 @@ def resolve_flagfiles(argv):
     return out
 
 
+def parse_flags(argv):
+    """absl's flag parsing with one `error:` line (exit 2) instead of its two FATAL lines."""
+    from absl import flags
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        files = [a.split("=", 1)[1] for a in argv if a.startswith("--flagfile=")]
+        where = f" (flags from {', '.join(files)} and the command line)" if files else ""
+        print(f"error: {e}{where}", file=sys.stderr)
+        sys.exit(2)
+
+
 def define_train_flags(flags):
     f = flags
     f.DEFINE_string("dataset", "digits", "digits (embedded), cifar10, cifar100, svhn_cropped, "

@@ -357,7 +357,7 @@ def main(argv):
 
 
 def run_main():
-    app.run(main, argv=runs.resolve_flagfiles(sys.argv))
+    app.run(main, argv=runs.resolve_flagfiles(sys.argv), flags_parser=runs.parse_flags)
 
 
 if __name__ == "__main__":

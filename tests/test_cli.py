@@ -116,6 +116,9 @@ def test_resume_continues_at_the_next_epoch(trained_run):
     (["--flagfile=quickstart.flags", "--attack_steps=0"], "--attack_steps must be >= 1"),
     (["--eps=2"], "--eps=2 must be in (0, 1]"),
     (["--model=vgg"], "unknown --model=vgg"),
+    (["--method=fgsm"], "flag --method=fgsm: value should be one of <arat|pgd_at"),
+    (["--step_size=1.5"], "--step_size=1.5 must be in (0, 1]"),
+    (["--dataset=imagenet21k"], "unknown data set 'imagenet21k'"),
     (["--dataset=cifar10", "--data_dir={tmp}"], "not prepared"),
     (["--dataset=npz:{tmp}/missing.npz"], "missing.npz"),
 ])
@@ -132,8 +135,13 @@ def test_bad_input_is_one_line_and_fast(tmp_path, args, message):
 def test_unknown_flag_in_flagfile_is_named(tmp_path):
     flagfile = tmp_path / "bad.flags"
     flagfile.write_text("--epochs=1\n--no_such_flag=3\n")
-    proc, _ = run_cli("keras_arat.train", f"--flagfile={flagfile}", f"--workdir={tmp_path}/w")
-    assert proc.returncode != 0 and "no_such_flag" in proc.stderr
+    proc, seconds = run_cli("keras_arat.train", f"--flagfile={flagfile}",
+                            f"--workdir={tmp_path}/w")
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines == [f"error: Unknown command line flag 'no_such_flag' (flags from {flagfile} "
+                     "and the command line)"], proc.stderr
+    assert seconds < 30
 
 
 def test_evaluate_cli_on_the_run(trained_run):
