@@ -159,3 +159,24 @@ def test_evaluate_cli_on_the_run(trained_run):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error:")
     assert "config.json not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_damaged_latest_checkpoint_is_named_and_the_previous_one_resumed(trained_run,
+                                                                          tmp_path):
+    import shutil
+    source, _ = trained_run
+    workdir = str(tmp_path / "copy")
+    shutil.copytree(source, workdir)
+    checkpoints = os.path.join(workdir, "checkpoints")
+    latest = max(n for n in os.listdir(checkpoints) if n.startswith("epoch-"))
+    data = [n for n in os.listdir(os.path.join(checkpoints, latest)) if ".data-" in n][0]
+    with open(os.path.join(checkpoints, latest, data), "r+b") as f:
+        f.truncate(100)  # a half-copied file
+    epoch = int(latest[-4:])
+    proc, _ = run_cli("keras_arat.train", *TINY, f"--epochs={epoch}", f"--workdir={workdir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"checkpoint {os.path.join(checkpoints, latest)} is damaged" in proc.stderr
+    assert f"from epoch {epoch - 1}" in proc.stdout
+    # the damaged epoch was trained again and its checkpoint rewritten intact
+    from keras_arat.training.checkpoint import verify
+    assert verify(os.path.join(checkpoints, latest)) is None
