@@ -39,6 +39,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="small_cnn")
     parser.add_argument("--cnn_width", type=int, default=16)
+    parser.add_argument("--wrn_depth", type=int, default=34)
+    parser.add_argument("--wrn_width", type=int, default=10)
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--attack_steps", type=int, default=10)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per method")
@@ -87,7 +89,8 @@ def main():
     trainers = {}
     for method in args.methods.split(","):
         base = "arat" if method == "arat_two_pass" else method
-        cfg = {"model": args.model, "cnn_width": args.cnn_width, "wrn_depth": 10, "wrn_width": 1,
+        cfg = {"model": args.model, "cnn_width": args.cnn_width, "wrn_depth": args.wrn_depth,
+               "wrn_width": args.wrn_width,
                "method": base, "split_bn": base == "arat", "eps": 8 / 255,
                "step_size": 2 / 255, "attack_steps": args.attack_steps, "seed": 0,
                "align_layers": [], "invariance_weight": None, "invariance": "asymmetric",

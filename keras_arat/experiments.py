@@ -521,13 +521,17 @@ def write_plot(grid, columns, summary):
             s["stats"]["autoattack"][0] is not None for s in plotted):
         robust = "autoattack"
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
+    placed = []
     for s in plotted:
         cm, cs = s["stats"]["clean"]
         rm, rs = s["stats"][robust]
         ax.errorbar(100 * rm, 100 * cm, xerr=100 * (rs or 0.0), yerr=100 * (cs or 0.0),
                     fmt="o", capsize=3, label=s["row"])
+        # rows that land on (almost) the same point get their labels stacked downwards
+        near = sum(1 for px, py in placed if abs(px - rm) < 0.03 and abs(py - cm) < 0.03)
+        placed.append((rm, cm))
         ax.annotate(f"{s['row']} (n={len(s['seeds'])})", (100 * rm, 100 * cm),
-                    textcoords="offset points", xytext=(5, 5), fontsize=8)
+                    textcoords="offset points", xytext=(5, 5 - 11 * near), fontsize=8)
     ax.set_xlabel(f"{'AutoAttack' if robust == 'autoattack' else 'PGD-20'} accuracy (%)")
     ax.set_ylabel("Clean accuracy (%)")
     ax.set_title("Clean vs robust accuracy (mean ± std over seeds)")

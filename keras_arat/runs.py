@@ -119,8 +119,8 @@ def define_train_flags(flags):
     f.DEFINE_bool("jit_compile", False, "XLA-compile the train step.")
     f.DEFINE_enum("mixed_precision", "off", ["off", "auto", "bfloat16", "float16"],
                   "Mixed-precision training (float32 weights, attacks' eps arithmetic and "
-                  "logits): auto picks mixed_float16 on a GPU and mixed_bfloat16 on a CPU "
-                  "with bfloat16 instructions (AVX512_BF16 / AMX), and refuses otherwise.")
+                  "logits): auto picks mixed_float16 on a GPU and float32 on a CPU; "
+                  "bfloat16 forces mixed_bfloat16 (slower than float32 on the CPUs measured).")
     f.DEFINE_bool("joint_pass", True, "ARAT: run the clean and adversarial halves as one "
                   "batch through the split-BN network (same result as two passes).")
     f.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"],
