@@ -70,6 +70,41 @@ def parse_flags(argv):
         sys.exit(2)
 
 
+def cpu_has_bfloat16():
+    """True when this (Linux) CPU advertises bfloat16 instructions (AVX512_BF16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def precision_policy(cfg):
+    """The Keras dtype policy --mixed_precision names, or None for float32.
+
+    auto: mixed_float16 on a GPU, float32 on a CPU. TensorFlow 2.21's CPU kernels ran
+    the small CNN's PGD-AT step 4.8x slower in mixed_bfloat16 than in float32 on a CPU
+    with AVX512_BF16 and AMX (BENCHMARKS.md), so bfloat16 is only used when asked for.
+    """
+    choice = cfg.get("mixed_precision", "off")
+    if choice == "off":
+        return None
+    if choice != "auto":
+        if choice == "bfloat16" and not cpu_has_bfloat16():
+            import tensorflow as tf
+            if not tf.config.list_physical_devices("GPU"):
+                print("warning: this CPU has no bfloat16 instructions (AVX512_BF16 / AMX): "
+                      "mixed_bfloat16 is emulated and slow", file=sys.stderr, flush=True)
+        return f"mixed_{choice}"
+    import tensorflow as tf
+    if tf.config.list_physical_devices("GPU"):
+        return "mixed_float16"
+    print("mixed precision: auto keeps float32 on a CPU (mixed_bfloat16 measured slower; "
+          "--mixed_precision=bfloat16 forces it)", flush=True)
+    return None
+
+
 def define_train_flags(flags):
     f = flags
     f.DEFINE_string("dataset", "digits", "digits (embedded), cifar10, cifar100, svhn_cropped, "
