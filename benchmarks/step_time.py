@@ -7,8 +7,8 @@
 Same model family, batch, attack (PGD-10 unless --attack_steps) and data for each
 method; the first --warmup steps (tracing) are not timed, and the timed steps are
 taken in rounds (one step of each method per round) so that a change in the machine's
-speed affects every method alike. "arat_two_pass" is ARAT with --joint_pass=false (clean
-and adversarial halves as two forward passes). --image_shape replaces the digits with
+speed affects every method alike. "arat" is ARAT with --joint_pass=true (clean and
+adversarial halves as one batch); "arat_two_pass" is ARAT's default, two passes. --image_shape replaces the digits with
 random images of that shape (e.g. CIFAR's 32,32,3). Also prints the input pipeline's
 images/s. Figures go to BENCHMARKS.md.
 """

@@ -156,8 +156,9 @@ def define_train_flags(flags):
                   "Mixed-precision training (float32 weights, attacks' eps arithmetic and "
                   "logits): auto picks mixed_float16 on a GPU and float32 on a CPU; "
                   "bfloat16 forces mixed_bfloat16 (slower than float32 on the CPUs measured).")
-    f.DEFINE_bool("joint_pass", True, "ARAT: run the clean and adversarial halves as one "
-                  "batch through the split-BN network (same result as two passes).")
+    f.DEFINE_bool("joint_pass", False, "ARAT: run the clean and adversarial halves as one "
+                  "batch through the split-BN network (the same computation as two passes up to "
+                  "float rounding; 1.8% faster on the small CNN here).")
     f.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"],
                   "tf.distribute strategy: one device; MirroredStrategy (all local GPUs, "
                   "or --cpu_devices logical CPUs); or MultiWorkerMirroredStrategy over the "
@@ -250,7 +251,7 @@ def build_trainer(cfg, network, input_shape):
                                     invariance_weight=cfg["invariance_weight"],
                                     invariance=cfg["invariance"], predictor=cfg["predictor"],
                                     input_shape=tuple(input_shape),
-                                    joint_pass=cfg.get("joint_pass", True), **common)
+                                    joint_pass=cfg.get("joint_pass", False), **common)
         except ValueError as e:
             raise UsageError(str(e)) from None
     if cfg["method"] in DEFAULT_BETA:
