@@ -154,8 +154,12 @@ def test_ablation_switches_change_what_they_name():
     # --predictor=false: no predictor heads; the adversarial feature is compared directly.
     no_pred = make_trainer(predictor=False)
     assert no_pred.predictors == [] and no_pred.use_predictor is False
+    # A perturbed adversarial input: identical branches on identical inputs would give
+    # cos = 1 and an expected loss of 0, where only float rounding is left to compare.
+    x_adv = tf.clip_by_value(x + 0.3 * tf.sign(tf.random.stateless_normal(x.shape, [5, 6])),
+                             0.0, 1.0)
     _, fc = no_pred.network(x, training=True, branch="clean", return_features=True)
-    _, fa = no_pred.network(x, training=True, branch="adv", return_features=True)
+    _, fa = no_pred.network(x_adv, training=True, branch="adv", return_features=True)
     expected = 0.0
     for tap in no_pred.taps:
         a, c = pooled_feature(fa[tap]).numpy(), pooled_feature(fc[tap]).numpy()
@@ -163,6 +167,8 @@ def test_ablation_switches_change_what_they_name():
                                           1e-12)
         expected += 1.0 - cos.mean()
     expected *= no_pred.invariance_weight / len(no_pred.taps)
+    assert expected > 1e-2  # the features differ, so the comparison means something
+    # float32 against float64 cosines: rtol 1e-4.
     np.testing.assert_allclose(float(no_pred.invariance_loss(fc, fa)), expected, rtol=1e-4)
     # --invariance=none: no invariance term, no predictors, loss = weighted CE only.
     none = make_trainer(invariance="none")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -70,6 +71,29 @@ def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path):
     error = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(error) == 1 and "loss became" in error[0] and "at step" in error[0]
     assert not os.path.exists(os.path.join(workdir, "checkpoints", "epoch-0001"))
+    assert not os.path.exists(os.path.join(workdir, "results.json"))
+
+
+def test_nan_in_a_later_epoch_keeps_the_previous_checkpoint_intact(tmp_path):
+    # Epoch 1 trains at a sane rate; from epoch 2 on the rate diverges (4 steps an epoch).
+    workdir = str(tmp_path / "late_nan")
+    proc, _ = run_cli("keras_arat.train", *TINY, "--epochs=3", "--lr_values=0.05,1e30",
+                      "--lr_boundaries=1", f"--workdir={workdir}")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    error = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(error) == 1, proc.stderr[-2000:]
+    step = int(re.search(r"at step (\d+) \(epoch 2, batch \d\)", error[0]).group(1))
+    assert 5 <= step <= 8 and "learning rate is likely too high" in error[0]
+    checkpoints = os.path.join(workdir, "checkpoints")
+    assert sorted(n for n in os.listdir(checkpoints) if n.startswith("epoch-")) == [
+        "epoch-0001"]
+    assert verify(os.path.join(checkpoints, "epoch-0001")) is None
+    reader = tf.train.load_checkpoint(os.path.join(checkpoints, "epoch-0001", "ckpt"))
+    for name in reader.get_variable_to_shape_map():
+        if "OBJECT_GRAPH" not in name:
+            value = reader.get_tensor(name)
+            if np.issubdtype(np.asarray(value).dtype, np.floating):
+                assert np.all(np.isfinite(value)), name
     assert not os.path.exists(os.path.join(workdir, "results.json"))
 
 
