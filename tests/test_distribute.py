@@ -10,34 +10,46 @@ SCRIPT = r'''
 import keras, numpy as np, tensorflow as tf
 cpus = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+from keras_arat.attacks import core
 from keras_arat.layers import split_batch_norm
 from keras_arat.training import ARATModel
 from tests import helpers
 x, y = helpers.tiny_data().train
-ds = tf.data.Dataset.from_tensor_slices((x[:64], y[:64])).batch(64)
-def make(strategy):
+x, y = x[:64], y[:64]
+ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(64)
+mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+def make(strategy, fixed_attack=False, attack_steps=2):
     split_batch_norm.SYNCHRONIZED_DEFAULT = strategy.num_replicas_in_sync > 1
     with strategy.scope():
         net = helpers.new_network(split_bn=True, seed=1)
-        trainer = ARATModel(net, eps=0.3, step_size=0.1, attack_steps=2)
+        trainer = ARATModel(net, eps=0.3, step_size=0.1, attack_steps=attack_steps)
         # plain SGD at lr 1: one step moves every weight by exactly minus its gradient
         trainer.compile(optimizer=keras.optimizers.SGD(1.0))
+    if fixed_attack:  # a smooth function of x in place of PGD: see part 2 for why
+        trainer.adversarial = lambda x_, y_, branch="adv": tf.clip_by_value(
+            x_ + 0.2 * tf.sin(40.0 * x_ + 1.0), 0.0, 1.0)
     return trainer
-one = make(tf.distribute.get_strategy())
-two = make(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
-assert two.distribute_strategy.num_replicas_in_sync == 2
-start = [w.numpy().copy() for w in one.weights]
-for a, b in zip(one.weights, two.weights):
-    np.testing.assert_array_equal(a.numpy(), b.numpy())
-h1 = one.fit(ds, epochs=1, verbose=0, shuffle=False).history
-h2 = two.fit(ds, epochs=1, verbose=0, shuffle=False).history
+
+def one_step_each(fixed_attack):
+    one = make(tf.distribute.get_strategy(), fixed_attack)
+    two = make(mirrored, fixed_attack)
+    assert two.distribute_strategy.num_replicas_in_sync == 2
+    start = [w.numpy().copy() for w in one.weights]
+    for a, b in zip(one.weights, two.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    h1 = one.fit(ds, epochs=1, verbose=0, shuffle=False).history
+    h2 = two.fit(ds, epochs=1, verbose=0, shuffle=False).history
+    return one, two, start, h1, h2
+
+# 1. Same adversarial batch: the distributed step computes the one-device step.
+# Synchronized BN sums statistics in another order and BN's backward pass amplifies
+# that float32 rounding to ~3e-3 of the network gradient's norm (1e-2 allowed); the
+# predictors' much larger gradients agree to ~7e-6 (1e-4 allowed).
+one, two, start, h1, h2 = one_step_each(fixed_attack=True)
 for key in ("loss", "ce_adv", "ce_clean", "invariance", "train_acc", "train_acc_clean"):
     np.testing.assert_allclose(h2[key][0], h1[key][0], rtol=1e-5, err_msg=key)
-# Gradients (= minus the step), as one vector over the network and over everything:
-# synchronized BN sums statistics in another order, and BN's backward pass amplifies
-# that float32 rounding to ~3e-3 of the network gradient's norm (1e-2 allowed); the
-# predictors' much larger gradients agree to ~5e-6 (1e-4 allowed).
-def flat(model, keep):
+def flat(model, keep):  # the gradient (= minus the step) as one vector
     return np.concatenate([(w.numpy() - s).ravel() for w, s in zip(model.weights, start)
                            if w.trainable and keep(w.path)])
 for keep, tol in ((lambda p: not p.startswith("predictor"), 1e-2), (lambda p: True, 1e-4)):
@@ -48,6 +60,35 @@ moving = [(a, b) for a, b in zip(one.weights, two.weights) if "moving" in a.path
 assert moving
 for a, b in moving:  # synchronized BN statistics: those of the global batch
     np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-5, err_msg=a.path)
+
+# 2. The PGD attack itself: each replica starts from its slice of the global batch's
+# random start and, with synchronized BN, ascends the same loss. It takes the sign of
+# the input gradient, so a pixel whose gradient is ~0 may flip its step on float
+# rounding alone: after one step only such pixels may differ (|grad| < 1e-6 of the
+# largest); later steps carry a flip on, so after two at most 1% of pixels differ
+# (measured: 1 pixel, then 0.16%), and the losses within 1e-3 (measured 2e-4).
+xt, yt = tf.constant(x), tf.constant(y)
+batch = next(iter(mirrored.experimental_distribute_dataset(ds)))
+for steps in (1, 2):
+    one, two = make(tf.distribute.get_strategy(), attack_steps=steps), make(mirrored, attack_steps=steps)
+    a1 = tf.function(lambda a, b: one.adversarial(a, b))(xt, yt).numpy()
+    per_replica = mirrored.run(tf.function(lambda a, b: two.adversarial(a, b)), args=batch)
+    a2 = np.concatenate([t.numpy() for t in mirrored.experimental_local_results(per_replica)])
+    assert np.abs(a2 - xt.numpy()).max() <= 0.3 + 1e-6 and a2.min() >= 0 and a2.max() <= 1
+    differ = np.abs(a1 - a2) > 1e-6
+    if steps == 1:
+        begin = core.random_start(xt, 0.3, one.attack_seed())
+        with tf.GradientTape() as tape:
+            tape.watch(begin)
+            logits = one.network(begin, training=one.attack_training, branch="adv")
+            loss = tf.reduce_sum(one.attack.loss(logits, yt))
+        grad = np.abs(tape.gradient(loss, begin).numpy())
+        assert not differ.any() or grad[differ].max() < 1e-6 * grad.max(), grad[differ].max()
+    else:
+        assert differ.mean() <= 0.01, differ.mean()
+one, two, _, h1, h2 = one_step_each(fixed_attack=False)
+for key in ("loss", "ce_adv", "ce_clean", "invariance"):
+    np.testing.assert_allclose(h2[key][0], h1[key][0], rtol=1e-3, err_msg=key)
 print("DISTRIBUTE-OK")
 '''
 
