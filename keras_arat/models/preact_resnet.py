@@ -3,8 +3,8 @@
 import keras
 
 from keras_arat.layers.split_batch_norm import SplitBatchNormalization
-from keras_arat.models.resnet import (ResidualBlock, torch_bias_initializer, torch_conv,
-                                      torch_kernel_initializer)
+from keras_arat.models.resnet import (ResidualBlock, build_stages, float32_classifier,
+                                      positive_num_classes, run_blocks, torch_conv)
 
 
 @keras.saving.register_keras_serializable(package="keras_arat")
@@ -60,41 +60,19 @@ class PreActResNet18(keras.Model):
 
     def __init__(self, num_classes=10, split_bn=True, **kwargs):
         super().__init__(**kwargs)
-        self.num_classes = int(num_classes)
-        if self.num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes!r}")
+        self.num_classes = positive_num_classes(num_classes)
         self.split_bn = bool(split_bn)
         self.conv1 = torch_conv(64, 3, 1, 1, "conv1")
-        blocks = []
-        in_planes = 64
-        for stage, (planes, stride, n) in enumerate(
-                zip(self.planes, self.strides, self.num_blocks), start=1):
-            for i in range(n):
-                blocks.append(PreActBlock(in_planes, planes, stride if i == 0 else 1,
-                                          split_bn=self.split_bn,
-                                          name=f"layer{stage}_{i}"))
-                in_planes = planes
-        self.blocks = blocks
-        self.block_names = [f"layer{s}.{i}" for s, n in enumerate(self.num_blocks, 1)
-                            for i in range(n)]
+        self.blocks, self.block_names = build_stages(
+            PreActBlock, 64, self.planes, self.strides, self.num_blocks, self.split_bn,
+            "layer")
         self.bn = SplitBatchNormalization(split=self.split_bn, name="bn")
         self.pool = keras.layers.GlobalAveragePooling2D(name="pool")
-        self.linear = keras.layers.Dense(
-            self.num_classes, kernel_initializer=torch_kernel_initializer(),
-            bias_initializer=torch_bias_initializer(in_planes), name="linear",
-            dtype="float32")  # float32 logits under a mixed-precision policy
+        self.linear = float32_classifier(self.num_classes, "linear", self.planes[-1])
 
     def call(self, inputs, training=None, branch="adv", return_features=False):
-        x = self.conv1(inputs)
-        feats = {}
-        for name, block in zip(self.block_names, self.blocks):
-            if name.startswith("layer4."):
-                x, bf = block(x, training=training, branch=branch,
-                              return_features=True)
-                feats[f"{name}.relu1"] = bf["relu1"]
-                feats[f"{name}.relu2"] = bf["relu2"]
-            else:
-                x = block(x, training=training, branch=branch)
+        x, feats = run_blocks(self.blocks, self.block_names, self.conv1(inputs), "layer4.",
+                              ("relu1", "relu2"), training, branch)
         x = keras.ops.relu(self.bn(x, training=training, branch=branch))
         pooled = self.pool(x)
         feats["pool"] = pooled

@@ -93,6 +93,55 @@ def torch_conv(filters, kernel_size, stride, padding, name, kernel_initializer=N
         name=name)
 
 
+def positive_num_classes(num_classes):
+    """num_classes as an int, or a ValueError naming the bad value."""
+    if isinstance(num_classes, bool) or int(num_classes) != num_classes or int(num_classes) < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes!r}")
+    return int(num_classes)
+
+
+def build_stages(block_cls, in_planes, widths, strides, blocks_per_stage, split_bn, prefix):
+    """The residual blocks of every stage, and their dotted names, as parallel lists.
+
+    Stage s (from 1) has blocks_per_stage[s-1] blocks of width widths[s-1]; only its
+    first block strides. Block i of stage s is the layer "{prefix}{s}_{i}" and is named
+    "{prefix}{s}.{i}" in feature keys, as in the PyTorch module tree.
+    """
+    blocks, names = [], []
+    for stage, (planes, stride, n) in enumerate(zip(widths, strides, blocks_per_stage), 1):
+        for i in range(n):
+            blocks.append(block_cls(in_planes, planes, stride if i == 0 else 1,
+                                    split_bn=split_bn, name=f"{prefix}{stage}_{i}"))
+            names.append(f"{prefix}{stage}.{i}")
+            in_planes = planes
+    return blocks, names
+
+
+def run_blocks(blocks, names, x, tapped_stage, feature_keys, training, branch):
+    """Runs the blocks in order; returns the output and, for every block of
+    `tapped_stage` (a name prefix such as "layer4."), its features as "{name}.{key}"."""
+    feats = {}
+    for name, block in zip(names, blocks):
+        if name.startswith(tapped_stage):
+            x, block_feats = block(x, training=training, branch=branch,
+                                   return_features=True)
+            feats.update((f"{name}.{key}", block_feats[key]) for key in feature_keys)
+        else:
+            x = block(x, training=training, branch=branch)
+    return x, feats
+
+
+def float32_classifier(num_classes, name, bias_fan_in=None):
+    """The final Dense: PyTorch's weight init, PyTorch's bias init over `bias_fan_in`
+    inputs (zeros without it), float32 logits under a mixed-precision policy (attacks
+    and losses need them). The kernel's initializer is made first, as it always was, so
+    a seeded model draws the same weights."""
+    kernel_initializer = torch_kernel_initializer()
+    bias_initializer = "zeros" if bias_fan_in is None else torch_bias_initializer(bias_fan_in)
+    return keras.layers.Dense(num_classes, kernel_initializer=kernel_initializer,
+                              bias_initializer=bias_initializer, name=name, dtype="float32")
+
+
 class ResidualBlock(keras.layers.Layer):
     """What every residual block shares: its channels in and out, its stride, split BN.
 
@@ -177,43 +226,21 @@ class ResNet18(keras.Model):
 
     def __init__(self, num_classes=10, split_bn=True, **kwargs):
         super().__init__(**kwargs)
-        self.num_classes = int(num_classes)
-        if self.num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes!r}")
+        self.num_classes = positive_num_classes(num_classes)
         self.split_bn = bool(split_bn)
         self.conv1 = torch_conv(64, 3, 1, 1, "conv1")
         self.bn1 = SplitBatchNormalization(split=self.split_bn, name="bn1")
-        blocks = []
-        in_planes = 64
-        for stage, (planes, stride, n) in enumerate(
-                zip(self.planes, self.strides, self.num_blocks), start=1):
-            for i in range(n):
-                blocks.append(BasicBlock(in_planes, planes, stride if i == 0 else 1,
-                                         split_bn=self.split_bn,
-                                         name=f"layer{stage}_{i}"))
-                in_planes = planes
-        self.blocks = blocks
-        # "layer{stage}.{index}" for each block, parallel to self.blocks.
-        self.block_names = [f"layer{s}.{i}" for s, n in enumerate(self.num_blocks, 1)
-                            for i in range(n)]
+        self.blocks, self.block_names = build_stages(
+            BasicBlock, 64, self.planes, self.strides, self.num_blocks, self.split_bn,
+            "layer")
         self.pool = keras.layers.GlobalAveragePooling2D(name="pool")
-        self.linear = keras.layers.Dense(
-            self.num_classes, kernel_initializer=torch_kernel_initializer(),
-            bias_initializer=torch_bias_initializer(in_planes), name="linear",
-            dtype="float32")  # float32 logits under a mixed-precision policy
+        self.linear = float32_classifier(self.num_classes, "linear", self.planes[-1])
 
     def call(self, inputs, training=None, branch="adv", return_features=False):
         x = keras.ops.relu(self.bn1(self.conv1(inputs), training=training,
                                     branch=branch))
-        feats = {}
-        for name, block in zip(self.block_names, self.blocks):
-            if name.startswith("layer4."):
-                x, bf = block(x, training=training, branch=branch,
-                              return_features=True)
-                feats[f"{name}.bn1"] = bf["bn1"]
-                feats[f"{name}.bn2"] = bf["bn2"]
-            else:
-                x = block(x, training=training, branch=branch)
+        x, feats = run_blocks(self.blocks, self.block_names, x, "layer4.", ("bn1", "bn2"),
+                              training, branch)
         pooled = self.pool(x)
         feats["pool"] = pooled
         logits = self.linear(pooled)

@@ -5,7 +5,8 @@ import math
 import keras
 
 from keras_arat.layers.split_batch_norm import SplitBatchNormalization
-from keras_arat.models.resnet import ResidualBlock, torch_conv, torch_kernel_initializer
+from keras_arat.models.resnet import (ResidualBlock, build_stages, float32_classifier,
+                                      positive_num_classes, run_blocks, torch_conv)
 
 
 def wrn_blocks_per_stage(depth):
@@ -78,9 +79,7 @@ class WideResNet(keras.Model):
 
     def __init__(self, num_classes=10, split_bn=True, depth=34, width=10, **kwargs):
         super().__init__(**kwargs)
-        self.num_classes = int(num_classes)
-        if self.num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes!r}")
+        self.num_classes = positive_num_classes(num_classes)
         if isinstance(width, bool) or int(width) != width or int(width) < 1:
             raise ValueError(f"WideResNet width must be a positive integer, got {width!r}")
         self.depth = int(depth)
@@ -91,23 +90,12 @@ class WideResNet(keras.Model):
         channels = (16, 16 * k, 32 * k, 64 * k)
 
         self.conv1 = _wrn_conv(channels[0], 3, 1, 1, "conv1")
-        blocks = []
-        in_planes = channels[0]
-        for stage, (out_planes, stride) in enumerate(zip(channels[1:], (1, 2, 2)), 1):
-            for i in range(n):
-                blocks.append(WideBasicBlock(in_planes, out_planes,
-                                             stride if i == 0 else 1,
-                                             split_bn=self.split_bn,
-                                             name=f"block{stage}_{i}"))
-                in_planes = out_planes
-        self.blocks = blocks
-        self.block_names = [f"block{s}.{i}" for s in (1, 2, 3) for i in range(n)]
+        self.blocks, self.block_names = build_stages(
+            WideBasicBlock, channels[0], channels[1:], (1, 2, 2), (n, n, n), self.split_bn,
+            "block")
         self.bn = SplitBatchNormalization(split=self.split_bn, name="bn")
         self.pool = keras.layers.GlobalAveragePooling2D(name="pool")
-        self.fc = keras.layers.Dense(
-            self.num_classes, kernel_initializer=torch_kernel_initializer(),
-            bias_initializer="zeros", name="fc",
-            dtype="float32")  # float32 logits under a mixed-precision policy
+        self.fc = float32_classifier(self.num_classes, "fc")
 
     @property
     def tap_names(self):
@@ -121,16 +109,8 @@ class WideResNet(keras.Model):
         return self.tap_names
 
     def call(self, inputs, training=None, branch="adv", return_features=False):
-        x = self.conv1(inputs)
-        feats = {}
-        for name, block in zip(self.block_names, self.blocks):
-            if name.startswith("block3."):
-                x, bf = block(x, training=training, branch=branch,
-                              return_features=True)
-                feats[f"{name}.relu1"] = bf["relu1"]
-                feats[f"{name}.relu2"] = bf["relu2"]
-            else:
-                x = block(x, training=training, branch=branch)
+        x, feats = run_blocks(self.blocks, self.block_names, self.conv1(inputs), "block3.",
+                              ("relu1", "relu2"), training, branch)
         x = keras.ops.relu(self.bn(x, training=training, branch=branch))
         pooled = self.pool(x)
         feats["pool"] = pooled
