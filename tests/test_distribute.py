@@ -49,6 +49,8 @@ def one_step_each(fixed_attack):
 one, two, start, h1, h2 = one_step_each(fixed_attack=True)
 for key in ("loss", "ce_adv", "ce_clean", "invariance", "train_acc", "train_acc_clean"):
     np.testing.assert_allclose(h2[key][0], h1[key][0], rtol=1e-5, err_msg=key)
+print(f"same adversarial batch: loss relative difference "
+      f"{abs(h2['loss'][0] - h1['loss'][0]) / abs(h1['loss'][0]):.1e} (1e-5 allowed)")
 def flat(model, keep):  # the gradient (= minus the step) as one vector
     return np.concatenate([(w.numpy() - s).ravel() for w, s in zip(model.weights, start)
                            if w.trainable and keep(w.path)])
@@ -56,10 +58,14 @@ for keep, tol in ((lambda p: not p.startswith("predictor"), 1e-2), (lambda p: Tr
     g1, g2 = flat(one, keep), flat(two, keep)
     rel = np.linalg.norm(g2 - g1) / np.linalg.norm(g1)
     assert np.linalg.norm(g1) > 0 and rel < tol, (rel, tol)
+    print(f"same adversarial batch: {'all' if tol < 1e-3 else 'network'} gradients differ "
+          f"by {rel:.1e} of their norm ({tol:.0e} allowed)")
 moving = [(a, b) for a, b in zip(one.weights, two.weights) if "moving" in a.path]
 assert moving
 for a, b in moving:  # synchronized BN statistics: those of the global batch
     np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-5, err_msg=a.path)
+print(f"same adversarial batch: BN moving statistics differ by at most "
+      f"{max(np.abs(b.numpy() - a.numpy()).max() for a, b in moving):.1e}")
 
 # 2. The PGD attack itself: each replica starts from its slice of the global batch's
 # random start and, with synchronized BN, ascends the same loss. It takes the sign of
@@ -84,11 +90,17 @@ for steps in (1, 2):
             loss = tf.reduce_sum(one.attack.loss(logits, yt))
         grad = np.abs(tape.gradient(loss, begin).numpy())
         assert not differ.any() or grad[differ].max() < 1e-6 * grad.max(), grad[differ].max()
+        print(f"PGD, 1 step: {differ.sum()} of {differ.size} pixels differ, largest |input "
+              f"gradient| there {grad[differ].max() if differ.any() else 0:.1e} (median "
+              f"{np.median(grad):.1e}, largest {grad.max():.1e})")
     else:
         assert differ.mean() <= 0.01, differ.mean()
+        print(f"PGD, 2 steps: {differ.mean():.2%} of pixels differ (1% allowed)")
 one, two, _, h1, h2 = one_step_each(fixed_attack=False)
 for key in ("loss", "ce_adv", "ce_clean", "invariance"):
     np.testing.assert_allclose(h2[key][0], h1[key][0], rtol=1e-3, err_msg=key)
+print(f"PGD training step: loss relative difference "
+      f"{abs(h2['loss'][0] - h1['loss'][0]) / abs(h1['loss'][0]):.1e} (1e-3 allowed)")
 print("DISTRIBUTE-OK")
 '''
 
@@ -98,6 +110,7 @@ def test_two_logical_devices_match_one_device():
     proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert "DISTRIBUTE-OK" in proc.stdout, proc.stderr[-3000:]
+    print(proc.stdout)  # the measured differences, shown with pytest -s
 
 
 def test_mirrored_cli_trains_and_checkpoints(tmp_path):
