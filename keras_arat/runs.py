@@ -158,7 +158,7 @@ def define_train_flags(flags):
                   "bfloat16 forces mixed_bfloat16 (slower than float32 on the CPUs measured).")
     f.DEFINE_bool("joint_pass", False, "ARAT: run the clean and adversarial halves as one "
                   "batch through the split-BN network (the same computation as two passes up to "
-                  "float rounding; 1.8% faster on the small CNN here).")
+                  "float rounding; not faster on the CPUs measured, see BENCHMARKS.md).")
     f.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"],
                   "tf.distribute strategy: one device; MirroredStrategy (all local GPUs, "
                   "or --cpu_devices logical CPUs); or MultiWorkerMirroredStrategy over the "
