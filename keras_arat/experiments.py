@@ -270,6 +270,9 @@ class Grid:
             return None
 
 
+ATTACK_NAMES = {"clean": "Clean", "pgd20": "PGD-20", "cw": "CW-20", "autoattack": "AutoAttack"}
+
+
 def metric(results, name):
     """Accuracy of attack `name` on the adv branch from a results.json dict, or None."""
     if results is None:
@@ -457,6 +460,24 @@ def _pct(mean, std):
     return f"{100 * mean:.2f}" + ("" if std is None else f" ± {100 * std:.2f}")
 
 
+def _image_counts(grid):
+    """'Test images: Clean 500, PGD-20 500, AutoAttack 100.' over the finished cells."""
+    counts = {}
+    for row in grid.rows:
+        for seed in grid.seeds:
+            results = grid.results(row, seed) or {}
+            by_attack = results.get("n_examples_by_attack", {})
+            for attack in grid.attacks:
+                n = by_attack.get(attack)
+                if n is None and metric(results, attack) is not None:
+                    n = results.get("n_examples")  # written before per-attack counts
+                if n is not None:
+                    counts.setdefault(attack, set()).add(int(n))
+    parts = [f"{ATTACK_NAMES.get(a, a)} {', '.join(str(n) for n in sorted(counts[a]))}"
+             for a in grid.attacks if a in counts]
+    return f"Test images: {'; '.join(parts)}." if parts else "Test images: none evaluated yet."
+
+
 def write_table(grid, columns, summary):
     csv_path = os.path.join(grid.workdir, "table.csv")
     header = ["row", "method", "overrides", "seeds_finished", "seeds_total", "seeds_failed"]
@@ -475,8 +496,7 @@ def write_table(grid, columns, summary):
             writer.writerow(line)
     os.replace(csv_path + ".tmp", csv_path)
 
-    names = {"clean": "Clean", "pgd20": "PGD-20", "cw": "CW-20", "autoattack": "AutoAttack"}
-    label = lambda c: " + ".join(names.get(p, p) for p in c.split("+"))  # noqa: E731
+    label = lambda c: " + ".join(ATTACK_NAMES.get(p, p) for p in c.split("+"))  # noqa: E731
     eps = sorted({grid.results(r, s).get("eps") for r in grid.rows for s in grid.seeds
                   if grid.results(r, s) and grid.results(r, s).get("eps") is not None})
     lines = [
@@ -488,6 +508,7 @@ def write_table(grid, columns, summary):
         f"{', '.join(f'{e:.4g}' for e in eps) or '?'}.",
         "Accuracies in % on the adv branch: mean ± sample std over the finished seeds "
         "(no ± with one seed).",
+        _image_counts(grid),
         "",
         "| Row | Method | Overrides | Seeds | " + " | ".join(label(c) for c in columns) + " |",
         "|---|---|---|---|" + "---:|" * len(columns),

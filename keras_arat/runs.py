@@ -358,7 +358,8 @@ def update_results(workdir, run, evaluation, n_examples, details=None):
 
     evaluation: {branch: {attack: acc, f"{attack}_time_s": s}}; every attack of the adv
     branch also lands at the top as f"{attack}_acc" (clean -> clean_acc, and the clean
-    branch's clean accuracy -> clean_acc_clean_branch). details (optional, from
+    branch's clean accuracy -> clean_acc_clean_branch), and its number of test images in
+    n_examples_by_attack (n_examples is that of the latest evaluation). details (optional, from
     keras_arat.evaluate): {branch: {"autoattack": breakdown, "warnings": [...]}}.
     """
     path = os.path.join(workdir, "results.json")
@@ -370,9 +371,11 @@ def update_results(workdir, run, evaluation, n_examples, details=None):
     results.update(dataset=cfg["dataset"], model=cfg["model"], method=cfg["method"],
                    branch="adv", eps=cfg["eps"], n_examples=n_examples, epoch=run.epoch)
     adv, clean = evaluation.get("adv", {}), evaluation.get("clean", {})
+    counts = results.setdefault("n_examples_by_attack", {})
     for name, value in adv.items():
         if not name.endswith("_time_s"):
             results[f"{name}_acc"] = value
+            counts[name] = n_examples
     if "clean" in clean:
         results["clean_acc_clean_branch"] = clean["clean"]
     per_branch = results.setdefault("per_branch", {})

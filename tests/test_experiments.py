@@ -90,6 +90,7 @@ def test_table_holds_mean_and_std_over_seeds(grid):
     md = read(os.path.join(workdir, "table.md"))
     assert "| Row | Method | Overrides | Seeds | Clean | PGD-20 | Clean + PGD-20 |" in md
     assert "| broken | arat | method=arat,eps=2 | 0/2 (2 failed) |" in md
+    assert "Test images: Clean 64; PGD-20 64." in md  # n_test=64
 
 
 def test_plot_is_a_png(grid):
@@ -194,7 +195,7 @@ def test_extra_attacks_run_keras_arat_evaluate_on_finished_cells(grid, tmp_path)
     checkpoints = sorted(os.listdir(os.path.join(seed_0, "checkpoints")))
     args = ["--base_flagfile=configs/quickstart.flags", f"--overrides={TINY}", "--seeds=0",
             "--rows=arat:method=arat", "--attacks=clean,pgd20,cw,autoattack",
-            f"--workdir={copy}"]
+            "--attack_examples=32", f"--workdir={copy}"]
     proc, _ = run_grid(*args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "[arat/seed_0] evaluating cw" in proc.stdout and "training" not in proc.stdout
@@ -204,13 +205,14 @@ def test_extra_attacks_run_keras_arat_evaluate_on_finished_cells(grid, tmp_path)
         line = next(csv.DictReader(f))
     assert float(line["cw_mean"]) == pytest.approx(results["cw_acc"])
     assert line["cw_std"] == "" and line["cw_n"] == "1"  # one seed: no std
-    from keras_arat import evaluate
-    if "autoattack" in evaluate.ATTACKS:  # AutoAttack has landed: it is a column too
-        assert "autoattack_mean" in line and "AutoAttack" in read(os.path.join(copy,
-                                                                               "table.md"))
-    else:
-        assert "warning: autoattack is not in keras_arat.evaluate.ATTACKS" in proc.stdout
-        assert "autoattack_mean" not in line
+    assert float(line["autoattack_mean"]) == pytest.approx(results["autoattack_acc"])
+    # The extra attacks ran on the first 32 test images, the trainer's on all 64.
+    assert results["n_examples_by_attack"] == {"clean": 64, "pgd20": 64, "cw": 32,
+                                               "autoattack": 32}
+    assert results["autoattack_acc"] <= results["cw_acc"] + 1e-9
+    md = read(os.path.join(copy, "table.md"))
+    assert "| Clean | PGD-20 | CW-20 | AutoAttack |" in md
+    assert "Test images: Clean 64; PGD-20 64; CW-20 32; AutoAttack 32." in md
     # Once evaluated, the cell is finished for these attacks too.
     proc, _ = run_grid(*args)
     assert proc.returncode == 0 and "[arat/seed_0] finished: skipped" in proc.stdout
