@@ -460,8 +460,8 @@ def _pct(mean, std):
     return f"{100 * mean:.2f}" + ("" if std is None else f" ± {100 * std:.2f}")
 
 
-def _image_counts(grid):
-    """'Test images: Clean 500, PGD-20 500, AutoAttack 100.' over the finished cells."""
+def image_counts(grid):
+    """{attack: sorted numbers of test images} over the grid's evaluated cells."""
     counts = {}
     for row in grid.rows:
         for seed in grid.seeds:
@@ -473,8 +473,18 @@ def _image_counts(grid):
                     n = results.get("n_examples")  # written before per-attack counts
                 if n is not None:
                     counts.setdefault(attack, set()).add(int(n))
-    parts = [f"{ATTACK_NAMES.get(a, a)} {', '.join(str(n) for n in sorted(counts[a]))}"
-             for a in grid.attacks if a in counts]
+    return {a: sorted(ns) for a, ns in counts.items()}
+
+
+def _images(counts, attack):
+    return ", ".join(str(n) for n in counts.get(attack, [])) or "?"
+
+
+def _image_counts_line(grid):
+    """'Test images: Clean 500; PGD-20 500; AutoAttack 100.'"""
+    counts = image_counts(grid)
+    parts = [f"{ATTACK_NAMES.get(a, a)} {_images(counts, a)}" for a in grid.attacks
+             if a in counts]
     return f"Test images: {'; '.join(parts)}." if parts else "Test images: none evaluated yet."
 
 
@@ -508,7 +518,7 @@ def write_table(grid, columns, summary):
         f"{', '.join(f'{e:.4g}' for e in eps) or '?'}.",
         "Accuracies in % on the adv branch: mean ± sample std over the finished seeds "
         "(no ± with one seed).",
-        _image_counts(grid),
+        _image_counts_line(grid),
         "",
         "| Row | Method | Overrides | Seeds | " + " | ".join(label(c) for c in columns) + " |",
         "|---|---|---|---|" + "---:|" * len(columns),
@@ -553,8 +563,10 @@ def write_plot(grid, columns, summary):
         placed.append((rm, cm))
         ax.annotate(f"{s['row']} (n={len(s['seeds'])})", (100 * rm, 100 * cm),
                     textcoords="offset points", xytext=(5, 5 - 11 * near), fontsize=8)
-    ax.set_xlabel(f"{'AutoAttack' if robust == 'autoattack' else 'PGD-20'} accuracy (%)")
-    ax.set_ylabel("Clean accuracy (%)")
+    counts = image_counts(grid)
+    ax.set_xlabel(f"{ATTACK_NAMES[robust]} accuracy (%, {_images(counts, robust)} test images)")
+    ax.set_ylabel(f"Clean accuracy (%, {_images(counts, 'clean')} test images)")
+    ax.margins(x=0.12)  # room for the labels of the rightmost points
     ax.set_title("Clean vs robust accuracy (mean ± std over seeds)")
     ax.grid(True, alpha=0.3)
     if plotted:
