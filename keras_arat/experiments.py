@@ -480,15 +480,14 @@ def _images(counts, attack):
     return ", ".join(str(n) for n in counts.get(attack, [])) or "?"
 
 
-def _image_counts_line(grid):
+def _image_counts_line(grid, counts):
     """'Test images: Clean 500; PGD-20 500; AutoAttack 100.'"""
-    counts = image_counts(grid)
     parts = [f"{ATTACK_NAMES.get(a, a)} {_images(counts, a)}" for a in grid.attacks
              if a in counts]
     return f"Test images: {'; '.join(parts)}." if parts else "Test images: none evaluated yet."
 
 
-def write_table(grid, columns, summary):
+def write_table(grid, columns, summary, counts):
     csv_path = os.path.join(grid.workdir, "table.csv")
     header = ["row", "method", "overrides", "seeds_finished", "seeds_total", "seeds_failed"]
     for c in columns:
@@ -518,7 +517,7 @@ def write_table(grid, columns, summary):
         f"{', '.join(f'{e:.4g}' for e in eps) or '?'}.",
         "Accuracies in % on the adv branch: mean ± sample std over the finished seeds "
         "(no ± with one seed).",
-        _image_counts_line(grid),
+        _image_counts_line(grid, counts),
         "",
         "| Row | Method | Overrides | Seeds | " + " | ".join(label(c) for c in columns) + " |",
         "|---|---|---|---|" + "---:|" * len(columns),
@@ -537,7 +536,7 @@ def write_table(grid, columns, summary):
     return md_path, csv_path
 
 
-def write_plot(grid, columns, summary):
+def write_plot(grid, columns, summary, counts):
     try:
         import matplotlib
     except ImportError:
@@ -563,7 +562,6 @@ def write_plot(grid, columns, summary):
         placed.append((rm, cm))
         ax.annotate(f"{s['row']} (n={len(s['seeds'])})", (100 * rm, 100 * cm),
                     textcoords="offset points", xytext=(5, 5 - 11 * near), fontsize=8)
-    counts = image_counts(grid)
     ax.set_xlabel(f"{ATTACK_NAMES[robust]} accuracy (%, {_images(counts, robust)} test images)")
     ax.set_ylabel(f"Clean accuracy (%, {_images(counts, 'clean')} test images)")
     ax.margins(x=0.12)  # room for the labels of the rightmost points
@@ -677,8 +675,9 @@ def main(argv):
         log(f"grid finished in {time.time() - start:.0f} s: {total - len(failed)} done, "
             f"{len(failed)} failed{': ' + ', '.join(failed) if failed else ''}")
     columns, summary = summarize(grid)
-    md_path, csv_path = write_table(grid, columns, summary)
-    png_path = write_plot(grid, columns, summary)
+    counts = image_counts(grid)  # test images per attack, for the table and the plot
+    md_path, csv_path = write_table(grid, columns, summary, counts)
+    png_path = write_plot(grid, columns, summary, counts)
     if png_path is None:
         log("warning: matplotlib is not installed (pip install -r requirements.txt): "
             "no tradeoff.png")

@@ -55,7 +55,6 @@ def prepare_workdir(cfg, write=True):
     if not write:
         return has_checkpoints and cfg["resume"]
     if cfg["overwrite"]:
-        import shutil
         for name in ("checkpoints", "tensorboard", "metrics.jsonl", "results.json"):
             target = os.path.join(cfg["workdir"], name)
             if os.path.isdir(target):

@@ -54,8 +54,8 @@ class ARATModel(AdversarialTrainer):
                  predictor=True, input_shape=(32, 32, 3), joint_pass=False, **kwargs):
         super().__init__(network, **kwargs)
         # joint_pass: one forward/backward pass over [x; x_adv] (branch="both") instead of
-        # two; equal up to float rounding (tests/test_arat.py), a little faster on the
-        # small CNN (BENCHMARKS.md). Off by default: the documented quickstart figures
+        # two; equal up to float rounding (tests/test_arat.py), not faster on the CPUs
+        # measured (BENCHMARKS.md). Off by default: the documented quickstart figures
         # come from two passes, and rounding alone moves its PGD-20 accuracy.
         self.joint_pass = bool(joint_pass)
         if invariance not in INVARIANCE_KINDS:
