@@ -85,3 +85,39 @@ def test_bad_attack_settings_raise():
         PGD(eps=0.1, step_size=0.1, steps=1, norm="l3")
     with pytest.raises(ValueError, match="steps"):
         PGD(eps=0.1, step_size=0.1, steps=0)
+
+
+def test_every_reported_batch_is_checked_against_the_threat_model(net_and_data):
+    import dataclasses
+
+    from keras_arat.attacks import AutoAttack, BudgetError, check_adversarial, run_attack
+    net, x, y = net_and_data
+    eps = 0.1
+    # Rounding of the projection passes; anything beyond 1e-6 is an error, not a figure.
+    check_adversarial(np.clip(x + eps + 3e-8, 0, 1), x, eps)
+    with pytest.raises(BudgetError, match="more than eps"):
+        check_adversarial(np.clip(x + eps + 1e-5, 0, 1), x, eps)
+    with pytest.raises(BudgetError, match=r"outside \[0, 1\]"):
+        check_adversarial(x - 1e-4, x, eps)
+    with pytest.raises(BudgetError, match="non-finite"):
+        check_adversarial(np.where(x > 0.5, np.nan, x), x, eps)
+    with pytest.raises(BudgetError, match="more than eps"):  # L2: per-example norm
+        check_adversarial(np.clip(x + 0.01, 0, 1), x, 0.05, "l2")
+
+    @dataclasses.dataclass(frozen=True)
+    class Overshoot:  # a broken attack: one step of 2 eps, never projected
+        eps: float
+        norm: str = "linf"
+        name: str = "overshoot"
+
+        def __call__(self, model_fn, xb, yb, seed):
+            return tf.clip_by_value(xb + 2 * self.eps * tf.sign(tf.random.normal(
+                tf.shape(xb), seed=1)), 0.0, 1.0)
+
+    with pytest.raises(BudgetError, match="overshoot moved example"):
+        run_attack(Overshoot(eps), predict(net), x, y, batch_size=32)
+    with pytest.raises(BudgetError):
+        AutoAttack(eps=eps, attacks=[Overshoot(eps)], eager=True).run(predict(net), x, y, 32)
+    # A correct attack's figure is still produced.
+    _, correct = run_attack(PGD(eps, eps / 4, 2), predict(net), x, y, batch_size=32)
+    assert correct.dtype == bool and correct.shape == (len(x),)

@@ -45,6 +45,48 @@ class ProbabilityOutputError(EvaluationError):
     pass
 
 
+class BudgetError(EvaluationError):
+    """An attack returned a point outside its threat model: a bug, never a figure."""
+
+
+# float32 rounding of the projection overshoots eps by ~3e-8; anything past this is a bug.
+BUDGET_ATOL = 1e-6
+
+
+def threat_model(attack):
+    """(eps, norm) of an attack, looking through wrappers such as Restarts."""
+    while not hasattr(attack, "eps") and hasattr(attack, "attack"):
+        attack = attack.attack
+    return float(attack.eps), getattr(attack, "norm", "linf")
+
+
+def check_adversarial(x_adv, x, eps, norm="linf", name="attack"):
+    """Refuse adversarial examples outside the eps-ball around x or outside [0, 1].
+
+    Cheap (one pass over the batch), so it runs on every batch behind a reported figure.
+    """
+    x_adv = np.asarray(x_adv, np.float32)
+    x = np.asarray(x, np.float32)
+    if x_adv.shape != x.shape:
+        raise BudgetError(f"{name} returned shape {list(x_adv.shape)} for inputs of shape "
+                          f"{list(x.shape)}")
+    if not np.all(np.isfinite(x_adv)):
+        raise BudgetError(f"{name} returned non-finite pixels")
+    lo, hi = float(np.min(x_adv, initial=0.0)), float(np.max(x_adv, initial=1.0))
+    if lo < -BUDGET_ATOL or hi > 1.0 + BUDGET_ATOL:
+        raise BudgetError(f"{name} returned pixels in [{lo:.6g}, {hi:.6g}], outside [0, 1]")
+    delta = (x_adv - x).reshape(len(x), -1)
+    if not len(delta):
+        return
+    size = (np.max(np.abs(delta), axis=1) if norm == "linf"
+            else np.sqrt(np.sum(np.square(delta.astype(np.float64)), axis=1)))
+    worst = int(np.argmax(size))
+    if size[worst] > eps + BUDGET_ATOL:
+        raise BudgetError(f"{name} moved example {worst} by {size[worst]:.6g} in {norm}, "
+                          f"more than eps {eps:.6g} (+{BUDGET_ATOL:g}): its figure would be "
+                          f"meaningless")
+
+
 def check_inputs(x):
     """Refuse images outside [0, 1] (attacks clip to that box)."""
     lo, hi = float(np.min(x)), float(np.max(x))
@@ -151,11 +193,15 @@ def run_attack(attack, model_fn, x, y, batch_size=256, seed=0, only=None, progre
     idx = np.arange(len(x)) if only is None else np.flatnonzero(only)
     fn = compiled or (compile_attack(attack, model_fn) if not eager else
                       (lambda xb, yb, sb: attack(model_fn, xb, yb, sb)))
-    bar = _Progress(len(idx), desc or getattr(attack, "name", "attack"), progress)
+    name = desc or getattr(attack, "name", "attack")
+    eps, norm = threat_model(attack)
+    bar = _Progress(len(idx), name, progress)
     for b, start in enumerate(range(0, len(idx), batch_size)):
         sel = idx[start:start + batch_size]
-        xb = fn(tf.constant(x[sel]), tf.constant(y[sel]), tf.constant([seed, b], tf.int64))
-        x_adv[sel] = np.asarray(xb)
+        xb = np.asarray(fn(tf.constant(x[sel]), tf.constant(y[sel]),
+                           tf.constant([seed, b], tf.int64)))
+        check_adversarial(xb, x[sel], eps, norm, name)
+        x_adv[sel] = xb
         bar.update(len(sel))
     bar.close()
     correct = predict_labels(model_fn, x_adv, batch_size) == y
@@ -273,6 +319,7 @@ class AutoAttack:
                         f"{len(x)} points the gradient attacks failed on "
                         f"({n_free / len(x):.2%} of robust accuracy); this evaluation may "
                         f"overestimate robustness")
+        check_adversarial(x_adv, x, float(self.eps), self.norm, "AutoAttack")
         if check and any(not getattr(a, "name", "") in GRADIENT_FREE for a in self.attacks):
             zero = zero_gradient_fraction(model_fn, x, y)
             if zero > 0:
