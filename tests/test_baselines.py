@@ -82,3 +82,39 @@ def test_baseline_train_step_lowers_loss(cls):
     for _ in range(15):
         last = trainer.train_on_batch(x, y, return_dict=True)["loss"]
     assert np.isfinite(first) and last < first
+
+
+@pytest.mark.parametrize("method", ["arat", "pgd_at", "trades", "mart"])
+def test_eps_warmup_grows_the_training_attack_per_step_without_retracing(method):
+    from keras_arat.training import TRAINERS
+    net = helpers.new_network(split_bn=(method == "arat"))
+    trainer = TRAINERS[method](net, eps=0.3, step_size=0.1, attack_steps=3,
+                               eps_warmup_steps=6)
+    trainer.compile(optimizer=TorchSGD(0.01))
+    x, y = helpers.tiny_data().train
+    xb = tf.constant(x[:32])
+    target = y[:32] if method in ("arat", "pgd_at", "mart") else tf.nn.softmax(net(xb))
+    for step in (0, 3, 6, 9):  # eps and step size are 0.3 * min(1, step / 6)
+        trainer.optimizer.iterations.assign(step)
+        x_adv = trainer.adversarial(xb, target).numpy()
+        eps = 0.3 * min(1.0, step / 6)
+        moved = np.abs(x_adv - x[:32]).max()
+        assert moved <= eps + 1e-6, (step, moved)
+        assert moved >= 0.5 * eps, (step, moved)  # the attack does use its budget
+    assert trainer.attack.eps == 0.3 and trainer.attack.step_size == 0.1
+    # fit: the logged epoch mean of the training eps follows the ramp, and the step is
+    # traced once, however many steps change the fraction.
+    trainer.optimizer.iterations.assign(0)
+    traces = []
+    losses_for = trainer.losses_for
+    trainer.losses_for = lambda *a: traces.append(1) or losses_for(*a)
+    seen = []
+    for _ in range(3):
+        history = trainer.fit(x[:128], y[:128], batch_size=32, epochs=1, verbose=0,
+                              shuffle=False)
+        seen.append(history.history["attack_eps"][0])
+        if len(seen) == 1:
+            traced = len(traces)
+    np.testing.assert_allclose(seen, [0.3 * np.mean(np.minimum(1, np.arange(s, s + 4) / 6))
+                                      for s in (0, 4, 8)], atol=1e-6)
+    assert len(traces) == traced

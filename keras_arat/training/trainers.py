@@ -4,6 +4,8 @@ The wrapped `network` follows the keras_arat.models contract:
 network(x, training=..., branch="clean"|"adv", return_features=False).
 """
 
+import dataclasses
+
 import keras
 import tensorflow as tf
 
@@ -60,16 +62,21 @@ class AdversarialTrainer(keras.Model):
     log_names = ("train_acc",)
 
     def __init__(self, network, eps=8 / 255, step_size=2 / 255, attack_steps=10, seed=0,
-                 nan_policy="stop", **kwargs):
+                 nan_policy="stop", eps_warmup_steps=0, **kwargs):
         super().__init__(**kwargs)
         if nan_policy not in self.NAN_POLICIES:
             raise ValueError(f"nan_policy must be one of {self.NAN_POLICIES}, got {nan_policy!r}")
+        if eps_warmup_steps < 0:
+            raise ValueError(f"eps_warmup_steps must be >= 0, got {eps_warmup_steps}")
         self.network = network
         self.attack = self.build_attack(eps, step_size, attack_steps)
+        # The training attack's eps and step size grow linearly with the optimiser step,
+        # from 0 at step 0 to their full values at step eps_warmup_steps (0: no warm-up).
+        self.eps_warmup_steps = int(eps_warmup_steps)
         self.seed = int(seed)
         self.nan_policy = nan_policy
-        self.trackers = {name: keras.metrics.Mean(name=name)
-                         for name in ("loss",) + tuple(self.log_names)}
+        names = ("loss",) + tuple(self.log_names) + (("attack_eps",) if self.uses_attack else ())
+        self.trackers = {name: keras.metrics.Mean(name=name) for name in names}
         if nan_policy == "skip_batch":
             self.skipped = keras.metrics.Sum(name="skipped_batches")
 
@@ -122,9 +129,28 @@ class AdversarialTrainer(keras.Model):
         step = tf.cast(self.optimizer.iterations, tf.int64)
         return tf.stack([tf.constant(self.seed, tf.int64), step])
 
+    def warmup_fraction(self):
+        """Fraction of the full eps the training attack uses at this step (a tensor).
+
+        Computed from the optimiser's step counter, which checkpoints restore, so a
+        resumed run continues the ramp exactly; a tensor, so no step retraces.
+        """
+        if not self.eps_warmup_steps:
+            return tf.constant(1.0)
+        step = tf.cast(self.optimizer.iterations, tf.float32)
+        return tf.minimum(1.0, step / float(self.eps_warmup_steps))
+
+    def training_attack(self):
+        """The attack of this step: self.attack with eps and step size warmed up."""
+        if not self.eps_warmup_steps:
+            return self.attack
+        fraction = self.warmup_fraction()
+        return dataclasses.replace(self.attack, eps=self.attack.eps * fraction,
+                                   step_size=self.attack.step_size * fraction)
+
     def adversarial(self, x, target, branch="adv"):
         """Attack examples against `branch`, BN in the mode `attack_training` names."""
-        return self.attack(
+        return self.training_attack()(
             lambda z: self.network(z, training=self.attack_training, branch=branch),
             x, target, self.attack_seed())
 
@@ -135,6 +161,8 @@ class AdversarialTrainer(keras.Model):
         x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
         with tf.GradientTape() as tape:
             loss, logs = self.losses_for(x, y)
+            if self.uses_attack:
+                logs["attack_eps"] = self.attack.eps * self.warmup_fraction()
             # Replicas' gradients are summed: scale so they add up to the global mean.
             replicas = tf.distribute.get_strategy().num_replicas_in_sync
             scaled = loss / replicas if replicas > 1 else loss
