@@ -38,7 +38,8 @@ def define_flags(flags):
     f.DEFINE_string("name", None, "Model name for TF Serving (default: the run folder's "
                     "or .keras file's base name).")
     f.DEFINE_list("formats", list(FORMATS), f"Comma list from {FORMATS}.")
-    f.DEFINE_string("checkpoint", None, "Checkpoint folder (default: the run's latest).")
+    f.DEFINE_string("checkpoint", None, "Which checkpoint of --workdir: latest (default), "
+                    "best (--keep_best), swa, a name such as epoch-0003, or a folder.")
     f.DEFINE_string("keras_model", None, "Export this .keras network instead of a "
                     "checkpoint (--workdir, if given, still supplies test data and eps).")
     f.DEFINE_string("dataset", "digits", "Test data when there is no --workdir.")
@@ -110,8 +111,6 @@ def load_source(a):
     from keras_arat import runs
     if a.workdir and not os.path.isdir(a.workdir):
         raise UsageError(f"--workdir={a.workdir} is not a folder")
-    if a.checkpoint and not os.path.isdir(a.checkpoint):
-        raise UsageError(f"--checkpoint={a.checkpoint} is not a checkpoint folder")
     source = {}
     if a.keras_model:
         network = load_keras_network(a.keras_model)
@@ -134,18 +133,13 @@ def load_source(a):
         except runs.UsageError as e:
             raise UsageError(str(e)) from None
         network, eps = run.network, run.config["eps"]
-        check_checkpoint_holds_network(network, a.checkpoint or _latest_checkpoint(a.workdir,
-                                                                                  run.epoch))
+        check_checkpoint_holds_network(network, run.checkpoint)
         x, y = run.test_arrays()
         source.update(workdir=os.path.abspath(a.workdir), epoch=run.epoch,
-                      checkpoint=os.path.abspath(a.checkpoint) if a.checkpoint else "latest",
+                      checkpoint=os.path.abspath(run.checkpoint),
                       model=run.config["model"], method=run.config["method"],
                       dataset=run.config["dataset"])
     return network, x[:a.n_examples], y[:a.n_examples], float(eps), source
-
-
-def _latest_checkpoint(workdir, epoch):
-    return os.path.join(workdir, "checkpoints", f"epoch-{epoch:04d}")
 
 
 def check_checkpoint_holds_network(network, checkpoint):
@@ -191,24 +185,12 @@ def load_keras_network(path):
 
 
 def pgd20_accuracy(model_fn, x, y, eps, batch_size, seed):
-    """Accuracy under PGD-20 (L-inf, step eps/4, uniform start seeded [seed, batch])."""
-    import numpy as np
-    import tensorflow as tf
-
-    from keras_arat.attacks.pgd import PGD
-    attack = PGD(eps, eps / 4, 20)
-
-    @tf.function
-    def batch_correct(xb, yb, batch_seed):
-        x_adv = attack(model_fn, xb, yb, batch_seed)
-        return tf.equal(tf.argmax(model_fn(x_adv), -1), tf.cast(yb, tf.int64))
-
-    correct = []
-    for i, start in enumerate(range(0, len(x), batch_size)):
-        xb = tf.constant(x[start:start + batch_size], tf.float32)
-        yb = tf.constant(np.asarray(y[start:start + batch_size]).astype(np.int64))
-        correct.append(batch_correct(xb, yb, tf.constant([seed, i], tf.int64)).numpy())
-    return float(np.concatenate(correct).mean())
+    """Accuracy under PGD-20 (L-inf, step eps/4, uniform start seeded [seed, batch]), the
+    protocol of keras_arat.evaluate, through its attack runner (budget-checked batches)."""
+    from keras_arat.attacks.autoattack import run_attack
+    from keras_arat.evaluate import make_attack
+    _, correct = run_attack(make_attack("pgd20", eps), model_fn, x, y, batch_size, seed)
+    return float(correct.mean())
 
 
 def _batched(fn, x, batch_size):

@@ -1,8 +1,9 @@
 """Evaluate a trained run or a deployed model: clean, PGD-20, CW and AutoAttack accuracy.
 
-A training run (its latest checkpoint), through either BN branch:
+A training run (a checkpoint of it), through either BN branch:
 
-    python -m keras_arat.evaluate --workdir=RUN [--branch=adv|clean|both]
+    python -m keras_arat.evaluate --workdir=RUN [--checkpoint=latest|best|swa|epoch-N]
+        [--branch=adv|clean|both]
         [--attacks=clean,pgd20,cw,autoattack] [--n_examples=N] [--batch_size=B]
 
 A deployed model, whose serving signature takes "images" (float32 [N,H,W,C] in [0,1])
@@ -14,7 +15,7 @@ and returns "logits":
 With --saved_model or --onnx the model is the exported one (its branch is whatever was
 exported; --branch is ignored); --workdir then only supplies the test data, the eps
 and the place results go, otherwise --dataset (digits by default) and --eps (8/255 by
-default) do, and --output_dir says where to write (nothing is written without one).
+default) do.
 ONNX models are run with onnxruntime and have no gradients: only Square (and clean)
 can run; gradient attacks are skipped with a printed note.
 
@@ -26,21 +27,31 @@ as robust to an attack only if it is classified correctly clean, and AutoAttack 
 attacks the examples every earlier attack of the same command failed on (so clean >=
 pgd20 >= autoattack per example). --restarts=R runs pgd20 and cw R times.
 
-Files written (checkpoint mode, into RUN):
-  results.json            merged: clean_acc, clean_acc_clean_branch, pgd20_acc, cw_acc,
-                          autoattack_acc (adv branch), <attack>_acc, per_branch
-                          {branch: {attack: acc, attack_time_s}}, autoattack_breakdown,
-                          warnings
-  autoattack_breakdown.json  per branch: robust accuracy after each stage, time taken
-  robustbench.json        RobustBench-style entry for the adv branch
-Deployed mode writes OUT/deployed_results.json ({"saved_model"|"onnx": ...}),
-OUT/autoattack_breakdown_<kind>.json and OUT/robustbench_<kind>.json.
+Which checkpoint: --checkpoint=latest (default), best (written by --keep_best), swa, a
+name such as epoch-0003, or a folder.
+
+Files written into --output_dir (default: --workdir; nothing without either):
+  evals/<setting>.json    one file per evaluation setting: checkpoint (or deployed model),
+                          branch, norm, eps and number of test images name it; inside, the
+                          figure of every attack with its settings (steps, step size,
+                          restarts, seed), the attacks it is the worst case over, its time,
+                          when it was measured and, for AutoAttack, the per-stage breakdown.
+                          A figure is only ever replaced by the same measurement repeated.
+  tensorboard/            the same figures as scalars evaluate/<branch>/<attack>/<eps, n>
+  robustbench.json        RobustBench-style entry when AutoAttack ran on the adv branch
+                          (robustbench_<saved_model|onnx>.json for a deployed model)
+RUN/results.json holds training's own final evaluation and is never changed here. The
+printed JSON holds only what this call computed, with its labels.
+
+Every adversarial batch behind a figure is checked to lie within eps (atol 1e-6) and in
+[0, 1]; a violation is an error, never a number.
 
 Refusals (exit status 2, one line on stderr): inputs outside [0,1], a model that outputs
 probabilities instead of logits, bad flags. A warning is printed and recorded when
 Square (gradient-free) breaks points the gradient attacks could not (gradient masking).
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -50,6 +61,7 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
+from keras_arat import files, records
 from keras_arat.attacks import (APGD, PGD, AutoAttack, EvaluationError, FABTargeted, Restarts,
                                 Square, check_inputs, check_logits, core, run_attack)
 
@@ -162,7 +174,7 @@ def evaluate_model_fn(model_fn, x, y, eps, attacks=("clean", "pgd20"), batch_siz
 
 def evaluate_network(network, x, y, eps, branches=("adv",), attacks=("clean", "pgd20"),
                      batch_size=256, seed=0, details=None, norm="linf", progress=False,
-                     log=None):
+                     log=None, restarts=1):
     """{branch: {attack: accuracy, f"{attack}_time_s": seconds}}; x float32 in [0,1].
 
     details, if a dict, receives {branch: evaluate_model_fn's details}.
@@ -172,7 +184,7 @@ def evaluate_network(network, x, y, eps, branches=("adv",), attacks=("clean", "p
         def model_fn(z, branch=branch):
             return network(z, training=False, branch=branch)
         accs, extra = evaluate_model_fn(model_fn, x, y, eps, attacks, batch_size, seed, norm,
-                                        progress=progress, log=log)
+                                        restarts=restarts, progress=progress, log=log)
         results[branch] = accs
         if details is not None:
             details[branch] = extra
@@ -224,11 +236,62 @@ def onnx_model_fn(path):
 
 # ------------------------------------------------------------------------------ files
 
-def write_json(path, data):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+def attack_settings(name, eps, norm="linf", restarts=1, seed=0):
+    """What an attack of this module computes, as recorded beside its figure."""
+    if name == "clean":
+        return {}
+    common = {"eps": eps, "norm": norm, "seed": seed}
+    if name in ("pgd20", "cw"):
+        return {**common, "steps": 20, "step_size": eps / 4, "random_start": "uniform",
+                "loss": "cross_entropy" if name == "pgd20" else "cw_margin",
+                "restarts": restarts}
+    if name == "autoattack":
+        return {**common, "version": "standard",
+                "stages": ["apgd-ce", "apgd-t", "fab-t", "square"], "n_iter": 100,
+                "n_target_classes": 9, "square_queries": 5000, "square_p_init": 0.8}
+    attack = make_attack(name, eps, norm)
+    fields = {k: v for k, v in dataclasses.asdict(attack).items()
+              if isinstance(v, (int, float, str, bool)) and k not in ("eps", "norm")}
+    return {**common, **fields}
+
+
+def record_evaluation(out_dir, label, accs, details, restarts, seed, epoch=0):
+    """Add one branch's figures to OUT/evals/<setting>.json and OUT/tensorboard.
+
+    label: {"source", "branch", "eps", "norm", "n_examples", ...} says what was evaluated
+    and on which images; it names the file, so figures of another eps, image count,
+    branch or checkpoint never land in the same place. Within a file, a figure replaces
+    an earlier one only if it was measured with the same settings (the same measurement
+    again); anything else is added beside it. Returns (path, the entries written).
+    """
+    os.makedirs(os.path.join(out_dir, "evals"), exist_ok=True)
+    path = records.record_path(out_dir, label["source"], label["branch"], label["norm"],
+                               label["eps"], label["n_examples"])
+    record = files.read_json(path) or {**label, "results": []}
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    done, written = [], []
+    for name in [a for a in accs if not a.endswith("_time_s")]:  # in the order they ran
+        done.append(name)
+        entry = {"attack": name, "acc": accs[name], "time_s": accs.get(f"{name}_time_s"),
+                 "settings": attack_settings(name, label["eps"], label["norm"], restarts, seed),
+                 "worst_case_over": list(done), "evaluated_at": now}
+        if name == "autoattack" and "autoattack" in details:
+            entry["breakdown"] = details["autoattack"]
+        same = ("attack", "settings", "worst_case_over")
+        record["results"] = [r for r in record["results"]
+                             if any(r.get(k) != entry[k] for k in same)] + [entry]
+        written.append(entry)
+    record["warnings"] = sorted(set(record.get("warnings", [])) | set(details["warnings"]))
+    record["notes"] = sorted(set(record.get("notes", [])) | set(details.get("notes", [])))
+    files.write_json(path, record)
+    writer = tf.summary.create_file_writer(os.path.join(out_dir, "tensorboard"))
+    with writer.as_default():
+        for entry in written:
+            tag = (f"evaluate/{label['branch']}/{entry['attack']}/{label['norm']}_eps="
+                   f"{label['eps']:.4g}_n={label['n_examples']}")
+            tf.summary.scalar(tag, entry["acc"], step=epoch)
+    writer.flush()
+    return path, written
 
 
 def robustbench_entry(accs, details, eps, n_examples, model, method, dataset, norm="linf"):
@@ -245,44 +308,27 @@ def robustbench_entry(accs, details, eps, n_examples, model, method, dataset, no
             "warnings": details.get("warnings", [])}
 
 
-def write_checkpoint_outputs(workdir, run, evaluation, details, n_examples, norm):
-    from keras_arat import runs
-    merged = runs.update_results(workdir, run, evaluation, n_examples, details=details)
-    breakdowns = {b: d["autoattack"] for b, d in details.items() if "autoattack" in d}
-    if breakdowns:
-        write_json(os.path.join(workdir, "autoattack_breakdown.json"), breakdowns)
-    if "autoattack" in evaluation.get("adv", {}):
-        cfg = run.config
-        write_json(os.path.join(workdir, "robustbench.json"), robustbench_entry(
-            evaluation["adv"], details["adv"], cfg["eps"], n_examples, cfg["model"],
-            cfg["method"], cfg["dataset"], norm))
-    return merged
+def write_outputs(out_dir, label, evaluation, details, restarts, seed, epoch, robustbench):
+    """Record every branch's figures; return what this call computed, with its labels.
 
-
-def write_deployed_outputs(out_dir, kind, source, accs, details, eps, n_examples, dataset,
-                           norm):
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "deployed_results.json")
-    results = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            results = json.load(f)
-    entry = {"source": os.path.abspath(source), "dataset": dataset, "eps": eps,
-             "threat_model": {"linf": "Linf", "l2": "L2"}[norm], "n_examples": n_examples,
-             "accuracy": accs, "warnings": details["warnings"], "notes": details["notes"]}
-    for name in ATTACKS:
-        if name in accs:
-            entry[f"{name}_acc"] = accs[name]
-    if "autoattack" in details:
-        entry["autoattack_breakdown"] = details["autoattack"]
-        write_json(os.path.join(out_dir, f"autoattack_breakdown_{kind}.json"),
-                   details["autoattack"])
-        write_json(os.path.join(out_dir, f"robustbench_{kind}.json"), robustbench_entry(
-            accs, details, eps, n_examples, os.path.basename(os.path.normpath(source)),
-            "deployed", dataset, norm))
-    results[kind] = entry
-    write_json(path, results)
-    return results
+    robustbench: (model, method, dataset, file name) for the RobustBench-style entry
+    written when AutoAttack ran on the adv branch (or the deployed model).
+    """
+    printed = []
+    for branch, accs in evaluation.items():
+        path, written = record_evaluation(out_dir, {**label, "branch": branch}, accs,
+                                          details[branch], restarts, seed, epoch)
+        printed.append({**label, "branch": branch, "record": os.path.relpath(path, out_dir),
+                        "accuracy": {e["attack"]: e["acc"] for e in written},
+                        "time_s": {e["attack"]: e["time_s"] for e in written},
+                        "warnings": details[branch]["warnings"],
+                        "notes": details[branch].get("notes", [])})
+        if branch in ("adv", "deployed") and "autoattack" in accs:
+            model, method, dataset, name = robustbench
+            files.write_json(os.path.join(out_dir, name), robustbench_entry(
+                accs, details[branch], label["eps"], label["n_examples"], model, method,
+                dataset, label["norm"]))
+    return {"output_dir": os.path.abspath(out_dir), "evaluated": printed}
 
 
 # -------------------------------------------------------------------------------- CLI
@@ -293,6 +339,8 @@ FLAGS = flags.FLAGS
 def define_flags():
     flags.DEFINE_string("workdir", None, "Training run folder (config.json, checkpoints/). "
                         "With --saved_model/--onnx: only the data, eps and output place.")
+    flags.DEFINE_string("checkpoint", "latest", "Which checkpoint of --workdir: latest, best "
+                        "(--keep_best), swa, a name such as epoch-0003, or a folder.")
     flags.DEFINE_string("saved_model", None, "Evaluate this SavedModel (serving_default: "
                         "images float32 [N,H,W,C] in [0,1] -> logits) instead of a checkpoint.")
     flags.DEFINE_string("onnx", None, "Evaluate this ONNX model with onnxruntime (no "
@@ -304,8 +352,9 @@ def define_flags():
     flags.DEFINE_string("eps", None, "Budget in [0,1] pixel units (default: the run's eps; "
                         "8/255 without --workdir).")
     flags.DEFINE_enum("norm", "linf", ["linf", "l2"], "Threat model.")
-    flags.DEFINE_string("output_dir", None, "Where --saved_model/--onnx results go "
-                        "(default: --workdir; nothing is written without either).")
+    flags.DEFINE_string("output_dir", None, "Where the figures are recorded (evals/, "
+                        "tensorboard/, robustbench*.json); default: --workdir. Without "
+                        "either, nothing is written.")
     flags.DEFINE_enum("branch", "adv", ["adv", "clean", "both"], "BN branch to evaluate.")
     flags.DEFINE_list("attacks", ["clean", "pgd20"], f"Comma list from {list(ATTACKS)}.")
     flags.DEFINE_integer("n_examples", None, "First N test examples (default: all).")
@@ -364,11 +413,34 @@ def _deployed(runs):
                                       FLAGS.seed, FLAGS.norm, gradients=(kind != "onnx"),
                                       restarts=FLAGS.restarts, progress=FLAGS.progress,
                                       log=_log)
-    out_dir = FLAGS.output_dir or FLAGS.workdir
-    if out_dir:
-        return write_deployed_outputs(out_dir, kind, source, accs, details, eps, len(x),
-                                      cfg["dataset"], FLAGS.norm)
-    return {kind: {"accuracy": accs, "warnings": details["warnings"]}}
+    name = os.path.basename(os.path.normpath(source))
+    label = {"source": f"{kind}-{name}-{records.slug(cfg['dataset'])}",
+             "model_file": os.path.abspath(source), "kind": kind, "dataset": cfg["dataset"],
+             "test_images": f"the first {len(x)} of the test split", "eps": eps,
+             "norm": FLAGS.norm, "n_examples": len(x)}
+    return label, {"deployed": accs}, {"deployed": details}, 0, (name, "deployed",
+                                                                   cfg["dataset"],
+                                                                   f"robustbench_{kind}.json")
+
+
+def _checkpoint(runs):
+    run = runs.load_run(FLAGS.workdir, FLAGS.checkpoint)
+    x, y = run.test_arrays(FLAGS.n_examples)
+    eps = runs.parse_fraction(FLAGS.eps, "eps") if FLAGS.eps else run.config["eps"]
+    branches = ("adv", "clean") if FLAGS.branch == "both" else (FLAGS.branch,)
+    details = {}
+    evaluation = evaluate_network(run.network, x, y, eps, branches, FLAGS.attacks,
+                                  FLAGS.batch_size, FLAGS.seed, details, FLAGS.norm,
+                                  FLAGS.progress, _log, FLAGS.restarts)
+    cfg = run.config
+    checkpoint = os.path.basename(run.checkpoint.rstrip("/"))
+    label = {"source": checkpoint, "workdir": os.path.abspath(FLAGS.workdir),
+             "checkpoint": os.path.relpath(run.checkpoint, FLAGS.workdir), "epoch": run.epoch,
+             "dataset": cfg["dataset"], "model": cfg["model"], "method": cfg["method"],
+             "test_images": f"the first {len(x)} of the test split", "eps": eps,
+             "norm": FLAGS.norm, "n_examples": len(x)}
+    return label, evaluation, details, run.epoch, (cfg["model"], cfg["method"],
+                                                   cfg["dataset"], "robustbench.json")
 
 
 def main(argv):
@@ -376,23 +448,21 @@ def main(argv):
     del argv
     try:
         _check_flags(runs)
-        if FLAGS.saved_model or FLAGS.onnx:
-            merged = _deployed(runs)
+        label, evaluation, details, epoch, robustbench = (
+            _deployed(runs) if FLAGS.saved_model or FLAGS.onnx else _checkpoint(runs))
+        out_dir = FLAGS.output_dir or FLAGS.workdir
+        if out_dir:
+            printed = write_outputs(out_dir, label, evaluation, details, FLAGS.restarts,
+                                    FLAGS.seed, epoch, robustbench)
         else:
-            run = runs.load_run(FLAGS.workdir)
-            x, y = run.test_arrays(FLAGS.n_examples)
-            eps = runs.parse_fraction(FLAGS.eps, "eps") if FLAGS.eps else run.config["eps"]
-            branches = ("adv", "clean") if FLAGS.branch == "both" else (FLAGS.branch,)
-            details = {}
-            results = evaluate_network(run.network, x, y, eps, branches, FLAGS.attacks,
-                                       FLAGS.batch_size, FLAGS.seed, details, FLAGS.norm,
-                                       FLAGS.progress, _log)
-            merged = write_checkpoint_outputs(FLAGS.workdir, run, results, details, len(x),
-                                              FLAGS.norm)
+            printed = {"output_dir": None, "evaluated": [
+                {**label, "branch": b, "accuracy": {a: v for a, v in accs.items()
+                                                    if not a.endswith("_time_s")},
+                 "warnings": details[b]["warnings"]} for b, accs in evaluation.items()]}
     except (runs.UsageError, EvaluationError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(json.dumps(merged, indent=1))
+    print(json.dumps(printed, indent=1))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,11 @@ config.json exactly as it was trained.
 import dataclasses
 import json
 import os
+import re
 import sys
+import time
+
+from keras_arat import files
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            "configs")
@@ -128,6 +132,10 @@ def define_train_flags(flags):
     f.DEFINE_string("eps", "8/255", "L-inf budget, in [0,1] pixel units (e.g. 8/255).")
     f.DEFINE_string("step_size", "2/255", "PGD step size.")
     f.DEFINE_integer("attack_steps", 10, "PGD steps during training.")
+    f.DEFINE_float("eps_warmup_epochs", 0.0, "Grow the training attack's eps and step size "
+                   "linearly per optimiser step from 0 to --eps/--step_size over this many "
+                   "epochs (fractions allowed; 0: full eps from the first step). Evaluation "
+                   "always uses the full eps.")
     f.DEFINE_float("invariance_weight", None, "ARAT gamma (default: the model's).")
     f.DEFINE_enum("invariance", "asymmetric", ["asymmetric", "symmetric", "none"],
                   "ARAT invariance loss.")
@@ -151,6 +159,16 @@ def define_train_flags(flags):
     f.DEFINE_integer("eval_examples", None, "Test images for the final evaluation "
                      "(default: all).")
     f.DEFINE_integer("eval_batch_size", 256, "Batch size of the final evaluation.")
+    f.DEFINE_integer("eval_every_epochs", 0, "Clean and PGD-20 accuracy (adv branch, full "
+                     "eps) on a fixed subset every N epochs and after the last, to "
+                     "metrics.jsonl and TensorBoard (test/); 0: off.")
+    f.DEFINE_integer("eval_examples_during_training", 1000, "Images of that subset.")
+    f.DEFINE_enum("eval_during_training_on", "test", ["test", "holdout"], "The subset: the "
+                  "first N test images (as the reference code), or the last N training "
+                  "images, held out of training.")
+    f.DEFINE_enum("keep_best", "none", ["none", "pgd20", "clean"], "Also keep the checkpoint "
+                  "with the best accuracy of the evaluations during training "
+                  "(checkpoints/best-N; evaluate and export take --checkpoint=best).")
     f.DEFINE_bool("jit_compile", False, "XLA-compile the train step.")
     f.DEFINE_enum("mixed_precision", "off", ["off", "auto", "bfloat16", "float16"],
                   "Mixed-precision training (float32 weights, attacks' eps arithmetic and "
@@ -188,7 +206,7 @@ def config_from_flags(flag_values, names):
     cfg["eps"] = parse_fraction(cfg["eps"], "eps")
     cfg["step_size"] = parse_fraction(cfg["step_size"], "step_size")
     for name in ("epochs", "batch_size", "attack_steps", "n_train", "n_test", "eval_examples",
-                 "eval_batch_size", "a_prev_examples"):
+                 "eval_batch_size", "a_prev_examples", "eval_examples_during_training"):
         _positive(cfg, name)
     try:
         cfg["lr_values"] = [float(v) for v in cfg["lr_values"]]
@@ -213,6 +231,14 @@ def config_from_flags(flag_values, names):
     if cfg["swa"] and cfg["swa_start_epoch"] > cfg["epochs"]:
         raise UsageError(f"--swa_start_epoch={cfg['swa_start_epoch']} is after the last "
                          f"epoch ({cfg['epochs']}): nothing would be averaged")
+    if not 0 <= cfg["eps_warmup_epochs"] <= cfg["epochs"]:
+        raise UsageError(f"--eps_warmup_epochs must be in [0, --epochs={cfg['epochs']}], got "
+                         f"{cfg['eps_warmup_epochs']}")
+    if cfg["eval_every_epochs"] < 0:
+        raise UsageError("--eval_every_epochs must be >= 0 (0: no evaluation during training)")
+    if cfg["keep_best"] != "none" and not cfg["eval_every_epochs"]:
+        raise UsageError(f"--keep_best={cfg['keep_best']} needs --eval_every_epochs=N "
+                         "(the evaluations it picks the best from)")
     if cfg["crop_padding"] < 0:
         raise UsageError("--crop_padding must be >= 0")
     if not cfg["workdir"]:
@@ -240,11 +266,15 @@ def build_network(cfg, num_classes, input_shape):
         raise UsageError(str(e)) from None
 
 
-def build_trainer(cfg, network, input_shape):
+def build_trainer(cfg, network, input_shape, steps_per_epoch=None):
+    """The --method's trainer around `network`; steps_per_epoch sets the eps warm-up's
+    length in steps (None: no warm-up, as for evaluating or exporting a run)."""
     from keras_arat.training import TRAINERS
+    warmup = cfg.get("eps_warmup_epochs", 0.0) or 0.0
+    warmup_steps = max(1, round(warmup * steps_per_epoch)) if warmup and steps_per_epoch else 0
     common = dict(eps=cfg["eps"], step_size=cfg["step_size"],
                   attack_steps=cfg["attack_steps"], seed=cfg["seed"],
-                  nan_policy=cfg.get("nan_policy", "stop"))
+                  nan_policy=cfg.get("nan_policy", "stop"), eps_warmup_steps=warmup_steps)
     if cfg["method"] == "arat":
         try:
             return TRAINERS["arat"](network, taps=cfg["align_layers"] or None,
@@ -308,6 +338,7 @@ class Run:
     network: object
     trainer: object
     epoch: int
+    checkpoint: str = None  # the folder the weights came from (None: still training)
 
     def test_arrays(self, n=None):
         x, y = self.data.x_test, self.data.y_test
@@ -327,22 +358,48 @@ def read_config(workdir):
         raise UsageError(f"{path} is not valid JSON") from None
 
 
+def resolve_checkpoint(workdir, name=None):
+    """(epoch, path) of checkpoint `name` of a run: latest (default), best, swa, epoch-N,
+    best-N, swa-N, or a checkpoint folder's path. The folder must be intact."""
+    from keras_arat.training import checkpoint as ckpt
+    directory = os.path.join(workdir, "checkpoints")
+    name = name or "latest"
+    if name in ("latest",) + ckpt.KINDS:
+        kind = "epoch" if name == "latest" else name
+        found = ckpt.CheckpointManager(directory).latest(kind) if kind == "epoch" else next(
+            iter(ckpt.folders(directory, kind)), None)
+        if found is None:
+            what, hint = {"epoch": ("complete", "train first"),
+                          "best": ("best", "train with --eval_every_epochs=N and "
+                                   "--keep_best=pgd20"),
+                          "swa": ("swa", "train with --swa")}[kind]
+            raise UsageError(f"no {what} checkpoint in {directory}: {hint}")
+        epoch, path = found
+    else:
+        path = name if os.path.isdir(name) else os.path.join(directory, name)
+        match = re.match(r"^(epoch|best|swa)-(\d+)$", os.path.basename(path.rstrip("/")))
+        if not os.path.isdir(path) or match is None:
+            raise UsageError(f"--checkpoint={name} is not a checkpoint: give latest, best, "
+                             f"swa, a name such as epoch-0003, or a checkpoint folder of "
+                             f"{workdir}")
+        epoch = int(match.group(2))
+    problem = ckpt.verify(path)
+    if problem is not None:
+        raise UsageError(f"checkpoint {path} is damaged ({problem})")
+    return epoch, path
+
+
 def load_run(workdir, checkpoint=None):
-    """Rebuild a run's data, network and trainer and restore a checkpoint (default: latest)."""
+    """Rebuild a run's data, network and trainer and restore a checkpoint (default: latest;
+    see resolve_checkpoint for the names)."""
     from keras_arat.training.checkpoint import CheckpointManager
     cfg = read_config(workdir)
+    epoch, checkpoint = resolve_checkpoint(workdir, checkpoint)
     data = load_data(cfg)
     network = build_network(cfg, data.num_classes, data.image_shape)
     trainer = build_trainer(cfg, network, data.image_shape)
     manager = CheckpointManager(os.path.join(workdir, "checkpoints"),
                                 **checkpoint_objects(trainer))
-    if checkpoint is None:
-        found = manager.latest()
-        if found is None:
-            raise UsageError(f"no complete checkpoint in {workdir}/checkpoints: train first")
-        epoch, checkpoint = found
-    else:
-        epoch = int(os.path.basename(checkpoint.rstrip("/")).split("-")[-1])
     try:
         status = manager.checkpoint.read(os.path.join(checkpoint, "ckpt"))
         status.expect_partial()
@@ -350,62 +407,44 @@ def load_run(workdir, checkpoint=None):
     except Exception as e:  # noqa: BLE001  mismatch, NotFoundError, DataLossError, ...
         raise UsageError(f"cannot restore checkpoint {checkpoint}: "
                          f"{str(e).splitlines()[0][:200]}") from None
-    return Run(cfg, data, network, trainer, epoch)
+    return Run(cfg, data, network, trainer, epoch, checkpoint)
 
 
-def update_results(workdir, run, evaluation, n_examples, details=None):
-    """Merge an evaluation into RUN/results.json (RobustBench-like keys at the top).
+def update_results(workdir, run, evaluation, n_examples, attacks):
+    """Write training's final evaluation into RUN/results.json (RobustBench-like keys).
 
-    evaluation: {branch: {attack: acc, f"{attack}_time_s": s}}; every attack of the adv
-    branch also lands at the top as f"{attack}_acc" (clean -> clean_acc, and the clean
-    branch's clean accuracy -> clean_acc_clean_branch), and its number of test images in
-    n_examples_by_attack (n_examples is that of the latest evaluation). details (optional, from
-    keras_arat.evaluate): {branch: {"autoattack": breakdown, "warnings": [...]}}.
+    evaluation: {branch: {attack: acc, f"{attack}_time_s": s}}. Every adv-branch figure
+    lands at the top as f"{attack}_acc" (the clean branch's clean accuracy as
+    clean_acc_clean_branch), labelled by the keys beside it: eps, n_examples (the first N
+    test images), checkpoint, and the attacks' settings. Only training writes these;
+    keras_arat.evaluate records its own figures elsewhere (RUN/evals/).
     """
-    path = os.path.join(workdir, "results.json")
-    results = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            results = json.load(f)
     cfg = run.config
-    results.update(dataset=cfg["dataset"], model=cfg["model"], method=cfg["method"],
-                   branch="adv", eps=cfg["eps"], n_examples=n_examples, epoch=run.epoch)
     adv, clean = evaluation.get("adv", {}), evaluation.get("clean", {})
-    counts = results.setdefault("n_examples_by_attack", {})
+    results = {"dataset": cfg["dataset"], "model": cfg["model"], "method": cfg["method"],
+               "branch": "adv", "eps": cfg["eps"], "norm": "linf", "n_examples": n_examples,
+               "test_images": f"the first {n_examples} of the test split",
+               "epoch": run.epoch, "checkpoint": f"checkpoints/epoch-{run.epoch:04d}",
+               "attacks": attacks}
     for name, value in adv.items():
         if not name.endswith("_time_s"):
             results[f"{name}_acc"] = value
-            counts[name] = n_examples
     if "clean" in clean:
         results["clean_acc_clean_branch"] = clean["clean"]
-    per_branch = results.setdefault("per_branch", {})
-    for branch, accs in evaluation.items():
-        per_branch.setdefault(branch, {}).update(accs)
-    for branch, extra in (details or {}).items():
-        if "autoattack" in extra:
-            results.setdefault("autoattack_breakdown", {})[branch] = extra["autoattack"]
-        if extra.get("warnings") or extra.get("notes"):
-            results.setdefault("warnings", {})[branch] = list(extra.get("warnings", [])) + \
-                list(extra.get("notes", []))
-        elif branch in results.get("warnings", {}):
-            del results["warnings"][branch]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(tmp, path)
+    results["per_branch"] = evaluation
+    results["evaluated_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    old = files.read_json(os.path.join(workdir, "results.json"), {})
+    for key in ("swa", "best"):  # written at other moments of the same run
+        if key in old:
+            results[key] = old[key]
+    files.write_json(os.path.join(workdir, "results.json"), results)
     return results
 
 
 def merge_results(workdir, entries):
     """Merge top-level `entries` into RUN/results.json as they are (written atomically)."""
     path = os.path.join(workdir, "results.json")
-    results = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            results = json.load(f)
+    results = files.read_json(path, {})
     results.update(entries)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(tmp, path)
+    files.write_json(path, results)
     return results

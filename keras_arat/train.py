@@ -7,6 +7,7 @@ Writes RUN/config.json, metrics.jsonl, tensorboard/, checkpoints/ and results.js
 """
 
 import atexit
+import dataclasses
 import errno
 import json
 import os
@@ -70,17 +71,38 @@ def prepare_workdir(cfg, write=True):
 
 
 def trim_metrics(workdir, epoch):
-    """Drop metrics lines of epochs after the checkpoint a resumed run starts from."""
+    """Keep the metrics lines a resumed run starts from: training epochs and evaluations
+    during training up to `epoch`; later ones and the final evaluation are redone."""
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         return
     with open(path) as f:
         lines = [ln for ln in f if ln.strip()]
     kept = [ln for ln in lines if json.loads(ln).get("epoch", 0) <= epoch
-            and json.loads(ln).get("split", "train") == "train"]
+            and json.loads(ln).get("split", "train") in ("train", "test")]
     with open(path + ".tmp", "w") as f:
         f.writelines(kept)
     os.replace(path + ".tmp", path)
+
+
+def split_holdout(cfg, data):
+    """(training data, (x, y) float32 subset for evaluation during training or None).
+
+    --eval_during_training_on=test takes the first N test images (what the reference
+    code evaluates on); holdout takes the last N training images and trains without them.
+    """
+    if not cfg["eval_every_epochs"]:
+        return data, None
+    n = cfg["eval_examples_during_training"]
+    if cfg["eval_during_training_on"] == "test":
+        x, y = data.x_test[:n], data.y_test[:n]
+        return data, (x.astype("float32") / 255.0, y)
+    if n >= len(data.x_train):
+        raise runs.UsageError(f"--eval_examples_during_training={n} leaves no training "
+                              f"images of {len(data.x_train)} for a holdout")
+    x, y = data.x_train[-n:], data.y_train[-n:]
+    data = dataclasses.replace(data, x_train=data.x_train[:-n], y_train=data.y_train[:-n])
+    return data, (x.astype("float32") / 255.0, y)
 
 
 def train(cfg):
@@ -105,7 +127,7 @@ def train(cfg):
         prepare_workdir(cfg)
     else:
         resume = prepare_workdir(cfg)
-    data = runs.load_data(cfg)
+    data, eval_subset = split_holdout(cfg, runs.load_data(cfg))
     keras.utils.set_random_seed(cfg["seed"])
     if cfg["deterministic"]:
         import tensorflow as tf
@@ -118,11 +140,10 @@ def train(cfg):
     scope = strategy.scope()
     scope.__enter__()
     network = runs.build_network(cfg, data.num_classes, data.image_shape)
-    trainer = runs.build_trainer(cfg, network, data.image_shape)
-
     flip = None if cfg["flip"] == "auto" else cfg["flip"] == "true"
     _, steps_per_epoch = make_train_dataset(data, cfg["batch_size"], 1, cfg["seed"],
                                             crop_padding=cfg["crop_padding"], flip=flip)
+    trainer = runs.build_trainer(cfg, network, data.image_shape, steps_per_epoch)
     schedule = EpochPiecewiseConstant(steps_per_epoch, cfg["lr_boundaries"], cfg["lr_values"])
     optimizer = TorchSGD(schedule, momentum=cfg["momentum"],
                          l2_weight_decay=cfg["weight_decay"])
@@ -151,6 +172,7 @@ def train(cfg):
             source.restore(path)
             print(f"resuming {shared_workdir} from epoch {initial_epoch}", flush=True)
     trim_metrics(cfg["workdir"], initial_epoch)
+    manager.discard_after(initial_epoch, "best")  # from after the checkpoint resumed from
 
     callbacks = []
     if cfg["method"] == "arat":
@@ -160,7 +182,16 @@ def train(cfg):
         callbacks.append(SWACallback(swa_state, network, cfg["swa_start_epoch"],
                                      cfg["swa_every_steps"]))
     stopper = cb.StopOnNonFinite(steps_per_epoch) if cfg["nan_policy"] == "stop" else None
-    callbacks += [c for c in (stopper, cb.MetricsLogger(cfg["workdir"], schedule),
+    evaluator = None
+    if eval_subset is not None:
+        evaluator = cb.PeriodicEvaluation(
+            lambda: evaluation_figures(cfg, network, *eval_subset), cfg["eval_every_epochs"],
+            cfg["epochs"], cfg["workdir"], manager, cfg["keep_best"],
+            label={"eps": cfg["eps"], "data": cfg["eval_during_training_on"],
+                   "n_examples": len(eval_subset[1])})
+    # Order matters: an epoch's figures (and a best checkpoint) come before its epoch
+    # checkpoint, so a run killed in between redoes both when it resumes.
+    callbacks += [c for c in (stopper, cb.MetricsLogger(cfg["workdir"], schedule), evaluator,
                               cb.CheckpointCallback(manager, {"method": cfg["method"]})) if c]
     verbose = cfg["verbose"]
     verbose = (1 if sys.stdout.isatty() else 2) if verbose == "auto" else int(verbose)
@@ -182,7 +213,11 @@ def train(cfg):
         network = runs.build_network(cfg, data.num_classes, data.image_shape)
         network.set_weights(trained.get_weights())
     run = runs.Run(cfg, data, network, trainer, final_epoch)
-    final_evaluation(run, "test")
+    final_evaluation(run, "final")
+    if evaluator is not None and cfg["keep_best"] != "none":
+        best = evaluator.best_record()
+        if best is not None:
+            runs.merge_results(cfg["workdir"], {"best": best})
     if swa_state is not None:
         batches, _ = make_train_dataset(data, cfg["batch_size"], final_epoch + 1, cfg["seed"],
                                         initial_epoch=final_epoch,
@@ -193,7 +228,7 @@ def train(cfg):
             trainer.network.set_weights(network.get_weights())
         n_averaged = int(swa_state.count.numpy())
         manager.save(final_epoch, {"swa": True, "n_averaged": n_averaged}, prefix="swa")
-        swa = final_evaluation(run, "test_swa")
+        swa = final_evaluation(run, "final_swa")
         runs.merge_results(cfg["workdir"], {
             "swa": {"clean_acc": swa["clean_acc"], "pgd20_acc": swa["pgd20_acc"],
                     "clean_acc_clean_branch": swa["clean_acc_clean_branch"],
@@ -268,15 +303,25 @@ def make_strategy(cfg):
     return strategy
 
 
+def evaluation_figures(cfg, network, x, y):
+    """Clean and PGD-20 accuracy of the adv branch on (x, y), at the run's full eps."""
+    from keras_arat.evaluate import evaluate_network
+    start = time.time()
+    accs = evaluate_network(network, x, y, cfg["eps"], ("adv",), ("clean", "pgd20"),
+                            cfg["eval_batch_size"], cfg["seed"])["adv"]
+    return {"clean_acc": accs["clean"], "pgd20_acc": accs["pgd20"], "n_examples": len(x),
+            "eps": cfg["eps"], "eval_time_s": round(time.time() - start, 3)}
+
+
 def final_evaluation(run, split):
     """Clean accuracy through both branches and PGD-20 through adv, on the test set.
 
-    split "test" writes results.json's main figures; any other split (the SWA model)
+    split "final" writes results.json's main figures; any other split (the SWA model)
     only returns them. Either way one metrics.jsonl line records them.
     """
     import tensorflow as tf
 
-    from keras_arat.evaluate import evaluate_network
+    from keras_arat.evaluate import attack_settings, evaluate_network
     from keras_arat.training import callbacks as cb
     cfg, network = run.config, run.network
     start = time.time()
@@ -289,9 +334,11 @@ def final_evaluation(run, split):
     else:  # one BN: both branches are the same network
         evaluation["clean"] = {"clean": evaluation["adv"]["clean"]}
     figures = {"clean_acc": evaluation["adv"]["clean"], "pgd20_acc": evaluation["adv"]["pgd20"],
-               "clean_acc_clean_branch": evaluation["clean"]["clean"], "n_examples": len(x_test)}
-    if split == "test":
-        runs.update_results(cfg["workdir"], run, evaluation, len(x_test))
+               "clean_acc_clean_branch": evaluation["clean"]["clean"], "n_examples": len(x_test),
+               "eps": cfg["eps"]}
+    if split == "final":
+        runs.update_results(cfg["workdir"], run, evaluation, len(x_test), attacks={
+            "pgd20": attack_settings("pgd20", cfg["eps"], seed=cfg["seed"])})
     cb.append_metrics(os.path.join(cfg["workdir"], "metrics.jsonl"),
                       {"split": split, "epoch": run.epoch, **figures,
                        "eval_time_s": round(time.time() - start, 3)},

@@ -50,7 +50,7 @@ def test_train_writes_every_workdir_file(trained_run):
 
     lines = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
     train = [ln for ln in lines if ln.get("split", "train") == "train"]
-    test = [ln for ln in lines if ln.get("split") == "test"]
+    final = [ln for ln in lines if ln.get("split") == "final"]
     assert [ln["epoch"] for ln in train] == [1, 2]
     assert [ln["step"] for ln in train] == [4, 8]  # 256 images / batch 64
     assert [ln["lr"] for ln in train] == [0.05, 0.05]
@@ -60,7 +60,7 @@ def test_train_writes_every_workdir_file(trained_run):
             assert key in ln
         assert 0.0 <= ln["a_prev"] <= 1.0 and 0.0 <= ln["train_acc"] <= 1.0
     assert train[0]["a_prev"] < 0.5  # random init: about chance level on 10 classes
-    assert len(test) == 1
+    assert len(final) == 1 and final[0]["n_examples"] == 128 and final[0]["epoch"] == 2
 
     events = glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
     assert events
@@ -69,7 +69,8 @@ def test_train_writes_every_workdir_file(trained_run):
     for path in events:
         for event in tf.compat.v1.train.summary_iterator(path):
             tags.update(v.tag for v in event.summary.value)
-    assert {"train/loss", "train/a_prev", "train/train_acc", "test/pgd20_acc"} <= tags
+    assert {"train/loss", "train/a_prev", "train/train_acc", "train/attack_eps",
+            "final/pgd20_acc"} <= tags
 
     ckpts = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
     assert ckpts == ["epoch-0001", "epoch-0002"]
@@ -77,7 +78,10 @@ def test_train_writes_every_workdir_file(trained_run):
 
     results = json.load(open(os.path.join(workdir, "results.json")))
     assert results["branch"] == "adv" and results["n_examples"] == 128
-    assert results["eps"] == pytest.approx(0.3)
+    assert results["eps"] == pytest.approx(0.3) and results["norm"] == "linf"
+    assert results["checkpoint"] == "checkpoints/epoch-0002" and results["epoch"] == 2
+    assert results["attacks"]["pgd20"]["steps"] == 20
+    assert results["attacks"]["pgd20"]["step_size"] == pytest.approx(0.075)
     for key in ("clean_acc", "clean_acc_clean_branch", "pgd20_acc"):
         assert 0.0 <= results[key] <= 1.0
     assert results["pgd20_acc"] <= results["clean_acc"]
@@ -121,6 +125,10 @@ def test_resume_continues_at_the_next_epoch(trained_run):
     (["--dataset=imagenet21k"], "unknown data set 'imagenet21k'"),
     (["--dataset=cifar10", "--data_dir={tmp}"], "not prepared"),
     (["--dataset=npz:{tmp}/missing.npz"], "missing.npz"),
+    (["--epochs=2", "--eps_warmup_epochs=3"], "--eps_warmup_epochs must be in [0, --epochs=2]"),
+    (["--keep_best=pgd20"], "--keep_best=pgd20 needs --eval_every_epochs=N"),
+    (["--eval_every_epochs=1", "--eval_during_training_on=holdout", "--n_train=64",
+      "--eval_examples_during_training=64"], "leaves no training images"),
 ])
 def test_bad_input_is_one_line_and_fast(tmp_path, args, message):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
@@ -149,16 +157,62 @@ def test_evaluate_cli_on_the_run(trained_run):
     proc, _ = run_cli("keras_arat.evaluate", f"--workdir={workdir}", "--branch=both",
                       "--attacks=clean,pgd20,cw", "--n_examples=64")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    evaluated = json.loads(proc.stdout)["evaluated"]
+    assert [e["branch"] for e in evaluated] == ["adv", "clean"]
+    for entry in evaluated:
+        accs = entry["accuracy"]
+        assert entry["n_examples"] == 64 and set(accs) == {"clean", "pgd20", "cw"}
+        assert accs["pgd20"] <= accs["clean"] and accs["cw"] <= accs["clean"]
     results = json.load(open(os.path.join(workdir, "results.json")))
-    per = results["per_branch"]
-    assert set(per) == {"adv", "clean"} and results["n_examples"] == 64
-    for branch in ("adv", "clean"):
-        assert per[branch]["pgd20"] <= per[branch]["clean"]
-        assert per[branch]["cw"] <= per[branch]["clean"]
+    assert results["n_examples"] == 128  # training's figures keep their own label
     proc, _ = run_cli("keras_arat.evaluate", f"--workdir={workdir}/nope")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error:")
     assert "config.json not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_evaluation_during_training_and_the_best_checkpoint(tmp_path):
+    workdir = str(tmp_path / "best")
+    proc, _ = run_cli("keras_arat.train", *TINY, "--epochs=3", "--eval_every_epochs=2",
+                      "--eval_examples_during_training=64", "--eval_during_training_on=holdout",
+                      "--keep_best=pgd20", f"--workdir={workdir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    train = [ln for ln in lines if ln.get("split", "train") == "train"]
+    assert [ln["step"] for ln in train] == [3, 6, 9]  # 256 - 64 held out = 3 batches of 64
+    tests = [ln for ln in lines if ln.get("split") == "test"]
+    assert [ln["epoch"] for ln in tests] == [2, 3]  # every 2 epochs, and after the last
+    for ln in tests:
+        assert ln["n_examples"] == 64 and ln["data"] == "holdout"
+        assert ln["eps"] == pytest.approx(0.3)  # the full eps, not the training one
+        assert 0 <= ln["pgd20_acc"] <= ln["clean_acc"] <= 1
+    best = max(tests, key=lambda ln: (ln["pgd20_acc"], -ln["epoch"]))
+    results = json.load(open(os.path.join(workdir, "results.json")))
+    assert results["best"]["epoch"] == best["epoch"]
+    assert results["best"]["pgd20_acc"] == best["pgd20_acc"]
+    assert results["best"]["checkpoint"] == f"checkpoints/best-{best['epoch']:04d}"
+    assert verify(os.path.join(workdir, results["best"]["checkpoint"])) is None
+    import tensorflow as tf
+    tags = {v.tag for path in glob.glob(os.path.join(workdir, "tensorboard", "events.*"))
+            for event in tf.compat.v1.train.summary_iterator(path) for v in event.summary.value}
+    assert {"test/clean_acc", "test/pgd20_acc"} <= tags
+    # evaluate and export take --checkpoint=best
+    proc, _ = run_cli("keras_arat.evaluate", f"--workdir={workdir}", "--checkpoint=best",
+                      "--attacks=clean", "--n_examples=32", "--noprogress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (entry,) = json.loads(proc.stdout)["evaluated"]
+    assert entry["checkpoint"] == results["best"]["checkpoint"]
+    assert entry["epoch"] == best["epoch"]
+    out = str(tmp_path / "export")
+    proc, _ = run_cli("export", f"--workdir={workdir}", "--checkpoint=best", f"--out={out}",
+                      "--formats=onnx", "--n_examples=32", "--pgd_examples=0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.load(open(os.path.join(out, "export_report.json")))
+    assert report["source"]["checkpoint"].endswith(f"best-{best['epoch']:04d}")
+    # Without a best checkpoint, asking for one is one line.
+    proc, _ = run_cli("keras_arat.evaluate", f"--workdir={workdir}", "--checkpoint=swa")
+    assert proc.returncode == 2 and "no swa checkpoint" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_damaged_latest_checkpoint_is_named_and_the_previous_one_resumed(trained_run,

@@ -63,6 +63,24 @@ def test_keeps_only_the_newest_checkpoints(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["epoch-0003", "epoch-0004"]
 
 
+def test_best_checkpoints_survive_a_kill_between_best_and_epoch(tmp_path):
+    module = small_state()
+    manager = CheckpointManager(str(tmp_path), module=module)
+    manager.save(1, prefix="best")
+    manager.save(1)
+    manager.save(2, prefix="best")  # a new best, then the run is killed before epoch-0002
+    assert [e for e, _ in manager.folders("best")] == [2, 1]
+    manager.discard_after(1, "best")  # what resuming from epoch-0001 does
+    assert [e for e, _ in manager.folders("best")] == [1]
+    manager.save(2, prefix="best")
+    manager.save(2)  # the epoch passes the newest best: older ones go
+    assert [e for e, _ in manager.folders("best")] == [2]
+    manager.save(3)
+    assert [e for e, _ in manager.folders("best")] == [2]
+    assert sorted(os.listdir(tmp_path)) == ["best-0002", "epoch-0001", "epoch-0002",
+                                            "epoch-0003"]
+
+
 def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path):
     workdir = str(tmp_path / "nan")
     proc, _ = run_cli("keras_arat.train", *TINY, "--epochs=2", "--lr_values=1e30,1e30",
@@ -104,9 +122,9 @@ def test_nan_policy_skip_batch_counts_and_continues(tmp_path):
     assert os.path.exists(os.path.join(workdir, "results.json"))
 
 
-def final_weights(workdir, epoch):
+def final_weights(workdir, epoch, kind="epoch"):
     reader = tf.train.load_checkpoint(
-        os.path.join(workdir, "checkpoints", f"epoch-{epoch:04d}", "ckpt"))
+        os.path.join(workdir, "checkpoints", f"{kind}-{epoch:04d}", "ckpt"))
     names = [n for n in reader.get_variable_to_shape_map() if "OBJECT_GRAPH" not in n]
     return {n: reader.get_tensor(n) for n in names}
 
@@ -114,8 +132,12 @@ def final_weights(workdir, epoch):
 def test_kill_9_mid_epoch_then_resume_ends_with_the_same_weights(tmp_path):
     # SWA from epoch 2: the run is killed in epoch 3, so the checkpoint it resumes from
     # carries a non-empty average that must be continued, not restarted.
+    # The eps warm-up (2.5 epochs of 16 steps) and the best checkpoint of the evaluations
+    # during training must continue exactly where the killed run left them.
     args = [*TINY, "--n_train=1024", "--epochs=4", "--deterministic", "--eval_examples=32",
-            "--swa", "--swa_start_epoch=2", "--swa_every_steps=2"]
+            "--swa", "--swa_start_epoch=2", "--swa_every_steps=2", "--eps_warmup_epochs=2.5",
+            "--eval_every_epochs=1", "--eval_examples_during_training=32",
+            "--keep_best=pgd20"]
     straight = str(tmp_path / "straight")
     proc, _ = run_cli("keras_arat.train", *args, f"--workdir={straight}")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -147,12 +169,31 @@ def test_kill_9_mid_epoch_then_resume_ends_with_the_same_weights(tmp_path):
     assert any(name.startswith("swa") for name in a)
     for name in a:  # model, optimizer, a_prev, step counter, SWA average and count
         np.testing.assert_allclose(a[name], b[name], rtol=0, atol=1e-6, err_msg=name)
-    lines = [ln for ln in read_jsonl(os.path.join(killed, "metrics.jsonl"))
-             if ln.get("split", "train") == "train"]
+    metrics = {d: read_jsonl(os.path.join(d, "metrics.jsonl")) for d in (straight, killed)}
+    lines = [ln for ln in metrics[killed] if ln.get("split", "train") == "train"]
     assert [ln["epoch"] for ln in lines] == [1, 2, 3, 4]
+    # Epoch means of the training eps: steps s = 0..63 use 0.3 * min(1, s / 40).
+    expected = [0.3 * np.mean(np.minimum(1.0, np.arange(16 * e, 16 * e + 16) / 40.0))
+                for e in range(4)]
+    for d in (straight, killed):
+        train = [ln for ln in metrics[d] if ln.get("split", "train") == "train"]
+        np.testing.assert_allclose([ln["attack_eps"] for ln in train], expected, atol=1e-6)
+    tests = {d: [{k: v for k, v in ln.items() if k != "eval_time_s"} for ln in metrics[d]
+                 if ln.get("split") == "test"] for d in (straight, killed)}
+    assert [ln["epoch"] for ln in tests[killed]] == [1, 2, 3, 4]
+    assert tests[straight] == tests[killed]
     ra = json.load(open(os.path.join(straight, "results.json")))
     rb = json.load(open(os.path.join(killed, "results.json")))
     assert ra["clean_acc"] == rb["clean_acc"] and ra["pgd20_acc"] == rb["pgd20_acc"]
+    best = max(tests[straight], key=lambda ln: (ln["pgd20_acc"], -ln["epoch"]))
+    assert ra["best"] == rb["best"] and ra["best"]["epoch"] == best["epoch"]
+    assert ra["best"]["pgd20_acc"] == best["pgd20_acc"]
+    for d in (straight, killed):
+        assert sorted(n for n in os.listdir(os.path.join(d, "checkpoints"))
+                      if n.startswith("best-")) == [f"best-{best['epoch']:04d}"]
+    a, b = (final_weights(d, best["epoch"], "best") for d in (straight, killed))
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=0, atol=1e-6, err_msg=name)
     assert ra["swa"]["n_averaged"] == rb["swa"]["n_averaged"] == 3 * 16 // 2
     assert ra["swa"] == rb["swa"]
     sa, sb = (tf.train.load_checkpoint(os.path.join(d, "checkpoints", "swa-0004", "ckpt"))

@@ -100,6 +100,54 @@ def append_metrics(path, record, writer=None):
         writer.flush()
 
 
+class PeriodicEvaluation(keras.callbacks.Callback):
+    """Evaluates every `every` epochs (and after the last), logs the figures as a
+    metrics.jsonl line {"split": "test", ...} and TensorBoard test/ scalars, and with
+    keep_best writes checkpoints/best-N when the figure beats every earlier one.
+
+    evaluate: () -> {"clean_acc", "pgd20_acc", "n_examples", ...}. The best so far is
+    read back from the newest best-N checkpoint, so a resumed run continues the contest
+    (train.py first removes best-N folders from after the checkpoint it resumes from).
+    """
+
+    def __init__(self, evaluate, every, epochs, workdir, manager, keep_best="none",
+                 label=None):
+        super().__init__()
+        self.evaluate, self.every, self.epochs = evaluate, int(every), int(epochs)
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+        self.manager, self.keep_best = manager, keep_best
+        self.key = {"pgd20": "pgd20_acc", "clean": "clean_acc"}.get(keep_best)
+        self.label = dict(label or {})
+
+    def best_record(self):
+        """{"epoch", "checkpoint", figures...} of the kept best checkpoint, or None."""
+        if self.key is None:
+            return None
+        from keras_arat.training.checkpoint import read_metadata
+        found = self.manager.latest("best")
+        if found is None:
+            return None
+        epoch, path = found
+        meta = read_metadata(path)
+        return {"epoch": epoch, "checkpoint": f"checkpoints/{os.path.basename(path)}",
+                "selected_by": self.key, **meta.get("figures", {})}
+
+    def on_epoch_end(self, epoch, logs=None):
+        epoch += 1
+        if self.model.stop_training or (epoch % self.every and epoch != self.epochs):
+            return
+        figures = {**self.evaluate(), **self.label}
+        record = {"split": "test", "epoch": epoch, **figures}
+        if self.key is not None:
+            best = self.best_record()
+            if best is None or figures[self.key] > best[self.key]:
+                kept = {k: v for k, v in figures.items() if k != "eval_time_s"}
+                self.manager.save(epoch, {"figures": kept}, prefix="best")
+                record["new_best"] = 1
+        append_metrics(self.path, record, self.writer)
+
+
 class CheckpointCallback(keras.callbacks.Callback):
     def __init__(self, manager, metadata=None):
         super().__init__()

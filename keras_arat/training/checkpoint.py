@@ -17,7 +17,8 @@ import shutil
 import tensorflow as tf
 from absl import logging
 
-_NAME = re.compile(r"^epoch-(\d+)$")
+# Kinds of checkpoint folder: epoch-N (resumed from), best-N (--keep_best), swa-N (SWA).
+KINDS = ("epoch", "best", "swa")
 MANIFEST = "manifest.json"
 
 
@@ -39,6 +40,27 @@ def _fsync_dir(path):
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def folders(directory, prefix="epoch"):
+    """(epoch, path) of every `prefix-N` folder in `directory`, newest first."""
+    if prefix not in KINDS:
+        raise ValueError(f"checkpoint kind must be one of {KINDS}, got {prefix!r}")
+    if not os.path.isdir(directory):
+        return []
+    pattern = re.compile(rf"^{prefix}-(\d+)$")
+    found = []
+    for name in os.listdir(directory):
+        m = pattern.match(name)
+        if m:
+            found.append((int(m.group(1)), os.path.join(directory, name)))
+    return sorted(found, reverse=True)
+
+
+def read_metadata(path):
+    """The manifest of checkpoint folder `path` (epoch, files and what the writer added)."""
+    with open(os.path.join(path, MANIFEST)) as f:
+        return json.load(f)
 
 
 def verify(path):
@@ -66,20 +88,13 @@ class CheckpointManager:
         self.keep = keep
         self.checkpoint = tf.train.Checkpoint(**objects)
 
-    def folders(self):
-        """(epoch, path) of every checkpoint folder, newest first."""
-        if not os.path.isdir(self.directory):
-            return []
-        found = []
-        for name in os.listdir(self.directory):
-            m = _NAME.match(name)
-            if m:
-                found.append((int(m.group(1)), os.path.join(self.directory, name)))
-        return sorted(found, reverse=True)
+    def folders(self, prefix="epoch"):
+        """(epoch, path) of every `prefix-N` checkpoint folder, newest first."""
+        return folders(self.directory, prefix)
 
-    def latest(self):
-        """(epoch, path) of the newest intact checkpoint, or None."""
-        for epoch, path in self.folders():
+    def latest(self, prefix="epoch"):
+        """(epoch, path) of the newest intact `prefix-N` checkpoint, or None."""
+        for epoch, path in self.folders(prefix):
             problem = verify(path)
             if problem is None:
                 return epoch, path
@@ -88,7 +103,12 @@ class CheckpointManager:
         return None
 
     def save(self, epoch, metadata=None, prefix="epoch"):
-        """Write checkpoint `prefix-EPOCH` atomically; only `epoch-*` ones are resumed."""
+        """Write checkpoint `prefix-EPOCH` atomically; only `epoch-*` ones are resumed.
+
+        Only the newest `keep` epoch-* folders are kept, and of swa-* the one just written.
+        best-* folders are pruned to the newest when an epoch checkpoint at or after it is
+        written.
+        """
         os.makedirs(self.directory, exist_ok=True)
         final = os.path.join(self.directory, f"{prefix}-{epoch:04d}")
         tmp = os.path.join(self.directory, f".tmp-{prefix}-{epoch:04d}-{os.getpid()}")
@@ -117,9 +137,26 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)  # e.g. a full disk: no partial folder left
             raise
         _fsync_dir(self.directory)
-        for _, old in self.folders()[self.keep:]:
+        if prefix == "epoch":
+            # Older best-N folders go once an epoch checkpoint has passed the newest: a run
+            # killed before this point resumes with the best it had at its checkpoint.
+            best = self.folders("best")
+            stale = self.folders()[self.keep:] + (best[1:] if best and best[0][0] <= epoch
+                                                  else [])
+        elif prefix == "swa":
+            stale = [(e, p) for e, p in self.folders(prefix) if p != final]
+        else:
+            stale = []
+        for _, old in stale:
             shutil.rmtree(old, ignore_errors=True)
         return final
+
+    def discard_after(self, epoch, prefix):
+        """Remove `prefix-N` folders with N > epoch (written by a run that was then
+        killed before its epoch-N checkpoint: the resumed run recomputes them)."""
+        for e, path in self.folders(prefix):
+            if e > epoch:
+                shutil.rmtree(path, ignore_errors=True)
 
     def restore(self, path):
         """Load the checkpoint in folder `path`; every saved value must be used."""
