@@ -18,20 +18,33 @@ Rows (--rows, repeatable; one value may hold several rows separated by ';'):
     NAME:key=value,key=value,...
 
 NAME is [A-Za-z0-9_.-]+ and names the row's folder; each key is a flag of keras_arat.train
-(without the dashes). A piece without '=' continues the previous value when that flag is a
-list, so `arat_lr:method=arat,lr_values=0.1,0.01,lr_boundaries=3` works. `NAME:` alone
+(without the dashes), or recipe=FILE.flags: the row's own base flagfile (a baseline's
+published hyper-parameters, say) instead of --base_flagfile; the table names each row's.
+A piece without '=' continues the previous value when that flag is a list, so
+`arat_lr:method=arat,lr_values=0.1,0.01,lr_boundaries=3` works. `NAME:` alone
 trains the base configuration. --overrides takes the same key=value list for every cell.
 --rows and --overrides accumulate (flagfile and command line); --only_rows=a,b selects.
 Keys and values are checked against the trainer's flags before anything runs; the trainer's
 own checks (e.g. eps in (0, 1]) happen in the cell, which then fails alone.
 
 Outputs in --workdir: grid.json (status of every cell), experiments.log, table.md and
-table.csv (per row: seeds finished, mean and sample std over seeds of every accuracy and of
-clean + robust), tradeoff.png (clean vs robust accuracy, one labelled marker per row at
-the mean, error bars = std). Each cell folder is an ordinary training run with train.log
+table.csv (per row: recipe, seeds converged, mean and sample std over the converged seeds
+of every accuracy and of clean + robust; table.md also per seed), tradeoff.png (clean vs
+robust accuracy, one labelled marker per row at the mean, error bars = std, FAILED cells
+as grey crosses). Each cell folder is an ordinary training run with train.log
 and train.stderr.log next to the trainer's files.
 
-Exit status: 0 when every cell finished, 1 when some failed, 2 on bad input.
+Convergence rule (--min_clean_acc, --min_robust_acc): a cell that trained but stays below
+either floor did not learn what it should; it is reported FAILED with its figures in the
+per-seed table and the plot, and left out of its row's mean and std. table.md ends with
+the reference row's (--compare_to) clean + robust sums against every other row's.
+
+Every figure of a cell is measured on the same first N test images (the trainer's
+--eval_examples), at the checkpoint training ended with: the extra attacks run through
+keras_arat.evaluate on exactly those images, and their figures are read back from the
+record of that setting only.
+
+Exit status: 0 when every cell finished, 1 when some crashed, 2 on bad input.
 """
 
 import csv
@@ -47,7 +60,7 @@ import time
 
 from absl import app, flags
 
-from keras_arat import runs
+from keras_arat import records, runs
 
 FLAGS = flags.FLAGS
 
@@ -65,8 +78,12 @@ flags.DEFINE_list("attacks", ["clean", "pgd20"], "Evaluations to report. clean a
                   "from the trainer; others (cw, autoattack) run keras_arat.evaluate on the "
                   "adv branch. autoattack is skipped with a warning when keras_arat.evaluate "
                   "does not offer it.")
-flags.DEFINE_integer("attack_examples", None, "Test images for the extra attacks (default: "
-                     "the cell's --eval_examples, i.e. the trainer's evaluation set).")
+flags.DEFINE_float("min_clean_acc", None, "Convergence rule: a cell whose clean accuracy "
+                   "is below this did not train; it is reported FAILED, not averaged in.")
+flags.DEFINE_float("min_robust_acc", None, "Convergence rule: likewise for PGD-20 accuracy "
+                   "(the sign that a cell learned robustness at all).")
+flags.DEFINE_string("compare_to", None, "Row whose clean + robust sums the others are "
+                    "compared with in table.md (default: the first row).")
 flags.DEFINE_bool("retry_failed", True, "Run cells that failed before again.")
 flags.DEFINE_integer("cell_timeout", None, "Seconds after which a cell's subprocess is "
                      "stopped and the cell marked failed (default: no limit).")
@@ -100,8 +117,12 @@ def _is_list_flag(flag):
     return isinstance(flag.parser, base)
 
 
-def parse_overrides(text, where, fv):
-    """'k=v,k=v' -> [(k, v)], checked against the trainer's flags."""
+def parse_overrides(text, where, fv, allow_recipe=False):
+    """'k=v,k=v' -> [(k, v)], checked against the trainer's flags.
+
+    allow_recipe: a row may name its own base flagfile, recipe=FILE (e.g. a baseline's
+    own published hyper-parameters), used instead of --base_flagfile.
+    """
     pairs = []
     for piece in text.split(","):
         piece = piece.strip()
@@ -114,12 +135,18 @@ def parse_overrides(text, where, fv):
             raise runs.UsageError(f"{where}: '{piece}' is not key=value")
         key, value = (s.strip() for s in piece.split("=", 1))
         key = key.lstrip("-")
+        if key == "recipe" and allow_recipe:
+            pairs.append((key, resolve_base_flagfile(value)))
+            continue
         if key in RESERVED:
             raise runs.UsageError(f"{where}: {key} is set by the grid runner, not per row")
         if key not in fv:
             raise runs.UsageError(f"{where}: unknown training flag '{key}'")
         pairs.append((key, value))
     for key, value in pairs:
+        if key == "recipe":
+            check_base_flagfile(value, fv)
+            continue
         try:
             fv[key].parser.parse(value)
         except (ValueError, TypeError) as e:
@@ -143,7 +170,12 @@ def parse_rows(values, fv):
             if name in seen:
                 raise runs.UsageError(f"row name '{name}' is used twice")
             seen.add(name)
-            rows.append({"name": name, "overrides": parse_overrides(spec, f"row {name}", fv)})
+            pairs = parse_overrides(spec, f"row {name}", fv, allow_recipe=True)
+            recipe = [v for k, v in pairs if k == "recipe"]
+            row = {"name": name, "overrides": [(k, v) for k, v in pairs if k != "recipe"]}
+            if recipe:
+                row["recipe"] = recipe[-1]
+            rows.append(row)
     if not rows:
         raise runs.UsageError("no rows: pass --rows=NAME:key=value,... (see the module doc)")
     return rows
@@ -209,6 +241,11 @@ def resolve_attacks(names, log):
 
 # ------------------------------------------------------------------------- cells
 
+def _sha(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
 class Grid:
     def __init__(self, workdir, base, shared, rows, seeds, attacks):
         self.workdir = os.path.abspath(workdir)
@@ -223,8 +260,6 @@ class Grid:
             except ValueError:
                 pass  # a damaged grid.json only costs re-checking the cells
         self.state.setdefault("cells", {})
-        with open(base, "rb") as f:
-            self.base_sha = hashlib.sha256(f.read()).hexdigest()[:16]
 
     @staticmethod
     def key(row, seed):
@@ -233,8 +268,11 @@ class Grid:
     def cell_dir(self, row, seed):
         return os.path.join(self.workdir, row["name"], f"seed_{seed}")
 
+    def base_of(self, row):
+        return row.get("recipe") or self.base
+
     def train_args(self, row, seed):
-        args = [f"--flagfile={self.base}", "--verbose=2"]
+        args = [f"--flagfile={self.base_of(row)}", "--verbose=2"]
         args += [f"--{k}={v}" for k, v in self.shared]
         args += [f"--{k}={v}" for k, v in row["overrides"]]
         args += [f"--seed={seed}", f"--workdir={self.cell_dir(row, seed)}"]
@@ -244,13 +282,13 @@ class Grid:
         """What makes a finished cell current: its flags (paths relative, so a grid folder or
         checkout can move) and the base flagfile's content."""
         args = self.train_args(row, seed)
-        args[0] = f"--flagfile={os.path.basename(self.base)}"
+        args[0] = f"--flagfile={os.path.basename(self.base_of(row))}"
         args[-1] = f"--workdir={row['name']}/seed_{seed}"
-        return {"args": args, "base_sha256": self.base_sha}
+        return {"args": args, "base_sha256": _sha(self.base_of(row))}
 
     def save(self):
         self.state.update(base_flagfile=self.base, overrides=[f"{k}={v}" for k, v in self.shared],
-                          rows=[{"name": r["name"],
+                          rows=[{"name": r["name"], "recipe": self.base_of(r),
                                  "overrides": [f"{k}={v}" for k, v in r["overrides"]]}
                                 for r in self.rows],
                           seeds=self.seeds, attacks=self.attacks,
@@ -274,13 +312,46 @@ ATTACK_NAMES = {"clean": "Clean", "pgd20": "PGD-20", "cw": "CW-20", "autoattack"
 
 
 def metric(results, name):
-    """Accuracy of attack `name` on the adv branch from a results.json dict, or None."""
+    """Training's own figure of attack `name` (adv branch) from results.json, or None."""
     if results is None:
         return None
     value = results.get(f"{name}_acc")
-    if value is None:
-        value = results.get("per_branch", {}).get("adv", {}).get(name)
     return None if value is None else float(value)
+
+
+def cell_figures(grid, row, seed):
+    """{attack: accuracy or None} of a cell, every figure on the same test images.
+
+    clean and PGD-20 come from training's final evaluation (results.json); the other
+    attacks from keras_arat.evaluate's record of exactly that setting: the same
+    checkpoint, adv branch, eps and first-N test images. A figure measured on other
+    images or at another eps is not this cell's and is not used.
+    """
+    results = grid.results(row, seed)
+    if results is None:
+        return None
+    figures = {a: metric(results, a) for a in BUILTIN_ATTACKS}
+    source = os.path.basename(results.get("checkpoint", ""))
+    for attack in grid.attacks:
+        if attack in BUILTIN_ATTACKS:
+            continue
+        entry = records.find_evaluation(grid.cell_dir(row, seed), source, attack, "adv",
+                                        results["eps"], results["n_examples"])
+        figures[attack] = None if entry is None else float(entry["acc"])
+    figures["n_examples"] = results.get("n_examples")
+    figures["eps"] = results.get("eps")
+    return figures
+
+
+def verdict(figures):
+    """(True, "") if a cell meets the convergence rule (--min_clean_acc, --min_robust_acc),
+    else (False, the reason)."""
+    reasons = []
+    for name, flag in (("clean", "min_clean_acc"), ("pgd20", "min_robust_acc")):
+        floor = getattr(FLAGS, flag)
+        if floor is not None and figures.get(name) is not None and figures[name] < floor:
+            reasons.append(f"{ATTACK_NAMES[name]} {figures[name]:.3f} < {floor:g}")
+    return not reasons, "; ".join(reasons)
 
 
 # TensorFlow's start-up chatter, dropped from the stderr tails in the log and grid.json.
@@ -329,8 +400,9 @@ def run_subprocess(module, args, cell_dir, label, timeout):
     return True, ""
 
 
-def extra_attacks_missing(grid, results):
-    return [a for a in grid.attacks if a not in BUILTIN_ATTACKS and metric(results, a) is None]
+def extra_attacks_missing(grid, row, seed):
+    figures = cell_figures(grid, row, seed) or {}
+    return [a for a in grid.attacks if a not in BUILTIN_ATTACKS and figures.get(a) is None]
 
 
 def run_cell(grid, row, seed, log):
@@ -345,7 +417,7 @@ def run_cell(grid, row, seed, log):
             and not FLAGS.retry_failed:
         log(f"[{key}] failed before; skipped (--retry_failed=false)")
         return "failed"
-    missing = extra_attacks_missing(grid, results) if trained else list(grid.attacks[2:])
+    missing = extra_attacks_missing(grid, row, seed) if trained else list(grid.attacks[2:])
     if trained and not missing:
         log(f"[{key}] finished: skipped")
         return "done"
@@ -365,15 +437,15 @@ def run_cell(grid, row, seed, log):
     else:
         ok = True
     if ok and missing:
-        args = [f"--workdir={cell_dir}", f"--attacks={','.join(missing)}", "--branch=adv"]
-        n = FLAGS.attack_examples
-        if n is None:
-            try:
-                n = runs.read_config(cell_dir).get("eval_examples")
-            except runs.UsageError:
-                n = None
-        if n:
-            args.append(f"--n_examples={n}")
+        # The training's own test images, eps, checkpoint, seed and batches: PGD-20 is
+        # measured again so that the extra attacks are the worst case over it too.
+        results = grid.results(row, seed) or {}
+        config = runs.read_config(cell_dir)
+        args = [f"--workdir={cell_dir}", f"--attacks=clean,pgd20,{','.join(missing)}",
+                "--branch=adv", f"--n_examples={results.get('n_examples')}",
+                f"--checkpoint={os.path.basename(results.get('checkpoint', 'latest'))}",
+                f"--seed={config['seed']}", f"--batch_size={config['eval_batch_size']}",
+                "--noprogress"]
         log(f"[{key}] evaluating {','.join(missing)}: python -m keras_arat.evaluate "
             + " ".join(args))
         ok, error = run_subprocess("keras_arat.evaluate", args, cell_dir, "evaluate",
@@ -384,11 +456,16 @@ def run_cell(grid, row, seed, log):
     entry["seconds"] = round(time.time() - start, 1)
     if ok:
         entry["status"] = "done"
-        entry["results"] = {a: metric(results, a) for a in grid.attacks}
+        figures = cell_figures(grid, row, seed)
+        entry["results"] = {a: figures.get(a) for a in grid.attacks}
+        entry["n_examples"] = figures["n_examples"]
         entry.pop("error", None)
+        converged, why = verdict(figures)
+        entry["converged"] = converged
         accs = ", ".join(f"{a} {100 * v:.2f}%" for a, v in entry["results"].items()
                          if v is not None)
-        log(f"[{key}] done in {entry['seconds']:.0f} s: {accs}")
+        log(f"[{key}] done in {entry['seconds']:.0f} s: {accs} on {figures['n_examples']} "
+            f"test images" + ("" if converged else f"; FAILED the convergence rule ({why})"))
     else:
         entry["status"] = "failed"
         entry["error"] = error
@@ -414,34 +491,48 @@ def mean_std(values):
 
 
 def summarize(grid):
-    """Per row: finished seeds and mean/std of each accuracy and of clean + robust."""
+    """Per row: each seed's figures and verdict, and mean/std over the converged seeds.
+
+    A cell that crashed, or trained but missed the convergence rule, is listed with its
+    reason and left out of the row's mean and std: a run that did not train is a failed
+    run, not a data point. `complete` says whether every seed of the row converged.
+    """
     robust = [a for a in grid.attacks if a != "clean"]
     columns = list(grid.attacks) + [f"clean+{a}" for a in robust]
     summary = []
     for row in grid.rows:
-        per_seed, failed = [], []
+        cells, failed = [], []
         for seed in grid.seeds:
             entry = grid.state["cells"].get(grid.key(row, seed), {})
             if entry.get("status") == "failed":
-                failed.append(seed)
+                failed.append((seed, "crashed: " + (entry.get("error") or "?").splitlines()[0]))
+                continue
             if entry.get("status") != "done":
                 continue
-            results = grid.results(row, seed)
-            values = {a: metric(results, a) for a in grid.attacks}
-            if values["clean"] is None or values["pgd20"] is None:
+            figures = cell_figures(grid, row, seed)
+            if figures is None or figures["clean"] is None or figures["pgd20"] is None:
                 continue
             for a in robust:
-                if values[a] is not None:
-                    values[f"clean+{a}"] = values["clean"] + values[a]
-            per_seed.append((seed, values))
+                if figures.get(a) is not None:
+                    figures[f"clean+{a}"] = figures["clean"] + figures[a]
+            converged, why = verdict(figures)
+            cells.append({"seed": seed, "figures": figures, "converged": converged,
+                          "reason": why})
+            if not converged:
+                failed.append((seed, why))
+        good = [c["figures"] for c in cells if c["converged"]]
         stats = {}
         for c in columns:
-            stats[c] = mean_std([v[c] for _, v in per_seed if v.get(c) is not None])
-            stats[c + ":n"] = sum(1 for _, v in per_seed if v.get(c) is not None)
-        method = dict(grid.shared + row["overrides"]).get("method") or _base_method(grid.base)
+            stats[c] = mean_std([v[c] for v in good if v.get(c) is not None])
+            stats[c + ":n"] = sum(1 for v in good if v.get(c) is not None)
+        method = dict(grid.shared + row["overrides"]).get("method") or _base_method(
+            grid.base_of(row))
         summary.append({"row": row["name"], "method": method,
+                        "recipe": os.path.basename(grid.base_of(row)),
                         "overrides": ",".join(f"{k}={v}" for k, v in row["overrides"]),
-                        "seeds": [s for s, _ in per_seed], "failed": failed, "stats": stats})
+                        "seeds": [c["seed"] for c in cells if c["converged"]],
+                        "cells": cells, "failed": failed, "stats": stats,
+                        "complete": len(good) == len(grid.seeds)})
     return columns, summary
 
 
@@ -460,44 +551,68 @@ def _pct(mean, std):
     return f"{100 * mean:.2f}" + ("" if std is None else f" ± {100 * std:.2f}")
 
 
-def image_counts(grid):
-    """{attack: sorted numbers of test images} over the grid's evaluated cells."""
-    counts = {}
-    for row in grid.rows:
-        for seed in grid.seeds:
-            results = grid.results(row, seed) or {}
-            by_attack = results.get("n_examples_by_attack", {})
-            for attack in grid.attacks:
-                n = by_attack.get(attack)
-                if n is None and metric(results, attack) is not None:
-                    n = results.get("n_examples")  # written before per-attack counts
-                if n is not None:
-                    counts.setdefault(attack, set()).add(int(n))
-    return {a: sorted(ns) for a, ns in counts.items()}
+def image_counts(summary):
+    """Sorted numbers of test images over the grid's evaluated cells (one, normally)."""
+    return sorted({c["figures"]["n_examples"] for s in summary for c in s["cells"]
+                   if c["figures"].get("n_examples") is not None})
 
 
-def _images(counts, attack):
-    return ", ".join(str(n) for n in counts.get(attack, [])) or "?"
+def _label(column):
+    return " + ".join(ATTACK_NAMES.get(p, p) for p in column.split("+"))
 
 
-def _image_counts_line(grid, counts):
-    """'Test images: Clean 500; PGD-20 500; AutoAttack 100.'"""
-    parts = [f"{ATTACK_NAMES.get(a, a)} {_images(counts, a)}" for a in grid.attacks
-             if a in counts]
-    return f"Test images: {'; '.join(parts)}." if parts else "Test images: none evaluated yet."
+def comparisons(grid, summary):
+    """The reference row's clean + robust sums against every other row's.
+
+    A lead counts as clear when the difference of the means exceeds twice the larger of
+    the two rows' seed standard deviations. Only rows whose every seed converged are
+    compared; the others are named as not comparable.
+    """
+    by_name = {s["row"]: s for s in summary}
+    ref_name = FLAGS.compare_to or grid.rows[0]["name"]
+    if ref_name not in by_name:
+        return ref_name, []
+    ref = by_name[ref_name]
+    out = []
+    sums = [c for c in (f"clean+{a}" for a in grid.attacks if a != "clean")]
+    for s in summary:
+        if s is ref:
+            continue
+        for column in sums:
+            (ma, sa), (mb, sb) = ref["stats"][column], s["stats"][column]
+            item = {"row": s["row"], "column": column}
+            if not (ref["complete"] and s["complete"]) or ma is None or mb is None:
+                item["verdict"] = "not comparable (" + (
+                    "a seed did not converge" if not (ref["complete"] and s["complete"])
+                    else "missing figures") + ")"
+            else:
+                diff = ma - mb
+                threshold = 2 * max(sa or 0.0, sb or 0.0)
+                item.update(diff=diff, threshold=threshold)
+                if diff > threshold:
+                    item["verdict"] = "clear lead"
+                elif diff > 0:
+                    item["verdict"] = "ahead, within 2 seed-std"
+                elif diff >= -threshold:
+                    item["verdict"] = "behind, within 2 seed-std"
+                else:
+                    item["verdict"] = "clearly behind"
+            out.append(item)
+    return ref_name, out
 
 
 def write_table(grid, columns, summary, counts):
     csv_path = os.path.join(grid.workdir, "table.csv")
-    header = ["row", "method", "overrides", "seeds_finished", "seeds_total", "seeds_failed"]
+    header = ["row", "method", "recipe", "overrides", "seeds_converged", "seeds_total",
+              "seeds_failed", "n_examples"]
     for c in columns:
         header += [f"{c}_mean", f"{c}_std", f"{c}_n"]
     with open(csv_path + ".tmp", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         for s in summary:
-            line = [s["row"], s["method"], s["overrides"], len(s["seeds"]), len(grid.seeds),
-                    len(s["failed"])]
+            line = [s["row"], s["method"], s["recipe"], s["overrides"], len(s["seeds"]),
+                    len(grid.seeds), len(s["failed"]), ",".join(str(n) for n in counts)]
             for c in columns:
                 mean, std = s["stats"][c]
                 line += ["" if mean is None else repr(mean), "" if std is None else repr(std),
@@ -505,30 +620,61 @@ def write_table(grid, columns, summary, counts):
             writer.writerow(line)
     os.replace(csv_path + ".tmp", csv_path)
 
-    label = lambda c: " + ".join(ATTACK_NAMES.get(p, p) for p in c.split("+"))  # noqa: E731
-    eps = sorted({grid.results(r, s).get("eps") for r in grid.rows for s in grid.seeds
-                  if grid.results(r, s) and grid.results(r, s).get("eps") is not None})
+    eps = sorted({c["figures"]["eps"] for s in summary for c in s["cells"]
+                  if c["figures"].get("eps") is not None})
+    rule = [f"clean ≥ {FLAGS.min_clean_acc:g}" if FLAGS.min_clean_acc is not None else "",
+            f"PGD-20 ≥ {FLAGS.min_robust_acc:g}" if FLAGS.min_robust_acc is not None else ""]
+    rule = " and ".join(r for r in rule if r)
+    n_text = ", ".join(str(n) for n in counts) or "?"
     lines = [
         "# Clean / robust trade-off",
         "",
-        f"Base flagfile: `{os.path.relpath(grid.base, os.getcwd())}`; shared overrides: "
-        f"`{','.join(f'{k}={v}' for k, v in grid.shared) or 'none'}`; seeds "
-        f"{','.join(str(s) for s in grid.seeds)}; eps "
-        f"{', '.join(f'{e:.4g}' for e in eps) or '?'}.",
-        "Accuracies in % on the adv branch: mean ± sample std over the finished seeds "
-        "(no ± with one seed).",
-        _image_counts_line(grid, counts),
+        f"Shared overrides: `{','.join(f'{k}={v}' for k, v in grid.shared) or 'none'}`; seeds "
+        f"{','.join(str(s) for s in grid.seeds)}; eps {', '.join(f'{e:.4g}' for e in eps) or '?'}"
+        " (L-inf).",
+        f"Every column is measured on the same first {n_text} test images, through the adv "
+        "branch, at the checkpoint training ended with. Accuracies in %: mean ± sample std "
+        "over the seeds that converged (no ± with one seed).",
+        (f"Convergence rule: {rule}, in every seed. A cell that misses it did not train: it "
+         "is listed as FAILED and left out of its row's mean." if rule else
+         "No convergence rule was set (--min_clean_acc, --min_robust_acc)."),
         "",
-        "| Row | Method | Overrides | Seeds | " + " | ".join(label(c) for c in columns) + " |",
-        "|---|---|---|---|" + "---:|" * len(columns),
+        "| Row | Recipe | Method | Overrides | Seeds | " + " | ".join(
+            _label(c) for c in columns) + " |",
+        "|---|---|---|---|---|" + "---:|" * len(columns),
     ]
     for s in summary:
         seeds = f"{len(s['seeds'])}/{len(grid.seeds)}"
         if s["failed"]:
-            seeds += f" ({len(s['failed'])} failed)"
+            seeds += f" ({len(s['failed'])} FAILED)"
+        name = s["row"] if s["complete"] else f"{s['row']} (FAILED)"
         cells = [_pct(*s["stats"][c]) for c in columns]
-        lines.append(f"| {s['row']} | {s['method']} | {s['overrides'] or '–'} | {seeds} | "
-                     + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {s['recipe']} | {s['method']} | {s['overrides'] or '–'} | "
+                     f"{seeds} | " + " | ".join(cells) + " |")
+    lines += ["", "Per seed (%):", "",
+              "| Row | Seed | " + " | ".join(ATTACK_NAMES.get(a, a) for a in grid.attacks)
+              + " | Verdict |", "|---|---:|" + "---:|" * len(grid.attacks) + "---|"]
+    for s in summary:
+        reasons = dict(s["failed"])
+        for c in s["cells"]:
+            accs = [_pct(c["figures"].get(a), None) for a in grid.attacks]
+            lines.append(f"| {s['row']} | {c['seed']} | " + " | ".join(accs) + " | "
+                         + ("converged" if c["converged"] else f"FAILED: {c['reason']}") + " |")
+        for seed, why in s["failed"]:
+            if why.startswith("crashed"):
+                lines.append(f"| {s['row']} | {seed} | " + " | ".join("–" for _ in grid.attacks)
+                             + f" | FAILED: {reasons[seed]} |")
+    ref, comps = comparisons(grid, summary)
+    if comps:
+        lines += ["", f"Clean + robust sums against `{ref}` (a clear lead: the difference of "
+                  "the means exceeds twice the larger seed std of the two rows):", ""]
+        for c in comps:
+            if "diff" in c:
+                lines.append(f"- {ref} vs {c['row']}, {_label(c['column'])}: "
+                             f"{100 * c['diff']:+.2f} points (2 seed-std: "
+                             f"{100 * c['threshold']:.2f}): {c['verdict']}")
+            else:
+                lines.append(f"- {ref} vs {c['row']}, {_label(c['column'])}: {c['verdict']}")
     md_path = os.path.join(grid.workdir, "table.md")
     with open(md_path + ".tmp", "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -560,14 +706,26 @@ def write_plot(grid, columns, summary, counts):
         # rows that land on (almost) the same point get their labels stacked downwards
         near = sum(1 for px, py in placed if abs(px - rm) < 0.03 and abs(py - cm) < 0.03)
         placed.append((rm, cm))
-        ax.annotate(f"{s['row']} (n={len(s['seeds'])})", (100 * rm, 100 * cm),
+        tag = f"n={len(s['seeds'])}" + ("" if s["complete"] else
+                                         f", {len(s['failed'])} FAILED")
+        ax.annotate(f"{s['row']} ({tag})", (100 * rm, 100 * cm),
                     textcoords="offset points", xytext=(5, 5 - 11 * near), fontsize=8)
-    ax.set_xlabel(f"{ATTACK_NAMES[robust]} accuracy (%, {_images(counts, robust)} test images)")
-    ax.set_ylabel(f"Clean accuracy (%, {_images(counts, 'clean')} test images)")
+    failed = [(s["row"], c) for s in summary for c in s["cells"] if not c["converged"]]
+    for i, (name, c) in enumerate(failed):
+        r = c["figures"].get(robust)
+        if r is None:
+            continue
+        ax.plot(100 * r, 100 * c["figures"]["clean"], "x", color="grey",
+                label="FAILED cells (not averaged)" if i == 0 else None)
+        ax.annotate(f"{name} seed {c['seed']} FAILED", (100 * r, 100 * c["figures"]["clean"]),
+                    textcoords="offset points", xytext=(5, -10), fontsize=7, color="grey")
+    n_text = ", ".join(str(n) for n in counts) or "?"
+    ax.set_xlabel(f"{ATTACK_NAMES[robust]} accuracy (%, first {n_text} test images)")
+    ax.set_ylabel(f"Clean accuracy (%, the same {n_text} test images)")
     ax.margins(x=0.12)  # room for the labels of the rightmost points
-    ax.set_title("Clean vs robust accuracy (mean ± std over seeds)")
+    ax.set_title("Clean vs robust accuracy (mean ± std over converged seeds)")
     ax.grid(True, alpha=0.3)
-    if plotted:
+    if plotted or failed:
         ax.legend(fontsize=8, loc="best")
     else:
         ax.text(0.5, 0.5, "no finished cells yet", ha="center", va="center",
@@ -615,8 +773,13 @@ def build_grid():
                                   f"{', '.join(names)})")
         rows = [r for r in rows if r["name"] in FLAGS.only_rows]
     seeds = parse_seeds(FLAGS.seeds)
-    if FLAGS.attack_examples is not None and FLAGS.attack_examples < 1:
-        raise runs.UsageError("--attack_examples must be >= 1")
+    for name in ("min_clean_acc", "min_robust_acc"):
+        value = getattr(FLAGS, name)
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise runs.UsageError(f"--{name} must be a fraction in [0, 1], got {value}")
+    if FLAGS.compare_to and FLAGS.compare_to not in [r["name"] for r in rows]:
+        raise runs.UsageError(f"--compare_to={FLAGS.compare_to} is not a row (rows: "
+                              f"{', '.join(r['name'] for r in rows)})")
     if FLAGS.cell_timeout is not None and FLAGS.cell_timeout < 1:
         raise runs.UsageError("--cell_timeout must be >= 1")
     return base, shared, rows, seeds
@@ -672,10 +835,14 @@ def main(argv):
             sys.exit(130)
         grid.save()
         failed = sorted(k for k, v in statuses.items() if v != "done")
+        below = sorted(k for k, v in statuses.items() if v == "done"
+                       and grid.state["cells"][k].get("converged") is False)
         log(f"grid finished in {time.time() - start:.0f} s: {total - len(failed)} done, "
-            f"{len(failed)} failed{': ' + ', '.join(failed) if failed else ''}")
+            f"{len(failed)} failed{': ' + ', '.join(failed) if failed else ''}; "
+            f"{len(below)} done but FAILED the convergence rule"
+            f"{': ' + ', '.join(below) if below else ''}")
     columns, summary = summarize(grid)
-    counts = image_counts(grid)  # test images per attack, for the table and the plot
+    counts = image_counts(summary)  # the test images behind every figure
     md_path, csv_path = write_table(grid, columns, summary, counts)
     png_path = write_plot(grid, columns, summary, counts)
     if png_path is None:

@@ -74,8 +74,9 @@ def test_table_holds_mean_and_std_over_seeds(grid):
         results = [json.load(open(os.path.join(workdir, row, f"seed_{s}", "results.json")))
                    for s in (0, 1)]
         line = table[row]
-        assert line["seeds_finished"] == "2" and line["seeds_total"] == "2"
-        assert line["method"] == row
+        assert line["seeds_converged"] == "2" and line["seeds_total"] == "2"
+        assert line["method"] == row and line["recipe"] == "quickstart.flags"
+        assert line["n_examples"] == "64"
         for column, values in [
                 ("clean", [r["clean_acc"] for r in results]),
                 ("pgd20", [r["pgd20_acc"] for r in results]),
@@ -85,12 +86,48 @@ def test_table_holds_mean_and_std_over_seeds(grid):
             assert line[f"{column}_n"] == "2"
         mean = statistics.mean(r["pgd20_acc"] for r in results)
         assert f"{100 * mean:.2f} ± " in read(os.path.join(workdir, "table.md"))
-    assert table["broken"]["seeds_finished"] == "0" and table["broken"]["seeds_failed"] == "2"
+    assert table["broken"]["seeds_converged"] == "0" and table["broken"]["seeds_failed"] == "2"
     assert table["broken"]["clean_mean"] == ""
     md = read(os.path.join(workdir, "table.md"))
-    assert "| Row | Method | Overrides | Seeds | Clean | PGD-20 | Clean + PGD-20 |" in md
-    assert "| broken | arat | method=arat,eps=2 | 0/2 (2 failed) |" in md
-    assert "Test images: Clean 64; PGD-20 64." in md  # n_test=64
+    assert ("| Row | Recipe | Method | Overrides | Seeds | Clean | PGD-20 | Clean + PGD-20 |"
+            in md)
+    assert ("| broken (FAILED) | quickstart.flags | arat | method=arat,eps=2 | 0/2 (2 FAILED) |"
+            in md)
+    assert "measured on the same first 64 test images" in md  # n_test=64
+    assert "| broken | 1 | – | – | FAILED: crashed: exit status 2 |" in md
+    assert "- arat vs pgd_at, Clean + PGD-20: " in md
+
+
+def test_cells_below_the_convergence_rule_are_failed_not_averaged(grid, tmp_path):
+    workdir, _, _ = grid
+    copy = str(tmp_path / "g")
+    shutil.copytree(workdir, copy)
+    clean = {(r, s): json.load(open(os.path.join(copy, r, f"seed_{s}", "results.json")))[
+        "clean_acc"] for r, s in GOOD}
+    low, high = sorted([clean[("arat", 0)], clean[("arat", 1)]])
+    if low == high:
+        pytest.skip("both arat seeds have the same clean accuracy")
+    # A floor between arat's two seeds: the lower seed is FAILED and left out of the mean.
+    floor = (low + high) / 2
+    proc, _ = run_grid(*GRID_ARGS, f"--workdir={copy}", "--report_only",
+                       f"--min_clean_acc={floor}")
+    with open(os.path.join(copy, "table.csv")) as f:
+        table = {line["row"]: line for line in csv.DictReader(f)}
+    assert table["arat"]["seeds_converged"] == "1" and table["arat"]["seeds_failed"] == "1"
+    assert float(table["arat"]["clean_mean"]) == pytest.approx(high)
+    assert table["arat"]["clean_std"] == ""
+    md = read(os.path.join(copy, "table.md"))
+    failed_seed = 0 if clean[("arat", 0)] == low else 1
+    assert f"| arat (FAILED) | quickstart.flags | arat | method=arat | 1/2 (1 FAILED) |" in md
+    assert f"FAILED: Clean {low:.3f} < {floor:g}" in md
+    assert f"| arat | {failed_seed} |" in md
+    assert "- arat vs pgd_at, Clean + PGD-20: not comparable (a seed did not converge)" in md
+    assert read(os.path.join(copy, "tradeoff.png"), "rb")[:4] == b"\x89PNG"
+    # A floor nobody meets: no row is averaged at all.
+    run_grid(*GRID_ARGS, f"--workdir={copy}", "--report_only", "--min_clean_acc=1.0",
+             "--min_robust_acc=1.0")
+    with open(os.path.join(copy, "table.csv")) as f:
+        assert all(line["clean_mean"] == "" for line in csv.DictReader(f))
 
 
 def test_plot_is_a_png(grid):
@@ -171,17 +208,31 @@ def test_rows_parse_lists_and_the_shipped_flagfiles_are_valid():
                                                   ("lr_boundaries", "3")]},
                     {"name": "b", "overrides": []},
                     {"name": "c", "overrides": [("split_bn", "false")]}]
-    for name in ("tradeoff_quickstart.flags", "tradeoff_cifar.flags"):
+    shipped = {"tradeoff_quickstart.flags": (4, {"arat", "pgd_at", "trades", "mart"}, 0),
+               "tradeoff_cifar.flags": (8, {"arat", "pgd_at", "trades", "mart"}, 3),
+               "ablation_quickstart.flags": (7, {"arat"}, 6)}
+    for name, (n_rows, want_methods, single_bn) in shipped.items():
         proc, _ = run_grid(f"--flagfile=configs/{name}", "--workdir=/nonexistent/g",
                            "--dry_run", timeout=120)
         assert proc.returncode == 0, proc.stderr[-2000:]
         commands = [c for c in proc.stdout.splitlines() if c.startswith("python -m ")]
-        assert len(commands) == 18 and all(c.startswith("python -m keras_arat.train") for c in
-                                           commands)
-        methods = {c.split("--method=")[-1].split()[0] for c in commands}
-        assert methods == {"arat", "pgd_at", "trades", "mart"}
-        assert sum("--split_bn=false" in c for c in commands) == 3
+        assert len(commands) == 3 * n_rows and all(
+            c.startswith("python -m keras_arat.train") for c in commands)
+        methods = {c.split("--method=")[-1].split()[0] for c in commands if "--method=" in c}
+        assert methods == want_methods
+        assert sum("--split_bn=false" in c for c in commands) == single_bn
+        if name.endswith("quickstart.flags"):  # every digits cell warms eps up
+            assert all("--eps_warmup_epochs=2" in c for c in commands)
         assert not os.path.exists("/nonexistent/g")
+    # The baselines' own recipes are the official codes' hyper-parameters.
+    for name, want in (("trades_cifar.flags", {"weight_decay": "2e-4", "step_size": "0.007",
+                                               "beta": "6", "eps": "0.031"}),
+                       ("mart_cifar.flags", {"lr_values": "0.01,0.001,0.0001,0.00001",
+                                             "weight_decay": "3.5e-3", "beta": "5",
+                                             "step_size": "0.007", "epochs": "120"})):
+        lines = dict(line.strip()[2:].split("=", 1) for line in open(
+            os.path.join(ROOT, "configs", name)) if line.startswith("--"))
+        assert {k: lines[k] for k in want} == want
 
 
 def test_extra_attacks_run_keras_arat_evaluate_on_finished_cells(grid, tmp_path):
@@ -193,26 +244,30 @@ def test_extra_attacks_run_keras_arat_evaluate_on_finished_cells(grid, tmp_path)
     shutil.copy(os.path.join(workdir, "grid.json"), copy)
     seed_0 = os.path.join(copy, "arat", "seed_0")
     checkpoints = sorted(os.listdir(os.path.join(seed_0, "checkpoints")))
+    results = json.load(open(os.path.join(seed_0, "results.json")))
     args = ["--base_flagfile=configs/quickstart.flags", f"--overrides={TINY}", "--seeds=0",
             "--rows=arat:method=arat", "--attacks=clean,pgd20,cw,autoattack",
-            "--attack_examples=32", f"--workdir={copy}"]
+            f"--workdir={copy}"]
     proc, _ = run_grid(*args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "[arat/seed_0] evaluating cw" in proc.stdout and "training" not in proc.stdout
+    assert "--n_examples=64 --checkpoint=epoch-0001 --seed=0" in proc.stdout
     assert sorted(os.listdir(os.path.join(seed_0, "checkpoints"))) == checkpoints
-    results = json.load(open(os.path.join(seed_0, "results.json")))
+    assert json.load(open(os.path.join(seed_0, "results.json"))) == results  # untouched
+    # The extra attacks ran on exactly the trainer's 64 test images, at its checkpoint.
+    record = json.load(open(os.path.join(seed_0, "evals",
+                                         "epoch-0001-adv-linf-eps0.3-n64.json")))
+    accs = {r["attack"]: r["acc"] for r in record["results"]}
+    assert accs["clean"] == results["clean_acc"] and accs["pgd20"] == results["pgd20_acc"]
     with open(os.path.join(copy, "table.csv")) as f:
         line = next(csv.DictReader(f))
-    assert float(line["cw_mean"]) == pytest.approx(results["cw_acc"])
+    assert float(line["cw_mean"]) == pytest.approx(accs["cw"])
     assert line["cw_std"] == "" and line["cw_n"] == "1"  # one seed: no std
-    assert float(line["autoattack_mean"]) == pytest.approx(results["autoattack_acc"])
-    # The extra attacks ran on the first 32 test images, the trainer's on all 64.
-    assert results["n_examples_by_attack"] == {"clean": 64, "pgd20": 64, "cw": 32,
-                                               "autoattack": 32}
-    assert results["autoattack_acc"] <= results["cw_acc"] + 1e-9
+    assert float(line["autoattack_mean"]) == pytest.approx(accs["autoattack"])
+    assert accs["autoattack"] <= min(accs["cw"], accs["pgd20"]) + 1e-9
     md = read(os.path.join(copy, "table.md"))
     assert "| Clean | PGD-20 | CW-20 | AutoAttack |" in md
-    assert "Test images: Clean 64; PGD-20 64; CW-20 32; AutoAttack 32." in md
+    assert "measured on the same first 64 test images" in md
     # Once evaluated, the cell is finished for these attacks too.
     proc, _ = run_grid(*args)
     assert proc.returncode == 0 and "[arat/seed_0] finished: skipped" in proc.stdout
