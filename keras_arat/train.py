@@ -352,6 +352,7 @@ def main(argv):
         print(f"error: unexpected arguments {argv[1:]} (flags are --name=value)",
               file=sys.stderr)
         sys.exit(2)
+    from keras_arat.attacks import EvaluationError
     from keras_arat.data import DataError
     from keras_arat.training.callbacks import NonFiniteLossError
     from keras_arat.training.checkpoint import CheckpointError
@@ -363,6 +364,9 @@ def main(argv):
         sys.exit(2)
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except EvaluationError as e:  # e.g. a model whose weights went non-finite
+        print(f"error: final evaluation: {e}", file=sys.stderr)
         sys.exit(1)
     except OSError as e:
         hint = ""

@@ -250,7 +250,7 @@ def test_extra_attacks_run_keras_arat_evaluate_on_finished_cells(grid, tmp_path)
             f"--workdir={copy}"]
     proc, _ = run_grid(*args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "[arat/seed_0] evaluating cw" in proc.stdout and "training" not in proc.stdout
+    assert "[arat/seed_0] evaluating cw" in proc.stdout and "] training" not in proc.stdout
     assert "--n_examples=64 --checkpoint=epoch-0001 --seed=0" in proc.stdout
     assert sorted(os.listdir(os.path.join(seed_0, "checkpoints"))) == checkpoints
     assert json.load(open(os.path.join(seed_0, "results.json"))) == results  # untouched

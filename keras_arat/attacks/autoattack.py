@@ -101,6 +101,11 @@ def check_logits(model_fn, x, tol=1e-3):
     if out.ndim != 2:
         raise EvaluationError(f"the model must return logits of shape [N, classes], "
                               f"got shape {list(out.shape)}")
+    bad = int(np.sum(~np.all(np.isfinite(out), axis=1)))
+    if bad:
+        raise EvaluationError(f"the model outputs non-finite logits (NaN or Inf) for {bad} of "
+                              f"the first {len(out)} images: its weights are broken, so no "
+                              "accuracy can be reported")
     if np.all(out >= -tol) and np.all(np.abs(out.sum(axis=1) - 1.0) <= tol):
         raise ProbabilityOutputError("the model outputs probabilities (non-negative rows "
                                      "summing to 1), not logits: remove the final softmax")
