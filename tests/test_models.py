@@ -1,5 +1,8 @@
 """Tests for keras_arat.models: architectures, split BN behaviour, saving."""
 
+import json
+import os
+
 import numpy as np
 import pytest
 import keras
@@ -102,7 +105,7 @@ def test_small_cnn_shapes_and_features(split_bn):
             logits, feats = model(x, training=training, branch=branch,
                                   return_features=True)
             assert tuple(logits.shape) == (BATCH, 7)
-            assert tuple(feats) == model.tap_names
+            assert tuple(feats) == model.feature_names
     expected = {"conv1": (32, 32, 32), "conv2": (16, 16, 32), "conv3": (16, 16, 64),
                 "conv4": (8, 8, 64), "dense": (128,)}
     assert {k: tuple(v.shape[1:]) for k, v in feats.items()} == expected
@@ -118,12 +121,16 @@ def test_small_cnn_width_and_defaults():
     assert [feats[f"conv{i}"].shape[-1] for i in range(1, 5)] == [8, 8, 16, 16]
     assert feats["conv4"].shape[1:3] == (7, 7)
     assert feats["dense"].shape[-1] == 16
-    assert SmallCNN.default_taps == ("conv3", "conv4", "dense")
-    assert SmallCNN.default_invariance_weight == 30.0
-    assert set(SmallCNN.default_taps) <= set(SmallCNN.tap_names)
+    assert model.default_taps == ("conv3", "conv4", "dense")
+    assert model.default_invariance_weight == 30.0
+    assert set(model.default_taps) <= set(model.feature_names) <= set(model.tap_names)
     # Convs before BN have no bias; both Dense layers do.
-    assert all(not c.use_bias for c in model.convs)
-    assert model.hidden.use_bias and model.classifier.use_bias
+    assert all(not model.graph.get_layer(f"conv{i}").use_bias for i in range(1, 5))
+    assert model.graph.get_layer("dense").use_bias
+    assert model.graph.get_layer("classifier").use_bias
+    # Any layer of the graph can be tapped by its own name, too.
+    _, more = model(images(shape=(28, 28, 1)), return_features=("relu2", "flatten"))
+    assert more["relu2"].shape[1:] == (14, 14, 8) and more["flatten"].shape[-1] == 7 * 7 * 16
 
 
 def _moving_stats(model, branch):
@@ -236,7 +243,7 @@ def test_resnet18_parameter_counts(resnet18):
     # Convs feeding BNs have no bias; the classifier has one.
     convs = [l for l in resnet18._flatten_layers() if isinstance(l, keras.layers.Conv2D)]
     assert len(convs) == 20 and not any(c.use_bias for c in convs)
-    assert resnet18.linear.use_bias
+    assert resnet18.graph.get_layer("linear").use_bias
 
 
 def test_resnet18_forward_and_features(resnet18):
@@ -247,12 +254,12 @@ def test_resnet18_forward_and_features(resnet18):
             logits, feats = resnet18(x, training=training, branch=branch,
                                      return_features=True)
             assert tuple(logits.shape) == (BATCH, 10)
-    assert tuple(feats) == resnet18.tap_names == (
+    assert tuple(feats) == resnet18.feature_names == (
         "layer4.0.bn1", "layer4.0.bn2", "layer4.1.bn1", "layer4.1.bn2", "pool")
     for name in resnet18.default_taps:
         assert tuple(feats[name].shape) == (BATCH, 4, 4, 512)
     assert tuple(feats["pool"].shape) == (BATCH, 512)
-    assert resnet18.default_taps == resnet18.tap_names[:4]
+    assert resnet18.default_taps == resnet18.feature_names[:4]
     assert resnet18.default_invariance_weight == 30.0
     # bn2 is tapped before the residual add + ReLU, so it has negative values.
     assert float(keras.ops.min(feats["layer4.1.bn2"])) < 0.0
@@ -265,9 +272,9 @@ def test_wrn34_10_parameter_count_and_taps():
     assert isinstance(model, WideResNet)
     assert (model.depth, model.width, model.blocks_per_stage) == (34, 10, 5)
     assert n_params(model.trainable_weights) == 46_160_474
-    assert len(model.tap_names) == 11 and model.default_taps == model.tap_names
-    assert model.tap_names[:2] == ("block3.0.relu1", "block3.0.relu2")
-    assert model.tap_names[-1] == "pool"
+    assert len(model.feature_names) == 11 and model.default_taps == model.feature_names
+    assert model.feature_names[:2] == ("block3.0.relu1", "block3.0.relu2")
+    assert model.feature_names[-1] == "pool"
     assert model.default_invariance_weight == 100.0
 
 
@@ -289,14 +296,13 @@ def test_wrn10_1_forward_features_and_split_params(wrn10_1):
             logits, feats = wrn10_1(x, training=training, branch=branch,
                                     return_features=True)
             assert tuple(logits.shape) == (BATCH, 10)
-    assert tuple(feats) == wrn10_1.tap_names == (
+    assert tuple(feats) == wrn10_1.feature_names == (
         "block3.0.relu1", "block3.0.relu2", "pool")
     # relu1 of the first last-stage block is its (32-channel, 16x16) input.
     assert tuple(feats["block3.0.relu1"].shape) == (BATCH, 16, 16, 32)
     assert tuple(feats["block3.0.relu2"].shape) == (BATCH, 8, 8, 64)
     assert tuple(feats["pool"].shape) == (BATCH, 64)
     single = WideResNet(depth=10, width=1, split_bn=False)
-    single(np.zeros((1, 32, 32, 3), np.float32))
     bn_channels = _wrn_bn_channels(10, 1)
     assert len(split_bn_sites(single)) == len(split_bn_sites(wrn10_1)) == 7
     assert n_params(single.non_trainable_weights) == 2 * bn_channels
@@ -306,18 +312,20 @@ def test_wrn10_1_forward_features_and_split_params(wrn10_1):
 
 
 def test_wrn_initialisation(wrn10_1):
-    for block in wrn10_1.blocks:
-        init = block.conv2.kernel_initializer
+    conv2s = [l for l in wrn10_1.graph.layers if l.name.endswith(".conv2")]
+    assert len(conv2s) == 3
+    for conv in conv2s:
+        init = conv.kernel_initializer
         assert isinstance(init, keras.initializers.RandomNormal)
-        assert init.stddev == pytest.approx(np.sqrt(2.0 / (9 * block.out_planes)))
-    np.testing.assert_array_equal(to_np(wrn10_1.fc.bias), 0.0)
+        assert init.stddev == pytest.approx(np.sqrt(2.0 / (9 * conv.filters)))
+    np.testing.assert_array_equal(to_np(wrn10_1.graph.get_layer("fc").bias), 0.0)
 
 
 def test_wrn10_1_branches_differ_once_gammas_differ(wrn10_1):
     model = build_model("wrn10_1")
     x = images(seed=10)
     np_close(model(x, branch="clean"), model(x, branch="adv"), atol=0)
-    bn = model.bn.branch_layer("clean")
+    bn = model.graph.get_layer("bn").branch_layer("clean")
     bn.gamma.assign(0.5 * np.ones(bn.gamma.shape))
     diff = to_np(model(x, branch="clean") - model(x, branch="adv"))
     assert np.max(np.abs(diff)) > 1e-4
@@ -338,13 +346,13 @@ def test_preact_resnet18_forward_and_features():
     for branch in ("clean", "adv"):
         logits, feats = model(x, training=False, branch=branch, return_features=True)
         assert tuple(logits.shape) == (BATCH, 100)
-    assert tuple(feats) == model.tap_names
+    assert tuple(feats) == model.feature_names
     assert tuple(feats["layer4.0.relu1"].shape) == (BATCH, 8, 8, 256)
     for name in ("layer4.0.relu2", "layer4.1.relu1", "layer4.1.relu2"):
         assert tuple(feats[name].shape) == (BATCH, 4, 4, 512)
     assert tuple(feats["pool"].shape) == (BATCH, 512)
     assert all(float(keras.ops.min(v)) >= 0.0 for v in feats.values())
-    assert model.default_taps == model.tap_names[:4]
+    assert model.default_taps == model.feature_names[:4]
     assert model.default_invariance_weight == 30.0
     # No BN on the stem (pre-activation): 16 block BNs + the final BN.
     assert len(split_bn_sites(model)) == 17
@@ -360,10 +368,11 @@ def test_build_model_names_and_errors():
         build_model("resnet50")
     for name in MODEL_NAMES:
         assert name in str(err.value)
-    big = build_model("wrn34_10", input_shape=None)
-    assert (big.depth, big.width) == (34, 10) and not big.built
-    wrn = build_model("wrn", depth=16, width=2, num_classes=5, input_shape=None)
+    with pytest.raises(ValueError, match="input_shape must be"):
+        build_model("wrn34_10", input_shape=None)
+    wrn = build_model("wrn", depth=16, width=2, num_classes=5, input_shape=(16, 16, 1))
     assert (wrn.depth, wrn.width, wrn.num_classes) == (16, 2, 5)
+    assert tuple(wrn(np.zeros((1, 16, 16, 1), np.float32)).shape) == (1, 5)
     with pytest.raises(ValueError):
         build_model("wrn10_1", depth=16)
     with pytest.raises(ValueError):
@@ -414,3 +423,40 @@ def test_from_config_rebuilds_same_architecture():
                   ResNet18(num_classes=3), PreActResNet18(split_bn=False)):
         clone = type(model).from_config(model.get_config())
         assert clone.get_config() == model.get_config()
+
+
+# ------------------------------------------------- checkpoints of older versions
+
+LEGACY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "legacy")
+
+
+@pytest.mark.parametrize("name,kwargs", [("small_cnn", {"width": 8}), ("resnet18", {}),
+                                         ("wrn10_1", {}), ("preact_resnet18", {})])
+def test_checkpoint_keys_of_the_subclassed_models_are_kept(name, kwargs):
+    """The functional families save every weight under the key the subclassed models of
+    earlier versions used (recorded in tests/fixtures/legacy/checkpoint_keys.json)."""
+    from keras_arat import runs
+    from keras_arat.training import TRAINERS
+    with open(os.path.join(LEGACY, "checkpoint_keys.json")) as f:
+        recorded = json.load(f)
+    for split in (True, False):
+        net = build_model(name, split_bn=split, **kwargs)
+        trainer = TRAINERS["arat" if split else "pgd_at"](net)
+        keys = sorted(runs.checkpoint_objects(trainer)["weights"])
+        assert keys == recorded[f"{name}-split_bn={split}"]
+
+
+def test_a_checkpoint_written_by_the_subclassed_model_loads_and_computes_the_same():
+    from keras_arat import runs
+    from keras_arat.training import TRAINERS
+    from keras_arat.training.checkpoint import CheckpointManager
+    net = build_model("small_cnn", width=4, dense_units=8)
+    trainer = TRAINERS["arat"](net)
+    manager = CheckpointManager(os.path.join(LEGACY, "small_cnn_w4", "checkpoints"),
+                                **runs.checkpoint_objects(trainer))
+    manager.restore(manager.latest()[1])
+    expected = np.load(os.path.join(LEGACY, "small_cnn_w4", "expected.npz"))
+    for branch in ("adv", "clean"):
+        np.testing.assert_allclose(net(expected["x"], training=False, branch=branch).numpy(),
+                                   expected[branch], rtol=0, atol=1e-6)
+    assert float(trainer.a_prev.numpy()) == 0.375

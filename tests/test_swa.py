@@ -54,7 +54,7 @@ def test_reestimation_changes_only_adv_statistics_and_averages_batches():
     estimated = first_bn.moving_mean.numpy().copy()  # read now: attacks below move it
     # Training-mode outputs do not depend on moving statistics, so the attack
     # examples are reproducible here.
-    conv1 = net.convs[0]
+    conv1 = net.graph.get_layer("conv1")
     means = []
     for k, (xb, yb) in enumerate(batches):
         x_adv = attack(lambda z: net(z, training=True, branch="adv"), xb, yb,

@@ -1,25 +1,26 @@
-"""Model families with split BatchNorm, and `build_model` to make them by name."""
+"""Model families with split BatchNorm, and `build_model` to make them by name.
 
-import keras
+Every family is a functional Keras graph behind keras_arat.network.SplitBNNetwork, the
+same contract a user's model gets from keras_arat.to_split_bn.
+"""
 
-from keras_arat.models.preact_resnet import PreActBlock, PreActResNet18
-from keras_arat.models.resnet import BasicBlock, ResNet18, TorchConv2D
+from keras_arat.models.preact_resnet import PreActResNet18
+from keras_arat.models.resnet import ResNet18, TorchConv2D
 from keras_arat.models.small_cnn import SmallCNN
-from keras_arat.models.wide_resnet import WideBasicBlock, WideResNet
+from keras_arat.models.wide_resnet import WideResNet
 
 # Fixed (depth, width) of the WRN aliases.
 _WRN_ALIASES = {"wrn34_10": (34, 10), "wrn10_1": (10, 1)}
-
+FAMILIES = {"small_cnn": SmallCNN, "resnet18": ResNet18, "wrn": WideResNet,
+            "preact_resnet18": PreActResNet18}
 MODEL_NAMES = ("small_cnn", "resnet18", "wrn", "wrn34_10", "wrn10_1",
                "preact_resnet18")
 
 
-def build_model(name, num_classes=10, split_bn=True, input_shape=(32, 32, 3),
-                **kwargs):
-    """Make the model `name` (one of MODEL_NAMES) and build its weights.
+def build_model(name, num_classes=10, split_bn=True, input_shape=(32, 32, 3), **kwargs):
+    """Make the model `name` (one of MODEL_NAMES), its weights built for images of
+    `input_shape` (H, W, C).
 
-    The model is built by calling it once, in inference mode, on zeros of shape
-    (1, *input_shape); pass `input_shape=None` to get an unbuilt model.
     Extra keyword arguments go to the model's constructor ("wrn" takes `depth`
     and `width`; "small_cnn" takes `width` and `dense_units`). The aliases
     "wrn34_10" and "wrn10_1" fix depth and width.
@@ -35,17 +36,11 @@ def build_model(name, num_classes=10, split_bn=True, input_shape=(32, 32, 3),
                 raise ValueError(f"{name!r} fixes {arg}={fixed}, got {arg}={kwargs[arg]!r}")
         kwargs.update(depth=depth, width=width)
         key = "wrn"
-    cls = {"small_cnn": SmallCNN, "resnet18": ResNet18, "wrn": WideResNet,
-           "preact_resnet18": PreActResNet18}[key]
-    model = cls(num_classes=num_classes, split_bn=split_bn, **kwargs)
-    if input_shape is not None:
-        model(keras.ops.zeros((1,) + tuple(input_shape), dtype="float32"),
-              training=False)
-    return model
+    if input_shape is None or len(tuple(input_shape)) != 3:
+        raise ValueError(f"input_shape must be (H, W, C), got {input_shape!r}")
+    return FAMILIES[key](num_classes=num_classes, split_bn=split_bn,
+                         input_shape=tuple(input_shape), **kwargs)
 
 
-__all__ = [
-    "MODEL_NAMES", "build_model",
-    "SmallCNN", "ResNet18", "WideResNet", "PreActResNet18",
-    "BasicBlock", "WideBasicBlock", "PreActBlock", "TorchConv2D",
-]
+__all__ = ["FAMILIES", "MODEL_NAMES", "PreActResNet18", "ResNet18", "SmallCNN", "TorchConv2D",
+           "WideResNet", "build_model"]

@@ -9,6 +9,7 @@ import math
 import keras
 
 from keras_arat.layers.split_batch_norm import SplitBatchNormalization
+from keras_arat.network import SplitBNNetwork
 
 
 def torch_kernel_initializer():
@@ -100,155 +101,102 @@ def positive_num_classes(num_classes):
     return int(num_classes)
 
 
-def build_stages(block_cls, in_planes, widths, strides, blocks_per_stage, split_bn, prefix):
-    """The residual blocks of every stage, and their dotted names, as parallel lists.
-
-    Stage s (from 1) has blocks_per_stage[s-1] blocks of width widths[s-1]; only its
-    first block strides. Block i of stage s is the layer "{prefix}{s}_{i}" and is named
-    "{prefix}{s}.{i}" in feature keys, as in the PyTorch module tree.
-    """
-    blocks, names = [], []
-    for stage, (planes, stride, n) in enumerate(zip(widths, strides, blocks_per_stage), 1):
-        for i in range(n):
-            blocks.append(block_cls(in_planes, planes, stride if i == 0 else 1,
-                                    split_bn=split_bn, name=f"{prefix}{stage}_{i}"))
-            names.append(f"{prefix}{stage}.{i}")
-            in_planes = planes
-    return blocks, names
-
-
-def run_blocks(blocks, names, x, tapped_stage, feature_keys, training, branch):
-    """Runs the blocks in order; returns the output and, for every block of
-    `tapped_stage` (a name prefix such as "layer4."), its features as "{name}.{key}"."""
-    feats = {}
-    for name, block in zip(names, blocks):
-        if name.startswith(tapped_stage):
-            x, block_feats = block(x, training=training, branch=branch,
-                                   return_features=True)
-            feats.update((f"{name}.{key}", block_feats[key]) for key in feature_keys)
-        else:
-            x = block(x, training=training, branch=branch)
-    return x, feats
+def logits_dtype():
+    """The classifier's dtype: float32 (also under mixed precision: attacks and losses
+    need float32 logits), float64 under a float64 policy."""
+    return "float64" if keras.config.dtype_policy().name == "float64" else "float32"
 
 
 def float32_classifier(num_classes, name, bias_fan_in=None):
     """The final Dense: PyTorch's weight init, PyTorch's bias init over `bias_fan_in`
     inputs (zeros without it), float32 logits under a mixed-precision policy (attacks
-    and losses need them). The kernel's initializer is made first, as it always was, so
-    a seeded model draws the same weights."""
+    and losses need them), float64 ones under a float64 policy. The kernel's initializer
+    is made first, as it always was, so a seeded model draws the same weights."""
     kernel_initializer = torch_kernel_initializer()
     bias_initializer = "zeros" if bias_fan_in is None else torch_bias_initializer(bias_fan_in)
     return keras.layers.Dense(num_classes, kernel_initializer=kernel_initializer,
-                              bias_initializer=bias_initializer, name=name, dtype="float32")
+                              bias_initializer=bias_initializer, name=name,
+                              dtype=logits_dtype())
 
 
-class ResidualBlock(keras.layers.Layer):
-    """What every residual block shares: its channels in and out, its stride, split BN.
+def bn_layer(split, name):
+    return SplitBatchNormalization(split=split, name=name)
 
-    Subclasses build their layers after calling this __init__ and implement `call`.
+
+def stage_blocks(widths, strides, blocks_per_stage, prefix):
+    """(layer-name prefix, feature prefix, planes, stride) of every residual block.
+
+    Block i of stage s (from 1) has the layer prefix "{prefix}{s}_{i}" (its layers are
+    "{prefix}{s}_{i}.conv1", ...) and the feature prefix "{prefix}{s}.{i}", as in the
+    PyTorch module tree; only the first block of a stage strides.
     """
-
-    def __init__(self, in_planes, planes, stride=1, split_bn=True, **kwargs):
-        super().__init__(**kwargs)
-        self.in_planes = int(in_planes)
-        self.planes = int(planes)
-        self.stride = int(stride)
-        self.split_bn = bool(split_bn)
-
-    def compute_output_shape(self, input_shape):
-        h, w = input_shape[1], input_shape[2]
-        h = None if h is None else (h - 1) // self.stride + 1
-        w = None if w is None else (w - 1) // self.stride + 1
-        return (input_shape[0], h, w, self.planes)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(in_planes=self.in_planes, planes=self.planes,
-                      stride=self.stride, split_bn=self.split_bn)
-        return config
+    for stage, (planes, stride, n) in enumerate(zip(widths, strides, blocks_per_stage), 1):
+        for i in range(n):
+            yield f"{prefix}{stage}_{i}", f"{prefix}{stage}.{i}", planes, stride if i == 0 else 1
 
 
-@keras.saving.register_keras_serializable(package="keras_arat")
-class BasicBlock(ResidualBlock):
+def basic_block(x, in_planes, planes, stride, split, name):
     """conv3x3 -> bn1 -> relu -> conv3x3 -> bn2 -> (+ shortcut) -> relu.
 
-    The shortcut is a 1x1 conv + BN when the stride or the width changes.
-    Features: "bn1", "bn2" (bn2 before the residual addition).
-    """
-
-    def __init__(self, in_planes, planes, stride=1, split_bn=True, **kwargs):
-        super().__init__(in_planes, planes, stride, split_bn, **kwargs)
-        self.conv1 = torch_conv(self.planes, 3, self.stride, 1, "conv1")
-        self.bn1 = SplitBatchNormalization(split=self.split_bn, name="bn1")
-        self.conv2 = torch_conv(self.planes, 3, 1, 1, "conv2")
-        self.bn2 = SplitBatchNormalization(split=self.split_bn, name="bn2")
-        self.has_shortcut = self.stride != 1 or self.in_planes != self.planes
-        if self.has_shortcut:
-            self.shortcut_conv = torch_conv(self.planes, 1, self.stride, 0,
-                                            "shortcut_conv")
-            self.shortcut_bn = SplitBatchNormalization(split=self.split_bn,
-                                                       name="shortcut_bn")
-
-    def call(self, inputs, training=None, branch="adv", return_features=False):
-        b1 = self.bn1(self.conv1(inputs), training=training, branch=branch)
-        out = keras.ops.relu(b1)
-        b2 = self.bn2(self.conv2(out), training=training, branch=branch)
-        if self.has_shortcut:
-            short = self.shortcut_bn(self.shortcut_conv(inputs), training=training,
-                                     branch=branch)
-        else:
-            short = inputs
-        out = keras.ops.relu(b2 + short)
-        if return_features:
-            return out, {"bn1": b1, "bn2": b2}
-        return out
+    The shortcut is a 1x1 conv + BN when the stride or the width changes."""
+    b1 = bn_layer(split, f"{name}.bn1")(torch_conv(planes, 3, stride, 1, f"{name}.conv1")(x))
+    out = keras.layers.ReLU(name=f"{name}.relu1")(b1)
+    b2 = bn_layer(split, f"{name}.bn2")(torch_conv(planes, 3, 1, 1, f"{name}.conv2")(out))
+    if stride != 1 or in_planes != planes:
+        short = torch_conv(planes, 1, stride, 0, f"{name}.shortcut_conv")(x)
+        short = bn_layer(split, f"{name}.shortcut_bn")(short)
+    else:
+        short = x
+    out = keras.layers.Add(name=f"{name}.add")([b2, short])
+    return keras.layers.ReLU(name=f"{name}.relu2")(out)
 
 
 @keras.saving.register_keras_serializable(package="keras_arat")
-class ResNet18(keras.Model):
+class ResNet18(SplitBNNetwork):
     """CIFAR ResNet-18: 3x3 stem (no max-pool), BasicBlocks 2-2-2-2.
 
     Widths 64, 128, 256, 512 with strides 1, 2, 2, 2, global average pooling and
-    a Dense classifier. Initialisation follows PyTorch's defaults.
+    a Dense classifier. Initialisation follows PyTorch's defaults. A functional graph;
+    block layers are named "layer{s}_{i}.conv1", ".bn1", ".conv2", ".bn2",
+    ".shortcut_conv", ".shortcut_bn", ".add", ".relu1", ".relu2".
 
     Features: "layer4.{0,1}.bn1", "layer4.{0,1}.bn2" (raw BN outputs, bn2 before
     the residual addition) and "pool" (the pooled 512-d vector).
     """
 
-    tap_names = ("layer4.0.bn1", "layer4.0.bn2", "layer4.1.bn1", "layer4.1.bn2",
-                 "pool")
-    default_taps = ("layer4.0.bn1", "layer4.0.bn2", "layer4.1.bn1", "layer4.1.bn2")
-    default_invariance_weight = 30.0
-
     planes = (64, 128, 256, 512)
     strides = (1, 2, 2, 2)
     num_blocks = (2, 2, 2, 2)
+    FEATURES = {"layer4.0.bn1": "layer4_0.bn1", "layer4.0.bn2": "layer4_0.bn2",
+                "layer4.1.bn1": "layer4_1.bn1", "layer4.1.bn2": "layer4_1.bn2",
+                "pool": "pool"}
+    DEFAULT_TAPS = ("layer4.0.bn1", "layer4.0.bn2", "layer4.1.bn1", "layer4.1.bn2")
 
-    def __init__(self, num_classes=10, split_bn=True, **kwargs):
-        super().__init__(**kwargs)
-        self.num_classes = positive_num_classes(num_classes)
-        self.split_bn = bool(split_bn)
-        self.conv1 = torch_conv(64, 3, 1, 1, "conv1")
-        self.bn1 = SplitBatchNormalization(split=self.split_bn, name="bn1")
-        self.blocks, self.block_names = build_stages(
-            BasicBlock, 64, self.planes, self.strides, self.num_blocks, self.split_bn,
-            "layer")
-        self.pool = keras.layers.GlobalAveragePooling2D(name="pool")
-        self.linear = float32_classifier(self.num_classes, "linear", self.planes[-1])
-
-    def call(self, inputs, training=None, branch="adv", return_features=False):
-        x = keras.ops.relu(self.bn1(self.conv1(inputs), training=training,
-                                    branch=branch))
-        x, feats = run_blocks(self.blocks, self.block_names, x, "layer4.", ("bn1", "bn2"),
-                              training, branch)
-        pooled = self.pool(x)
-        feats["pool"] = pooled
-        logits = self.linear(pooled)
-        if return_features:
-            return logits, {k: feats[k] for k in self.tap_names}
-        return logits
+    def __init__(self, num_classes=10, split_bn=True, input_shape=(32, 32, 3),
+                 name="resnet18", **kwargs):
+        num_classes = positive_num_classes(num_classes)
+        image_shape = tuple(int(d) for d in input_shape)
+        split = bool(split_bn)
+        with keras.name_scope(name):  # weight paths "<name>/<layer>/..."
+            images = keras.Input(image_shape, name="images")
+            x = torch_conv(64, 3, 1, 1, "conv1")(images)
+            x = keras.layers.ReLU(name="relu")(bn_layer(split, "bn1")(x))
+            in_planes = 64
+            for layer, _, planes, stride in stage_blocks(self.planes, self.strides,
+                                                         self.num_blocks, "layer"):
+                x = basic_block(x, in_planes, planes, stride, split, layer)
+                in_planes = planes
+            pooled = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+            logits = float32_classifier(num_classes, "linear", self.planes[-1])(pooled)
+            graph = keras.Model(images, logits, name=name)
+        super().__init__(graph, features=self.FEATURES, default_taps=self.DEFAULT_TAPS,
+                         default_invariance_weight=30.0, name=name, **kwargs)
+        self.num_classes, self.split_bn, self.image_shape = num_classes, split, image_shape
 
     def get_config(self):
-        config = super().get_config()
-        config.update(num_classes=self.num_classes, split_bn=self.split_bn)
-        return config
+        return {"name": self.name, "num_classes": self.num_classes, "split_bn": self.split_bn,
+                "input_shape": list(self.image_shape)}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)

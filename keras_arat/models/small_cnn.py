@@ -3,6 +3,8 @@
 import keras
 
 from keras_arat.layers.split_batch_norm import SplitBatchNormalization
+from keras_arat.models.resnet import logits_dtype
+from keras_arat.network import SplitBNNetwork
 
 
 def _positive_int(value, what):
@@ -12,61 +14,54 @@ def _positive_int(value, what):
 
 
 @keras.saving.register_keras_serializable(package="keras_arat")
-class SmallCNN(keras.Model):
+class SmallCNN(SplitBNNetwork):
     """conv-BN-ReLU x4 (strides 1, 2, 1, 2) -> flatten -> Dense-ReLU -> Dense.
 
     Channels are (w, w, 2w, 2w) for `width=w`. Every BN is a
-    `SplitBatchNormalization` (a single shared BN when `split_bn=False`).
+    `SplitBatchNormalization` (a single shared BN when `split_bn=False`). A functional
+    graph: layers conv1..conv4, bn1..bn4, relu1..relu4, flatten, dense, dense_relu,
+    classifier.
 
-    Features (`return_features=True`): "conv1".."conv4" are the BN outputs
-    before their ReLU, "dense" is the hidden Dense layer after its ReLU.
+    Features (`return_features=True`): "conv1".."conv4" are the BN outputs before their
+    ReLU, "dense" is the hidden Dense layer after its ReLU.
     """
 
-    tap_names = ("conv1", "conv2", "conv3", "conv4", "dense")
-    default_taps = ("conv3", "conv4", "dense")
-    default_invariance_weight = 30.0
+    FEATURES = {"conv1": "bn1", "conv2": "bn2", "conv3": "bn3", "conv4": "bn4",
+                "dense": "dense_relu"}
+    DEFAULT_TAPS = ("conv3", "conv4", "dense")
 
     def __init__(self, num_classes=10, split_bn=True, width=32, dense_units=128,
-                 **kwargs):
-        super().__init__(**kwargs)
-        self.num_classes = _positive_int(num_classes, "num_classes")
-        self.split_bn = bool(split_bn)
-        self.width = _positive_int(width, "width")
-        self.dense_units = _positive_int(dense_units, "dense_units")
-
-        filters = (self.width, self.width, 2 * self.width, 2 * self.width)
-        strides = (1, 2, 1, 2)
-        self.convs = [
-            keras.layers.Conv2D(f, 3, strides=s, padding="same", use_bias=False,
-                                name=f"conv{i + 1}")
-            for i, (f, s) in enumerate(zip(filters, strides))
-        ]
-        self.bns = [
-            SplitBatchNormalization(split=self.split_bn, name=f"bn{i + 1}")
-            for i in range(len(filters))
-        ]
-        self.flatten = keras.layers.Flatten(name="flatten")
-        self.hidden = keras.layers.Dense(self.dense_units, name="dense")
-        # float32 logits under a mixed-precision policy (attacks and losses need them)
-        self.classifier = keras.layers.Dense(self.num_classes, name="classifier",
-                                             dtype="float32")
-
-    def call(self, inputs, training=None, branch="adv", return_features=False):
-        feats = {}
-        x = inputs
-        for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
-            x = bn(conv(x), training=training, branch=branch)
-            feats[f"conv{i + 1}"] = x
-            x = keras.ops.relu(x)
-        x = keras.ops.relu(self.hidden(self.flatten(x)))
-        feats["dense"] = x
-        logits = self.classifier(x)
-        if return_features:
-            return logits, feats
-        return logits
+                 input_shape=(32, 32, 3), name="small_cnn", **kwargs):
+        num_classes = _positive_int(num_classes, "num_classes")
+        width = _positive_int(width, "width")
+        dense_units = _positive_int(dense_units, "dense_units")
+        image_shape = tuple(int(d) for d in input_shape)
+        filters = (width, width, 2 * width, 2 * width)
+        with keras.name_scope(name):  # weight paths "<name>/<layer>/..."
+            images = keras.Input(image_shape, name="images")
+            x = images
+            for i, (f, stride) in enumerate(zip(filters, (1, 2, 1, 2)), 1):
+                x = keras.layers.Conv2D(f, 3, strides=stride, padding="same", use_bias=False,
+                                        name=f"conv{i}")(x)
+                x = SplitBatchNormalization(split=bool(split_bn), name=f"bn{i}")(x)
+                x = keras.layers.ReLU(name=f"relu{i}")(x)
+            x = keras.layers.Flatten(name="flatten")(x)
+            x = keras.layers.Dense(dense_units, name="dense")(x)
+            x = keras.layers.ReLU(name="dense_relu")(x)
+            # float32 logits under a mixed-precision policy (attacks and losses need them)
+            logits = keras.layers.Dense(num_classes, name="classifier",
+                                        dtype=logits_dtype())(x)
+            graph = keras.Model(images, logits, name=name)
+        super().__init__(graph, features=self.FEATURES, default_taps=self.DEFAULT_TAPS,
+                         default_invariance_weight=30.0, name=name, **kwargs)
+        self.num_classes, self.split_bn = num_classes, bool(split_bn)
+        self.width, self.dense_units, self.image_shape = width, dense_units, image_shape
 
     def get_config(self):
-        config = super().get_config()
-        config.update(num_classes=self.num_classes, split_bn=self.split_bn,
-                      width=self.width, dense_units=self.dense_units)
-        return config
+        return {"name": self.name, "num_classes": self.num_classes, "split_bn": self.split_bn,
+                "width": self.width, "dense_units": self.dense_units,
+                "input_shape": list(self.image_shape)}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)

@@ -1,7 +1,9 @@
 """The trainer base class: a keras.Model wrapping a classifier with a custom train_step.
 
 The wrapped `network` follows the keras_arat.models contract:
-network(x, training=..., branch="clean"|"adv", return_features=False).
+network(x, training=..., branch="clean"|"adv"|"both", return_features=False|True|names)
+(keras_arat.network.SplitBNNetwork: every built-in family, and any user model after
+keras_arat.to_split_bn).
 """
 
 import dataclasses

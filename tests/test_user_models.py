@@ -1,0 +1,203 @@
+"""A user's own Keras model: split BN by one call, ARAT by compile + fit, folding and export
+through SavedModel and ONNX, for a Sequential CNN, a functional residual model and a
+keras.applications model."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+
+from export import convert, fold
+from keras_arat.layers.split_batch_norm import SplitBatchNormalization
+from keras_arat.network import SplitBNNetwork, to_split_bn
+
+ATOL = 1e-4  # the export contract's logit tolerance
+
+
+def sequential_cnn():
+    return keras.Sequential([
+        keras.Input((32, 32, 3)),
+        keras.layers.Conv2D(8, 3, padding="same", use_bias=False),
+        keras.layers.BatchNormalization(),
+        keras.layers.ReLU(),
+        keras.layers.Conv2D(16, 3, strides=2, padding="same"),
+        keras.layers.BatchNormalization(),
+        keras.layers.ReLU(),
+        keras.layers.Flatten(),
+        keras.layers.Dense(32),
+        keras.layers.BatchNormalization(),
+        keras.layers.ReLU(name="embedding"),
+        keras.layers.Dense(10, name="head"),
+    ], name="user_sequential")
+
+
+def residual_model():
+    """Skip connections, a BN that reads a sum (no conv before it), a depthwise conv."""
+    images = keras.Input((32, 32, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same", use_bias=False)(images)
+    x = keras.layers.ReLU()(keras.layers.BatchNormalization()(x))
+    h = keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False)(x)
+    h = keras.layers.ReLU()(keras.layers.BatchNormalization()(h))
+    h = keras.layers.Conv2D(8, 1, use_bias=False)(h)
+    x = keras.layers.Add()([x, h])
+    x = keras.layers.ReLU()(keras.layers.BatchNormalization(name="post_add_bn")(x))
+    pooled = keras.layers.GlobalAveragePooling2D(name="pooled")(x)
+    return keras.Model(images, keras.layers.Dense(10)(pooled), name="user_residual")
+
+
+def applications_model():
+    return keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35,
+                                          weights=None, classes=10,
+                                          classifier_activation=None)
+
+
+USER_MODELS = {"sequential": sequential_cnn, "residual": residual_model,
+               "mobilenet_v2": applications_model}
+
+
+def randomize_statistics(model, seed=0):
+    """Non-trivial BN statistics, so that folding errors cannot hide behind identities."""
+    rng = np.random.default_rng(seed)
+    for layer in model._flatten_layers(include_self=False, recursive=True):  # noqa: SLF001
+        if type(layer) is keras.layers.BatchNormalization:
+            c = layer.moving_mean.shape[-1]
+            layer.moving_mean.assign(rng.normal(0, 0.3, c).astype("float32"))
+            layer.moving_variance.assign(rng.uniform(0.5, 2.0, c).astype("float32"))
+            if layer.scale:
+                layer.gamma.assign(rng.uniform(0.5, 1.5, c).astype("float32"))
+            if layer.center:
+                layer.beta.assign(rng.normal(0, 0.2, c).astype("float32"))
+    return model
+
+
+def images(n=6, seed=1):
+    return np.random.default_rng(seed).uniform(0, 1, (n, 32, 32, 3)).astype("float32")
+
+
+@pytest.fixture(scope="module", params=sorted(USER_MODELS))
+def converted(request):
+    keras.utils.set_random_seed(0)
+    model = randomize_statistics(USER_MODELS[request.param]())
+    return request.param, model, to_split_bn(model)
+
+
+def test_to_split_bn_keeps_the_graph_and_starts_both_branches_from_the_weights(converted):
+    name, model, net = converted
+    bns = [l for l in model._flatten_layers(recursive=True)  # noqa: SLF001
+           if isinstance(l, keras.layers.BatchNormalization)]
+    splits = [l for l in net._flatten_layers(recursive=True)  # noqa: SLF001
+              if isinstance(l, SplitBatchNormalization)]
+    assert len(splits) == len(bns) > 0 and all(s.split for s in splits)
+    assert not [l for l in net.graph.layers if type(l) is keras.layers.BatchNormalization]
+    x = images()
+    want = model(x, training=False).numpy()
+    for branch in ("clean", "adv"):
+        np.testing.assert_allclose(net(x, training=False, branch=branch).numpy(), want,
+                                   atol=1e-5, rtol=0)
+    # Branch selection: moving the adv branch's statistics changes that branch only.
+    for site in splits:
+        site.branch_layer("adv").moving_mean.assign(site.branch_layer("adv").moving_mean + 0.5)
+    try:
+        np.testing.assert_allclose(net(x, training=False, branch="clean").numpy(), want,
+                                   atol=1e-5, rtol=0)
+        assert np.max(np.abs(net(x, training=False, branch="adv").numpy() - want)) > 1e-3
+    finally:
+        for site in splits:
+            site.branch_layer("adv").moving_mean.assign(
+                site.branch_layer("adv").moving_mean - 0.5)
+    # The original model is a separate copy: converting and training leave it alone.
+    assert all(id(w) not in {id(v) for v in net.weights} for w in model.weights)
+    # Features by layer name; the default tap is the classifier's input.
+    logits, feats = net(x, branch="adv", return_features=True)
+    (tap,) = net.default_taps
+    assert tuple(feats) == (tap,) and feats[tap].shape[0] == len(x)
+    assert tap == {"sequential": "embedding", "residual": "pooled"}.get(name, tap)
+
+
+def test_fold_exports_every_user_model_within_the_tolerance(converted, tmp_path):
+    name, _, net = converted
+    x = images(8)
+    for branch in ("adv", "clean"):
+        folded = fold.fold_network(net, branch)
+        assert fold.count_layers(folded, keras.layers.BatchNormalization) == 0
+        assert fold.count_layers(folded, SplitBatchNormalization) == 0
+        want = net(x, training=False, branch=branch).numpy()
+        np.testing.assert_allclose(folded(x).numpy(), want, atol=ATOL, rtol=0)
+    sm = convert.saved_model_dir(str(tmp_path), name)
+    convert.save_saved_model(folded, sm, (32, 32, 3))
+    np.testing.assert_allclose(convert.SavedModelRunner(sm)(x), want, atol=ATOL, rtol=0)
+    onnx_path = str(tmp_path / "model.onnx")
+    convert.onnx_from_saved_model(sm, onnx_path, (32, 32, 3))
+    assert convert.check_onnx(onnx_path) == []  # no BatchNormalization node, dynamic batch
+    np.testing.assert_allclose(convert.OnnxRunner(onnx_path)(x), want, atol=ATOL, rtol=0)
+
+
+def test_a_subclassed_block_with_bn_inside_is_one_clear_error():
+    class Block(keras.layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.conv = keras.layers.Conv2D(4, 3, padding="same")
+            self.norm = keras.layers.BatchNormalization(name="inner_bn")
+
+        def call(self, x, training=None):
+            return self.norm(self.conv(x), training=training)
+
+    images_in = keras.Input((8, 8, 3))
+    out = keras.layers.Dense(3)(keras.layers.Flatten()(Block(name="my_block")(images_in)))
+    model = keras.Model(images_in, out)
+    with pytest.raises(ValueError, match="cannot rewrite layer 'my_block' .*'inner_bn'"):
+        to_split_bn(model)
+
+
+def test_the_converted_network_saves_and_loads_as_keras(converted, tmp_path):
+    name, _, net = converted
+    if name == "mobilenet_v2":
+        pytest.skip("the same code path as the other two, ten times the size")
+    path = str(tmp_path / "net.keras")
+    net.save(path)
+    loaded = keras.saving.load_model(path)
+    assert isinstance(loaded, SplitBNNetwork) and loaded.default_taps == net.default_taps
+    x = images()
+    for branch in ("clean", "adv"):
+        np.testing.assert_allclose(loaded(x, training=False, branch=branch).numpy(),
+                                   net(x, training=False, branch=branch).numpy(),
+                                   atol=1e-6, rtol=0)
+
+
+def test_arat_fit_on_a_converted_model_keeps_a_prev_by_itself():
+    from keras_arat.training import ARATModel, TorchSGD
+    from tests import helpers
+    keras.utils.set_random_seed(0)
+    net = to_split_bn(sequential_cnn())
+    trainer = ARATModel(net, eps=0.2, step_size=0.05, attack_steps=2, a_prev_examples=256)
+    trainer.compile(optimizer=TorchSGD(0.05))
+    x, y = helpers.tiny_data().train
+    assert float(trainer.a_prev.numpy()) == 0.0
+    history = trainer.fit(x[:512], y[:512], batch_size=64, epochs=2, verbose=0)
+    # a_prev is measured at each epoch start: near chance at first, above it once trained.
+    first, second = history.history["a_prev"]
+    assert 0.0 < first < 0.35 and second > first + 0.2, (first, second)
+    # The same with a tf.data.Dataset of batches.
+    import tensorflow as tf
+    data = tf.data.Dataset.from_tensor_slices((x[:256], y[:256])).batch(64)
+    trainer.a_prev.assign(0.0)
+    trainer.fit(data, epochs=1, verbose=0)
+    assert float(trainer.a_prev.numpy()) > 0.3
+
+
+def test_to_split_bn_refuses_what_it_cannot_read():
+    class Subclassed(keras.Model):
+        def call(self, x):
+            return x
+
+    with pytest.raises(ValueError, match="subclassed"):
+        to_split_bn(Subclassed())
+    with pytest.raises(ValueError, match="no defined input"):
+        to_split_bn(keras.Sequential([keras.layers.Dense(2)]))
+
+
+def test_the_output_model_takes_images_as_its_input():
+    net = to_split_bn(sequential_cnn())
+    folded = fold.fold_network(net, "adv")
+    assert folded.input.name == "images" and os.path.basename(folded.name)
