@@ -4,7 +4,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from export import cli  # noqa: E402
+from . import cli  # noqa: E402
 
 __doc__ = cli.__doc__ + "\nAll flags: python -m export --helpfull\n"  # shown by --help
 

@@ -214,7 +214,7 @@ def export(a, log=print):
     import numpy as np
     import tensorflow as tf
 
-    from export import convert, fold
+    from . import convert, fold
 
     network, x, y, eps, source = load_source(a)
     try:

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from export.fold import INPUT_NAME, OUTPUT_NAME
+from .fold import INPUT_NAME, OUTPUT_NAME
 
 SIGNATURE = "serving_default"
 DEFAULT_OPSET = 17

@@ -191,6 +191,41 @@ def evaluate_network(network, x, y, eps, branches=("adv",), attacks=("clean", "p
     return results
 
 
+def as_model_fn(model, branch="adv"):
+    """images -> logits in inference mode: a network with split BN (its `branch`), any
+    Keras model, or any callable (returned as it is)."""
+    import keras
+
+    from keras_arat.network import SplitBNNetwork
+    if isinstance(model, SplitBNNetwork) or hasattr(model, "default_taps"):
+        return lambda z: model(z, training=False, branch=branch)
+    if isinstance(model, keras.Model):
+        return lambda z: model(z, training=False)
+    if callable(model):
+        return model
+    raise TypeError(f"cannot evaluate a {type(model).__name__}: give a Keras model or a "
+                    "callable images -> logits")
+
+
+def evaluate_model(model, x, y, eps, attacks=("clean", "pgd20"), branch="adv",
+                   batch_size=256, seed=0, norm="linf"):
+    """Accuracy of `model` on float32 images x in [0, 1] with labels y under each attack,
+    each the worst case over the attacks before it (as keras_arat.evaluate reports them).
+
+    attacks: from ATTACKS ("clean", "pgd20", "cw", "apgd-ce", "apgd-t", "fab-t",
+    "square", "autoattack"); model: see as_model_fn. Returns {"accuracy": {attack: acc},
+    "time_s": {attack: s}, "autoattack": per-stage breakdown (when run), "warnings": [...]}.
+    """
+    accs, details = evaluate_model_fn(as_model_fn(model, branch), x, y, eps, attacks,
+                                      batch_size, seed, norm)
+    out = {"accuracy": {a: v for a, v in accs.items() if not a.endswith("_time_s")},
+           "time_s": {a[:-7]: v for a, v in accs.items() if a.endswith("_time_s")},
+           "warnings": details["warnings"], "eps": eps, "norm": norm, "n_examples": len(x)}
+    if "autoattack" in details:
+        out["autoattack"] = details["autoattack"]
+    return out
+
+
 # ----------------------------------------------------------------------------- models
 
 def saved_model_fn(path):
@@ -465,7 +500,11 @@ def main(argv):
     print(json.dumps(printed, indent=1))
 
 
-if __name__ == "__main__":
+def run_main():
     define_flags()
     from keras_arat import runs
     app.run(main, flags_parser=runs.parse_flags)
+
+
+if __name__ == "__main__":
+    run_main()

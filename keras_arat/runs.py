@@ -13,8 +13,12 @@ import time
 
 from keras_arat import files
 
-CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           "configs")
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+# The flagfiles: installed as keras_arat/configs (pyproject.toml maps configs/ there); in a
+# checkout or an editable install, the repository's configs/ beside the package.
+CONFIGS_DIR = next((d for d in (os.path.join(_PACKAGE_DIR, "configs"),
+                                os.path.join(os.path.dirname(_PACKAGE_DIR), "configs"))
+                    if os.path.isdir(d)), os.path.join(os.path.dirname(_PACKAGE_DIR), "configs"))
 METHODS = ("arat", "pgd_at", "trades", "mart", "standard")
 # The regularisation weight of TRADES and MART when --beta is not given (their papers').
 DEFAULT_BETA = {"trades": 6.0, "mart": 5.0}

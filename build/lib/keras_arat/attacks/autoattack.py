@@ -1,0 +1,335 @@
+"""AutoAttack (Croce & Hein, ICML 2020) in TensorFlow, and the batched attack runner.
+
+    from keras_arat.attacks import AutoAttack
+    result = AutoAttack(eps=8 / 255).run(model_fn, x, y, batch_size=250, seed=0)
+    result.robust_accuracy, result.stages, result.warnings, result.x_adv
+
+"standard": APGD-CE (100 iterations, 1 run), APGD-T (9 target classes, 1 run each),
+FAB-T (9 target classes, 100 iterations), Square (5,000 queries, p_init 0.8), each on
+the points every earlier stage failed to break; the worst case per example is kept.
+`model_fn` is any callable images -> logits (a Keras network with its branch fixed, a
+SavedModel signature, an ONNX session wrapped with tf.numpy_function). The per-batch
+attacks are compiled with tf.function.
+
+Guard rails (errors are ValueError subclasses): inputs outside [0,1] (InputRangeError),
+a model whose outputs are probabilities rather than logits (ProbabilityOutputError).
+Warnings: Square (gradient-free) breaking points the gradient attacks could not (a sign
+of gradient masking, as in the reference's check), and zero input gradients.
+"""
+
+import dataclasses
+import sys
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from keras_arat.attacks import core
+from keras_arat.attacks.apgd import APGD
+from keras_arat.attacks.fab import FABTargeted
+from keras_arat.attacks.square import Square
+
+GRADIENT_FREE = ("square",)
+SQUARE_WARNING_FRACTION = 0.002  # the reference's threshold (0.2% of the points)
+
+
+class EvaluationError(ValueError):
+    """A model or data set that cannot be evaluated as asked (one-line message)."""
+
+
+class InputRangeError(EvaluationError):
+    pass
+
+
+class ProbabilityOutputError(EvaluationError):
+    pass
+
+
+class BudgetError(EvaluationError):
+    """An attack returned a point outside its threat model: a bug, never a figure."""
+
+
+# float32 rounding of the projection overshoots eps by ~3e-8; anything past this is a bug.
+BUDGET_ATOL = 1e-6
+
+
+def threat_model(attack):
+    """(eps, norm) of an attack, looking through wrappers such as Restarts."""
+    while not hasattr(attack, "eps") and hasattr(attack, "attack"):
+        attack = attack.attack
+    return float(attack.eps), getattr(attack, "norm", "linf")
+
+
+def check_adversarial(x_adv, x, eps, norm="linf", name="attack"):
+    """Refuse adversarial examples outside the eps-ball around x or outside [0, 1].
+
+    Cheap (one pass over the batch), so it runs on every batch behind a reported figure.
+    """
+    x_adv = np.asarray(x_adv, np.float32)
+    x = np.asarray(x, np.float32)
+    if x_adv.shape != x.shape:
+        raise BudgetError(f"{name} returned shape {list(x_adv.shape)} for inputs of shape "
+                          f"{list(x.shape)}")
+    if not np.all(np.isfinite(x_adv)):
+        raise BudgetError(f"{name} returned non-finite pixels")
+    lo, hi = float(np.min(x_adv, initial=0.0)), float(np.max(x_adv, initial=1.0))
+    if lo < -BUDGET_ATOL or hi > 1.0 + BUDGET_ATOL:
+        raise BudgetError(f"{name} returned pixels in [{lo:.6g}, {hi:.6g}], outside [0, 1]")
+    delta = (x_adv - x).reshape(len(x), -1)
+    if not len(delta):
+        return
+    size = (np.max(np.abs(delta), axis=1) if norm == "linf"
+            else np.sqrt(np.sum(np.square(delta.astype(np.float64)), axis=1)))
+    worst = int(np.argmax(size))
+    if size[worst] > eps + BUDGET_ATOL:
+        raise BudgetError(f"{name} moved example {worst} by {size[worst]:.6g} in {norm}, "
+                          f"more than eps {eps:.6g} (+{BUDGET_ATOL:g}): its figure would be "
+                          f"meaningless")
+
+
+def check_inputs(x):
+    """Refuse images outside [0, 1] (attacks clip to that box)."""
+    lo, hi = float(np.min(x)), float(np.max(x))
+    if lo < 0.0 or hi > 1.0:
+        raise InputRangeError(f"inputs must be float images in [0,1], got values in "
+                              f"[{lo:.4g}, {hi:.4g}]")
+
+
+def check_logits(model_fn, x, tol=1e-3):
+    """Refuse a model whose outputs look like probabilities (non-negative rows summing to 1)."""
+    out = np.asarray(model_fn(tf.convert_to_tensor(x[:64], tf.float32)))
+    if out.ndim != 2:
+        raise EvaluationError(f"the model must return logits of shape [N, classes], "
+                              f"got shape {list(out.shape)}")
+    bad = int(np.sum(~np.all(np.isfinite(out), axis=1)))
+    if bad:
+        raise EvaluationError(f"the model outputs non-finite logits (NaN or Inf) for {bad} of "
+                              f"the first {len(out)} images: its weights are broken, so no "
+                              "accuracy can be reported")
+    if np.all(out >= -tol) and np.all(np.abs(out.sum(axis=1) - 1.0) <= tol):
+        raise ProbabilityOutputError("the model outputs probabilities (non-negative rows "
+                                     "summing to 1), not logits: remove the final softmax")
+    return out.shape[1]
+
+
+def zero_gradient_fraction(model_fn, x, y):
+    """Fraction of examples whose cross-entropy input gradient is exactly zero."""
+    x = tf.convert_to_tensor(x[:64], tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        loss = tf.reduce_sum(core.cross_entropy(model_fn(x), y[:64]))
+    grad = tape.gradient(loss, x)
+    if grad is None:
+        return 1.0
+    return float(np.mean(np.abs(grad.numpy()).reshape(len(x), -1).sum(1) == 0))
+
+
+@dataclasses.dataclass(frozen=True)
+class Restarts:
+    """Run `attack` n times (seeds folded with the restart index); per example, keep the
+    first misclassified result, else the last run's point. Works for any attack."""
+
+    attack: object
+    n: int
+
+    @property
+    def name(self):
+        return f"{getattr(self.attack, 'name', 'attack')}x{self.n}"
+
+    def __call__(self, model_fn, x, y, seed):
+        x = tf.convert_to_tensor(x)
+        y = tf.cast(y, tf.int64)
+        best = None
+        broken = tf.zeros(tf.shape(y), tf.bool)
+        for r in range(self.n):
+            x_adv = self.attack(model_fn, x, y, core.fold_seed(seed, 1000 + r))
+            wrong = tf.logical_not(core.is_correct(model_fn(x_adv), y))
+            keep_new = tf.logical_not(broken)
+            best = x_adv if best is None else tf.where(
+                tf.reshape(keep_new, [-1] + [1] * (len(x.shape) - 1)), x_adv, best)
+            broken = tf.logical_or(broken, wrong)
+        return tf.stop_gradient(best)
+
+
+class _Progress:
+    def __init__(self, total, desc, enabled):
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+                self.bar = tqdm(total=total, desc=desc, unit="img", file=sys.stderr,
+                                leave=False, mininterval=2.0, dynamic_ncols=True)
+            except ImportError:
+                self.bar = None
+
+    def update(self, n):
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def compile_attack(attack, model_fn):
+    """tf.function (x, y, seed) -> x_adv for one batch; traced once per batch shape."""
+    return tf.function(lambda xb, yb, sb: attack(model_fn, xb, yb, sb), reduce_retracing=True)
+
+
+def predict_labels(model_fn, x, batch_size):
+    out = []
+    for start in range(0, len(x), batch_size):
+        logits = model_fn(tf.convert_to_tensor(x[start:start + batch_size], tf.float32))
+        out.append(np.argmax(np.asarray(logits), axis=1))
+    return np.concatenate(out) if out else np.zeros([0], np.int64)
+
+
+def run_attack(attack, model_fn, x, y, batch_size=256, seed=0, only=None, progress=False,
+               desc=None, compiled=None, eager=False):
+    """Attack x (numpy, [0,1]) in batches; returns (x_adv, still_correct [N] bool).
+
+    only: bool mask of the examples to attack (default all); the others are returned
+    unchanged and counted as they are classified at x. Batch i uses seed (seed, i).
+    eager=True skips tf.function (faster for a few cheap iterations: no tracing).
+    """
+    x = np.asarray(x, np.float32)
+    y = np.asarray(y).astype(np.int64)
+    x_adv = x.copy()
+    idx = np.arange(len(x)) if only is None else np.flatnonzero(only)
+    fn = compiled or (compile_attack(attack, model_fn) if not eager else
+                      (lambda xb, yb, sb: attack(model_fn, xb, yb, sb)))
+    name = desc or getattr(attack, "name", "attack")
+    eps, norm = threat_model(attack)
+    bar = _Progress(len(idx), name, progress)
+    for b, start in enumerate(range(0, len(idx), batch_size)):
+        sel = idx[start:start + batch_size]
+        xb = np.asarray(fn(tf.constant(x[sel]), tf.constant(y[sel]),
+                           tf.constant([seed, b], tf.int64)))
+        check_adversarial(xb, x[sel], eps, norm, name)
+        x_adv[sel] = xb
+        bar.update(len(sel))
+    bar.close()
+    correct = predict_labels(model_fn, x_adv, batch_size) == y
+    return x_adv, correct
+
+
+def standard_attacks(eps, norm="linf", n_iter=100, n_queries=5000, n_target_classes=9,
+                     p_init=0.8):
+    """AutoAttack 'standard' version: the reference's settings for L-inf and L2."""
+    return [APGD(eps=eps, norm=norm, loss="ce", n_iter=n_iter, n_restarts=1),
+            APGD(eps=eps, norm=norm, loss="dlr-targeted", n_iter=n_iter, n_restarts=1,
+                 n_target_classes=n_target_classes),
+            FABTargeted(eps=eps, norm=norm, n_iter=n_iter, n_target_classes=n_target_classes,
+                        n_restarts=1),
+            Square(eps=eps, norm=norm, n_queries=n_queries, p_init=p_init, n_restarts=1)]
+
+
+@dataclasses.dataclass
+class AutoAttackResult:
+    x_adv: np.ndarray
+    robust: np.ndarray  # bool [N]: survived every stage
+    clean_correct: np.ndarray
+    stages: list  # [{"attack", "robust_acc", "n_broken", "time_s"}], the first is "clean"
+    warnings: list
+    eps: float
+    norm: str
+
+    @property
+    def robust_accuracy(self):
+        return float(self.robust.mean()) if len(self.robust) else 0.0
+
+    @property
+    def clean_accuracy(self):
+        return float(self.clean_correct.mean()) if len(self.clean_correct) else 0.0
+
+    def breakdown(self):
+        return {"eps": self.eps, "norm": self.norm, "n_examples": int(len(self.robust)),
+                "clean_acc": self.clean_accuracy, "robust_acc": self.robust_accuracy,
+                "stages": self.stages, "warnings": self.warnings}
+
+
+@dataclasses.dataclass
+class AutoAttack:
+    """Sequential ensemble; attacks=None means the 'standard' version.
+
+    run(model_fn, x, y, ...) attacks, stage by stage, only the examples still classified
+    correctly (and, with initial_robust, only those earlier attacks failed on too, so the
+    result is the worst case over all of them).
+    """
+
+    eps: float
+    norm: str = "linf"
+    attacks: list = None
+    n_iter: int = 100
+    n_queries: int = 5000
+    n_target_classes: int = 9
+    p_init: float = 0.8
+    eager: bool = False  # run the stages without tf.function (tests with tiny budgets)
+
+    def __post_init__(self):
+        if self.norm not in core.NORMS:
+            raise ValueError(f"norm must be one of {core.NORMS}, got {self.norm!r}")
+        if self.attacks is None:
+            self.attacks = standard_attacks(self.eps, self.norm, self.n_iter, self.n_queries,
+                                            self.n_target_classes, self.p_init)
+
+    def run(self, model_fn, x, y, batch_size=250, seed=0, initial_robust=None,
+            initial_stages=(), progress=False, check=True, log=None):
+        x = np.asarray(x, np.float32)
+        y = np.asarray(y).astype(np.int64)
+        warnings = []
+        if check:
+            check_inputs(x)
+            check_logits(model_fn, x)
+        x_adv = x.copy()
+        start = time.time()
+        clean_correct = predict_labels(model_fn, x, batch_size) == y
+        robust = clean_correct.copy()
+        stages = [{"attack": "clean", "robust_acc": float(robust.mean()), "n_broken": 0,
+                   "time_s": round(time.time() - start, 3)}]
+        for name, mask in initial_stages:
+            broken = robust & ~mask
+            robust &= mask
+            stages.append({"attack": name, "robust_acc": float(robust.mean()),
+                           "n_broken": int(broken.sum()), "time_s": 0.0, "before_autoattack":
+                           True})
+        if initial_robust is not None:
+            robust &= np.asarray(initial_robust, bool)
+        gradient_failures = None
+        for i, attack in enumerate(self.attacks):
+            name = getattr(attack, "name", type(attack).__name__.lower())
+            if name in GRADIENT_FREE and gradient_failures is None:
+                gradient_failures = robust.copy()
+            t0 = time.time()
+            if robust.any():
+                adv_i, still = run_attack(attack, model_fn, x, y, batch_size,
+                                          seed=seed * 7919 + i, only=robust,
+                                          progress=progress, desc=name, eager=self.eager)
+                broken = robust & ~still
+                x_adv[broken] = adv_i[broken]
+                robust &= ~broken
+            else:
+                broken = np.zeros_like(robust)
+            stage = {"attack": name, "robust_acc": float(robust.mean()),
+                     "n_broken": int(broken.sum()), "time_s": round(time.time() - t0, 3)}
+            stages.append(stage)
+            if log:
+                log(f"{name}: robust accuracy {stage['robust_acc']:.4f} "
+                    f"({stage['n_broken']} broken, {stage['time_s']:.1f} s)")
+            if name in GRADIENT_FREE and i > 0:
+                n_free = int(broken.sum())
+                if n_free > SQUARE_WARNING_FRACTION * len(x):
+                    warnings.append(
+                        f"gradient masking suspected: {name} (gradient-free) broke {n_free} of "
+                        f"{len(x)} points the gradient attacks failed on "
+                        f"({n_free / len(x):.2%} of robust accuracy); this evaluation may "
+                        f"overestimate robustness")
+        check_adversarial(x_adv, x, float(self.eps), self.norm, "AutoAttack")
+        if check and any(not getattr(a, "name", "") in GRADIENT_FREE for a in self.attacks):
+            zero = zero_gradient_fraction(model_fn, x, y)
+            if zero > 0:
+                warnings.append(f"{zero:.0%} of the first 64 points have an exactly zero input "
+                                f"gradient: gradient attacks cannot work on them")
+        return AutoAttackResult(x_adv=x_adv, robust=robust, clean_correct=clean_correct,
+                                stages=stages, warnings=warnings, eps=float(self.eps),
+                                norm=self.norm)

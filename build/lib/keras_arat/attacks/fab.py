@@ -1,0 +1,189 @@
+"""Targeted FAB (Croce & Hein, ICML 2020): FAB-T, the minimum-norm attack of AutoAttack.
+
+Written from the paper and the reference algorithm (fra31/auto-attack). Each step
+linearises the decision boundary between the true class y and a target class t at the
+current iterate x_k, projects both x_k and the original point x_0 onto that hyperplane
+(intersected with the [0,1] box, minimal L-inf or L2 norm), and moves to the convex
+combination (x_k + eta d_k)(1 - alpha) + (x_0 + eta d_0) alpha with
+alpha = min(|d_k| / (|d_k| + |d_0|), alpha_max); alpha_max = 0.1, eta = 1.05. When the
+iterate is adversarial it is recorded if closer than the best so far, then pulled back
+towards x_0: x_k <- x_0 + beta (x_k - x_0), beta = 0.9. A final search (bisection on
+the segment from x_0 to the best adversarial point) shrinks the perturbation further.
+The targets are the n_target_classes classes with the highest logits at x_0 after the
+predicted one; a point counts as broken only if its perturbation is within eps.
+
+Only one hyperplane per step is needed for the targeted version, so one gradient (of
+z_t - z_y) per step; no per-class Jacobian.
+"""
+
+import dataclasses
+
+import tensorflow as tf
+
+from keras_arat.attacks import core
+
+
+def _bcast(v, like):
+    return tf.reshape(v, [-1] + [1] * (len(like.shape) - 1))
+
+
+def project_on_hyperplane(t, w, b, norm="linf"):
+    """Smallest (L-inf or L2) d with w.(t + d) = b and t + d in [0,1]; t, w: [N, D], b: [N].
+
+    If the box makes the hyperplane unreachable, d goes as far towards it as the box
+    allows. Both norms reduce to one problem: move coordinate i by dir_i * g_i *
+    min(lam, r_i), lam >= 0, where r_i is where it hits the box; the change of w.t is
+    sum_i omega_i min(lam, r_i), piecewise linear and increasing in lam, solved exactly
+    by sorting the breakpoints r_i.
+    """
+    c = tf.reduce_sum(w * t, axis=1) - b
+    flip = tf.where(c >= 0, 1.0, -1.0)
+    w = w * flip[:, None]
+    c = c * flip  # now c >= 0 and we need w.d = -c
+    active = tf.abs(w) > 1e-12
+    slack = tf.where(w < 0, 1.0 - t, t)  # room to move in the descent direction -sign(w)
+    abs_w = tf.abs(w)
+    if norm == "linf":
+        omega, r, gain = abs_w, slack, tf.ones_like(w)
+    else:
+        omega, r, gain = tf.square(w), slack / tf.where(active, abs_w, 1.0), abs_w
+    omega = tf.where(active, omega, 0.0)
+    r = tf.where(active, r, 0.0)
+    order = tf.argsort(r, axis=1)
+    rs = tf.gather(r, order, batch_dims=1)
+    os_ = tf.gather(omega, order, batch_dims=1)
+    cum_or = tf.cumsum(os_ * rs, axis=1)
+    tail = tf.reduce_sum(os_, axis=1, keepdims=True) - tf.cumsum(os_, axis=1)
+    value_at = cum_or + rs * tail  # F(r_(k))
+    below = tf.reduce_sum(tf.cast(value_at < c[:, None], tf.int32), axis=1)
+    d_dim = tf.shape(w)[1]
+    feasible = below < d_dim
+    prev = tf.maximum(below - 1, 0)
+    a_prev = tf.where(below > 0, tf.gather(cum_or, prev, batch_dims=1), 0.0)
+    b_prev = tf.where(below > 0, tf.gather(tail, prev, batch_dims=1),
+                      tf.reduce_sum(os_, axis=1))
+    lam = (c - a_prev) / tf.maximum(b_prev, 1e-12)
+    lam = tf.where(feasible, tf.maximum(lam, 0.0), tf.reduce_max(r, axis=1) + 1.0)
+    d = -tf.sign(w) * gain * tf.minimum(lam[:, None], r)
+    return tf.where(active, d, 0.0)
+
+
+def fab_targeted_run(model_fn, x, y, target, eps, norm, n_iter, alpha_max, eta, beta,
+                     seed=None, final_search_steps=10):
+    """One FAB-T run from x (or from a random point, if seed is given).
+
+    Returns (x_adv, found): found [N] bool marks misclassified points with perturbation
+    within eps; x_adv equals x elsewhere.
+    """
+    n = tf.shape(x)[0]
+    shape = tf.shape(x)
+    x0 = tf.reshape(x, [n, -1])
+    x1 = x
+    if seed is not None:  # AutoAttack's restart: half-eps random start
+        if norm == "linf":
+            t = tf.random.stateless_uniform(shape, seed=seed, minval=-1.0, maxval=1.0)
+        else:
+            t = tf.random.stateless_normal(shape, seed=seed)
+        x1 = tf.clip_by_value(x + 0.5 * eps * core.normalize(t, norm), 0.0, 1.0)
+
+    def diff_and_grad(z):
+        with tf.GradientTape() as tape:
+            tape.watch(z)
+            logits = model_fn(z)
+            k = tf.shape(logits)[-1]
+            df = (tf.reduce_sum(tf.one_hot(target, k, dtype=logits.dtype) * logits, -1)
+                  - tf.reduce_sum(tf.one_hot(y, k, dtype=logits.dtype) * logits, -1))
+            total = tf.reduce_sum(df)
+        grad = tape.gradient(total, z)
+        if grad is None:
+            grad = tf.zeros_like(z)
+        return tf.stop_gradient(df), tf.stop_gradient(grad)
+
+    res = tf.fill([n], tf.constant(1e10, x.dtype))
+    adv = x
+
+    def body(i, x1, adv, res):
+        df, dg = diff_and_grad(x1)
+        w = tf.reshape(dg, [n, -1])
+        x1f = tf.reshape(x1, [n, -1])
+        b = tf.reduce_sum(w * x1f, axis=1) - df
+        d = project_on_hyperplane(tf.concat([x1f, x0], 0), tf.concat([w, w], 0),
+                                  tf.concat([b, b], 0), norm)
+        d1, d2 = d[:n], d[n:]
+        a1 = tf.maximum(core.lp_norm(d1, norm), 1e-8)[:, None]
+        a2 = tf.maximum(core.lp_norm(d2, norm), 1e-8)[:, None]
+        alpha = tf.clip_by_value(a1 / (a1 + a2), 0.0, alpha_max)
+        x1f = tf.clip_by_value((x1f + eta * d1) * (1.0 - alpha) + (x0 + eta * d2) * alpha,
+                               0.0, 1.0)
+        x1 = tf.reshape(x1f, shape)
+        is_adv = tf.logical_not(core.is_correct(model_fn(x1), y))
+        dist = core.lp_norm(x1 - x, norm)
+        better = tf.logical_and(is_adv, dist < res)
+        adv = tf.where(_bcast(better, x), x1, adv)
+        res = tf.where(better, dist, res)
+        x1 = tf.where(_bcast(is_adv, x), x + beta * (x1 - x), x1)
+        return i + 1, tf.stop_gradient(x1), tf.stop_gradient(adv), res
+
+    _, _, adv, res = tf.while_loop(lambda i, *_: i < n_iter, body,
+                                   (tf.constant(0), x1, adv, res))
+    found = res < 1e10
+    # Final search: bisection on [x, adv] for the closest point still misclassified.
+    lo = tf.zeros([n], x.dtype)
+    hi = tf.ones([n], x.dtype)
+    delta = adv - x
+    for _ in range(final_search_steps):
+        mid = (lo + hi) / 2.0
+        bad = tf.logical_not(core.is_correct(model_fn(x + _bcast(mid, x) * delta), y))
+        hi = tf.where(bad, mid, hi)
+        lo = tf.where(bad, lo, mid)
+    adv = tf.where(_bcast(found, x), x + _bcast(hi, x) * delta, x)
+    ok = tf.logical_and(found, core.lp_norm(adv - x, norm) <= eps)
+    ok = tf.logical_and(ok, tf.logical_not(core.is_correct(model_fn(adv), y)))
+    return tf.stop_gradient(tf.where(_bcast(ok, x), adv, x)), ok
+
+
+@dataclasses.dataclass(frozen=True)
+class FABTargeted:
+    """FAB-T: for each of the n_target_classes most likely wrong classes (n_restarts runs
+    each, random start from the second), attack the examples still classified correctly.
+
+    __call__(model_fn, x, y, seed) -> x_adv (x itself where no adversarial point within
+    eps was found).
+    """
+
+    eps: float
+    norm: str = "linf"
+    n_iter: int = 100
+    n_target_classes: int = 9
+    n_restarts: int = 1
+    alpha_max: float = 0.1
+    eta: float = 1.05
+    beta: float = 0.9
+    final_search_steps: int = 10
+    name: str = "fab-t"
+
+    def __post_init__(self):
+        if self.norm not in core.NORMS:
+            raise ValueError(f"norm must be one of {core.NORMS}, got {self.norm!r}")
+        if self.n_iter < 1 or self.n_restarts < 1 or self.n_target_classes < 1:
+            raise ValueError("n_iter, n_restarts and n_target_classes must be >= 1")
+
+    def __call__(self, model_fn, x, y, seed):
+        x = tf.convert_to_tensor(x)
+        y = tf.cast(y, tf.int64)
+        seed = tf.cast(seed, tf.int64)
+        logits = model_fn(x)
+        correct = core.is_correct(logits, y)
+        n_targets = min(self.n_target_classes, (logits.shape[-1] or 10) - 1)
+        order = tf.cast(tf.math.top_k(logits, k=n_targets + 1).indices, tf.int64)
+        adv = x
+        for t in range(n_targets):
+            for r in range(self.n_restarts):
+                x_run, ok = fab_targeted_run(
+                    model_fn, x, y, order[:, t + 1], self.eps, self.norm, self.n_iter,
+                    self.alpha_max, self.eta, self.beta,
+                    core.fold_seed(seed, t, r) if r > 0 else None, self.final_search_steps)
+                newly = tf.logical_and(correct, ok)
+                adv = tf.where(_bcast(newly, x), x_run, adv)
+                correct = tf.logical_and(correct, tf.logical_not(ok))
+        return tf.stop_gradient(adv)

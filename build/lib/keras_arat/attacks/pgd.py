@@ -1,0 +1,69 @@
+"""Projected gradient descent, composed from the parts in core.py."""
+
+import dataclasses
+from typing import Callable
+
+import tensorflow as tf
+
+from keras_arat.attacks import core
+
+
+@dataclasses.dataclass(frozen=True)
+class PGD:
+    """Iterated ascent on `loss` with projection after every step (Madry et al.).
+
+    Attributes:
+      eps, step_size, steps: budget in pixel units ([0,1] images).
+      loss: per-example loss (logits, target) -> [N]; the attack maximises it.
+      norm: "linf" or "l2".
+      init: "uniform" (in the ball), "normal" (x + init_scale * N(0,1)) or "none".
+    """
+
+    eps: float
+    step_size: float
+    steps: int
+    loss: Callable = core.cross_entropy
+    norm: str = "linf"
+    init: str = "uniform"
+    init_scale: float = 0.001
+
+    def __post_init__(self):
+        if self.norm not in core.NORMS:
+            raise ValueError(f"norm must be one of {core.NORMS}, got {self.norm!r}")
+        if self.init not in ("uniform", "normal", "none"):
+            raise ValueError(f"init must be uniform, normal or none, got {self.init!r}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+
+    def __call__(self, model_fn, x, target, seed):
+        """Adversarial examples for `model_fn` (inputs -> logits).
+
+        model_fn fixes the BN branch and mode, e.g. lambda z: net(z, training=True,
+        branch="adv"); `target` is what `loss` compares logits with (labels, or
+        clean probabilities for TRADES); `seed` is a [2] int tensor.
+        The result is detached from the graph: no gradient flows back through it.
+        """
+        x = tf.convert_to_tensor(x)
+        if self.init == "none":
+            x_adv = x
+        else:
+            x_adv = core.random_start(x, self.eps, seed, norm=self.norm, kind=self.init,
+                                      scale=self.init_scale)
+
+        def body(i, x_adv):
+            with tf.GradientTape() as tape:
+                tape.watch(x_adv)
+                loss = tf.reduce_sum(self.loss(model_fn(x_adv), target))
+            grad = tape.gradient(loss, x_adv)
+            x_adv = core.ascent_step(x_adv, grad, self.step_size, self.norm)
+            return i + 1, core.project(x_adv, x, self.eps, self.norm)
+
+        if tf.distribute.get_strategy().num_replicas_in_sync > 1:
+            # Synchronized BN all-reduces inside the model, which a while loop cannot
+            # hold under a multi-replica strategy: unroll the steps there.
+            for i in range(self.steps):
+                _, x_adv = body(i, x_adv)
+        else:
+            _, x_adv = tf.while_loop(lambda i, _: i < self.steps, body,
+                                     (tf.constant(0), x_adv))
+        return tf.stop_gradient(x_adv)

@@ -1,0 +1,208 @@
+"""Square Attack (Andriushchenko et al., ECCV 2020): query-based, forward passes only.
+
+Written from the paper and the reference algorithm (fra31/auto-attack). Random search
+on the margin loss z_y - max_{i != y} z_i, accepting a proposal when it lowers the loss
+(or misclassifies). The side of the square is s = round(sqrt(p * H * W)), with p
+halved by the schedule p_init, /2 after 10 queries, /4 after 50, /8 after 200,
+/16 after 500, /32 after 1000, /64 after 2000, /128 after 4000, /256 after 6000,
+/512 after 8000 (AutoAttack: p_init 0.8, 5,000 queries, schedule not rescaled).
+
+L-inf: start from vertical stripes (x + eps * random sign per column and channel), each
+proposal sets a random s x s window to +-2 eps per channel on top of the best point,
+then projects. L2: start from a grid of "eta" windows (centred nested squares weighted
+1/(k+1)^2, two halves of opposite signs), each proposal moves the mass of two windows
+into one new eta window, keeping the total norm eps.
+
+Window positions are shared by the batch at each query (as in the reference); signs are
+per example and channel. No gradients, so it also attacks models without any (ONNX).
+"""
+
+import dataclasses
+
+import numpy as np
+import tensorflow as tf
+
+from keras_arat.attacks import core
+
+P_SCHEDULE = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
+
+
+def p_selection(p_init, it):
+    """The fraction of pixels in the square at query `it` (int tensor or int)."""
+    halvings = tf.reduce_sum(tf.cast(tf.cast(it, tf.int32) > tf.constant(P_SCHEDULE),
+                                     tf.float32))
+    return p_init / tf.pow(2.0, halvings)
+
+
+def _bcast(v, like):
+    return tf.reshape(v, [-1] + [1] * (len(like.shape) - 1))
+
+
+def _eta_rectangle(rows, cols):
+    delta = np.zeros([rows, cols], np.float64)
+    rc, cc = rows // 2 + 1, cols // 2 + 1
+    r0, c0 = rc - 1, cc - 1
+    for k in range(max(rc, cc)):
+        delta[max(r0, 0):min(r0 + 2 * k + 1, rows), max(c0, 0):min(c0 + 2 * k + 1, cols)] += \
+            1.0 / (k + 1) ** 2
+        r0 -= 1
+        c0 -= 1
+    return delta / np.sqrt((delta ** 2).sum())
+
+
+def eta_window(s):
+    """The L2 proposal of side s: nested squares, top half +, bottom half -, unit norm."""
+    delta = np.zeros([s, s], np.float64)
+    delta[:s // 2] = _eta_rectangle(s // 2, s) if s // 2 > 0 else 0.0
+    delta[s // 2:] = -_eta_rectangle(s - s // 2, s)
+    return delta / np.sqrt((delta ** 2).sum())
+
+
+def _eta_table(h, w):
+    """[max_side + 1, 2, h, w]: eta(s) at the top-left corner, and its transpose."""
+    m = min(h, w)
+    table = np.zeros([m + 1, 2, h, w], np.float32)
+    for s in range(1, m + 1):
+        e = eta_window(s)
+        table[s, 0, :s, :s] = e
+        table[s, 1, :s, :s] = e.T
+    return tf.constant(table)
+
+
+def _window(h, w, top, left, s):
+    rows = tf.range(h)[:, None]
+    cols = tf.range(w)[None, :]
+    inside = (rows >= top) & (rows < top + s) & (cols >= left) & (cols < left + s)
+    return tf.cast(inside, tf.float32)[None, :, :, None]  # [1, h, w, 1]
+
+
+def _rand_int(seed, high):
+    """Uniform integer in [0, high] (inclusive) from a stateless seed."""
+    return tf.random.stateless_uniform([], seed=seed, minval=0, maxval=high + 1, dtype=tf.int32)
+
+
+def _signs(seed, shape):
+    return tf.where(tf.random.stateless_uniform(shape, seed=seed) < 0.5, -1.0, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Square:
+    """Square Attack on the margin loss; __call__(model_fn, x, y, seed) -> x_adv.
+
+    Examples already misclassified at x are returned unchanged; the others get the best
+    point found (misclassified if the attack succeeded, else the lowest-margin point). Stops early when every example
+    of the batch is misclassified.
+    """
+
+    eps: float
+    norm: str = "linf"
+    n_queries: int = 5000
+    p_init: float = 0.8
+    n_restarts: int = 1
+    name: str = "square"
+
+    def __post_init__(self):
+        if self.norm not in core.NORMS:
+            raise ValueError(f"norm must be one of {core.NORMS}, got {self.norm!r}")
+        if self.n_queries < 1 or self.n_restarts < 1:
+            raise ValueError("n_queries and n_restarts must be >= 1")
+
+    def _side(self, it, h, w, c, minimum):
+        p = p_selection(self.p_init, it)
+        s = tf.cast(tf.round(tf.sqrt(p * float(h * w * c) / float(c))), tf.int32)
+        s = tf.maximum(s, minimum)
+        if minimum > 1:  # L2: odd sides
+            s = tf.where(tf.math.floormod(s, 2) == 0, s + 1, s)
+        return tf.minimum(s, min(h, w))
+
+    def _single_run(self, model_fn, x, y, seed):
+        n = tf.shape(x)[0]
+        h, w, c = x.shape[1], x.shape[2], x.shape[3]
+        eps = tf.cast(self.eps, x.dtype)
+        init_seed = core.fold_seed(seed, -1)
+        if self.norm == "linf":
+            x_best = tf.clip_by_value(x + eps * _signs(init_seed, [n, 1, w, c]), 0.0, 1.0)
+        else:
+            etas = _eta_table(h, w)
+            s0 = max(h // 5, 1)
+            start = (h - s0 * 5) // 2
+            delta = tf.zeros_like(x)
+            for bi in range(h // s0):
+                for bj in range(w // s0):
+                    top, left = start + bi * s0, start + bj * s0
+                    if top + s0 > h or left + s0 > w:
+                        continue
+                    win = tf.roll(etas[s0, 0], [top, left], [0, 1])[None, :, :, None]
+                    sgn = _signs(core.fold_seed(init_seed, bi, bj), [n, 1, 1, c])
+                    delta += win * sgn
+            x_best = tf.clip_by_value(x + eps * core.normalize(delta, "l2"), 0.0, 1.0)
+        logits = model_fn(x_best)
+        margin_min = core.true_margin(logits, y)
+        loss_min = margin_min
+
+        def linf_proposal(it, x_best, qseed):
+            s = self._side(it, h, w, c, 1)
+            seeds = tf.random.experimental.stateless_split(qseed, 3)
+            top = _rand_int(seeds[0], h - s)
+            left = _rand_int(seeds[1], w - s)
+            window = _window(h, w, top, left, s)
+            step = 2.0 * eps * window * _signs(seeds[2], [n, 1, 1, c])
+            return core.project(x_best + step, x, eps, "linf")
+
+        def l2_proposal(it, x_best, qseed):
+            s = self._side(it, h, w, c, 3)
+            seeds = tf.random.experimental.stateless_split(qseed, 6)
+            top, left = _rand_int(seeds[0], h - s), _rand_int(seeds[1], w - s)
+            top2, left2 = _rand_int(seeds[2], h - s), _rand_int(seeds[3], w - s)
+            mask1 = _window(h, w, top, left, s)
+            mask2 = _window(h, w, top2, left2, s)
+            transpose = tf.cast(tf.random.stateless_uniform([], seed=seeds[4]) > 0.5, tf.int32)
+            eta = tf.roll(tf.gather(tf.gather(etas, s), transpose), [top, left], [0, 1])
+            eta = eta[None, :, :, None]
+            delta = x_best - x
+            sq = lambda t: tf.reduce_sum(tf.square(t), axis=[1, 2], keepdims=True)  # noqa
+            norm_w1 = tf.sqrt(sq(delta * mask1))  # [n, 1, 1, c]
+            norm_image = _bcast(core.lp_norm(delta, "l2"), x)
+            norm_windows = tf.sqrt(sq(delta * tf.maximum(mask1, mask2)))
+            new = eta * _signs(seeds[5], [n, 1, 1, c]) + delta * mask1 / (1e-12 + norm_w1)
+            scale = tf.sqrt(tf.maximum(eps ** 2 - norm_image ** 2, 0.0) / c + norm_windows ** 2)
+            new = new / (1e-12 + tf.sqrt(sq(new))) * scale
+            delta = delta * (1.0 - mask2)
+            delta = delta * (1.0 - mask1) + new * mask1
+            return tf.clip_by_value(x + eps * core.normalize(delta, "l2"), 0.0, 1.0)
+
+        proposal = linf_proposal if self.norm == "linf" else l2_proposal
+
+        def cond(it, x_best, margin_min, loss_min):
+            return tf.logical_and(it < self.n_queries, tf.reduce_any(margin_min > 0.0))
+
+        def body(it, x_best, margin_min, loss_min):
+            active = margin_min > 0.0
+            x_new = proposal(it, x_best, core.fold_seed(seed, it))
+            margin = core.true_margin(model_fn(x_new), y)
+            improved = tf.logical_and(active, margin < loss_min)
+            loss_min = tf.where(improved, margin, loss_min)
+            take = tf.logical_and(active, tf.logical_or(improved, margin <= 0.0))
+            margin_min = tf.where(take, margin, margin_min)
+            x_best = tf.where(_bcast(take, x), x_new, x_best)
+            return it + 1, x_best, margin_min, loss_min
+
+        _, x_best, margin_min, _ = tf.while_loop(
+            cond, body, (tf.constant(0), x_best, margin_min, loss_min))
+        return x_best, margin_min <= 0.0
+
+    def __call__(self, model_fn, x, y, seed):
+        x = tf.convert_to_tensor(x)
+        y = tf.cast(y, tf.int64)
+        seed = tf.cast(seed, tf.int64)
+        correct = core.is_correct(model_fn(x), y)
+        adv, best = x, x
+        for r in range(self.n_restarts):
+            x_run, fooled = self._single_run(model_fn, x, y, core.fold_seed(seed, r))
+            fooled = tf.logical_and(fooled, tf.logical_not(core.is_correct(model_fn(x_run), y)))
+            newly = tf.logical_and(correct, fooled)
+            adv = tf.where(_bcast(newly, x), x_run, adv)
+            best = x_run
+            correct = tf.logical_and(correct, tf.logical_not(fooled))
+        # Still correct: the lowest-margin point of the last run (inside the ball too).
+        return tf.stop_gradient(tf.where(_bcast(correct, x), best, adv))

@@ -1,0 +1,510 @@
+"""Evaluate a trained run or a deployed model: clean, PGD-20, CW and AutoAttack accuracy.
+
+A training run (a checkpoint of it), through either BN branch:
+
+    python -m keras_arat.evaluate --workdir=RUN [--checkpoint=latest|best|swa|epoch-N]
+        [--branch=adv|clean|both]
+        [--attacks=clean,pgd20,cw,autoattack] [--n_examples=N] [--batch_size=B]
+
+A deployed model, whose serving signature takes "images" (float32 [N,H,W,C] in [0,1])
+and returns "logits":
+
+    python -m keras_arat.evaluate --saved_model=DIR [--workdir=RUN | --dataset=digits] ...
+    python -m keras_arat.evaluate --onnx=FILE [--workdir=RUN | --dataset=digits] ...
+
+With --saved_model or --onnx the model is the exported one (its branch is whatever was
+exported; --branch is ignored); --workdir then only supplies the test data, the eps
+and the place results go, otherwise --dataset (digits by default) and --eps (8/255 by
+default) do.
+ONNX models are run with onnxruntime and have no gradients: only Square (and clean)
+can run; gradient attacks are skipped with a printed note.
+
+Attacks (--attacks, comma list): clean; pgd20 (PGD-20 on cross-entropy, step eps/4,
+random start); cw (PGD-20 on the CW margin: CW-L-inf); apgd-ce, apgd-t, fab-t, square
+(AutoAttack's stages alone); autoattack (the "standard" version: APGD-CE, APGD-T,
+FAB-T, Square in sequence). Accuracies are per-example worst cases: an example counts
+as robust to an attack only if it is classified correctly clean, and AutoAttack only
+attacks the examples every earlier attack of the same command failed on (so clean >=
+pgd20 >= autoattack per example). --restarts=R runs pgd20 and cw R times.
+
+Which checkpoint: --checkpoint=latest (default), best (written by --keep_best), swa, a
+name such as epoch-0003, or a folder.
+
+Files written into --output_dir (default: --workdir; nothing without either):
+  evals/<setting>.json    one file per evaluation setting: checkpoint (or deployed model),
+                          branch, norm, eps and number of test images name it; inside, the
+                          figure of every attack with its settings (steps, step size,
+                          restarts, seed), the attacks it is the worst case over, its time,
+                          when it was measured and, for AutoAttack, the per-stage breakdown.
+                          A figure is only ever replaced by the same measurement repeated.
+  tensorboard/            the same figures as scalars evaluate/<branch>/<attack>/<eps, n>
+  robustbench.json        RobustBench-style entry when AutoAttack ran on the adv branch
+                          (robustbench_<saved_model|onnx>.json for a deployed model)
+RUN/results.json holds training's own final evaluation and is never changed here. The
+printed JSON holds only what this call computed, with its labels.
+
+Every adversarial batch behind a figure is checked to lie within eps (atol 1e-6) and in
+[0, 1]; a violation is an error, never a number.
+
+Refusals (exit status 2, one line on stderr): inputs outside [0,1], a model that outputs
+probabilities instead of logits, bad flags. A warning is printed and recorded when
+Square (gradient-free) breaks points the gradient attacks could not (gradient masking).
+"""
+
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import tensorflow as tf
+from absl import app, flags
+
+from keras_arat import files, records
+from keras_arat.attacks import (APGD, PGD, AutoAttack, EvaluationError, FABTargeted, Restarts,
+                                Square, check_inputs, check_logits, core, run_attack)
+
+ATTACKS = ("clean", "pgd20", "cw", "apgd-ce", "apgd-t", "fab-t", "square", "autoattack")
+GRADIENT_ATTACKS = ("pgd20", "cw", "apgd-ce", "apgd-t", "fab-t")
+
+
+def make_attack(name, eps, norm="linf", restarts=1):
+    """The evaluation protocol's attacks (AutoAttack's stages use the reference settings)."""
+    if name == "pgd20":
+        attack = PGD(eps=eps, step_size=eps / 4, steps=20, loss=core.cross_entropy, norm=norm)
+    elif name == "cw":
+        attack = PGD(eps=eps, step_size=eps / 4, steps=20, loss=core.cw_margin, norm=norm)
+    elif name == "apgd-ce":
+        return APGD(eps=eps, norm=norm, loss="ce", n_iter=100)
+    elif name == "apgd-t":
+        return APGD(eps=eps, norm=norm, loss="dlr-targeted", n_iter=100, n_target_classes=9)
+    elif name == "fab-t":
+        return FABTargeted(eps=eps, norm=norm, n_iter=100, n_target_classes=9)
+    elif name == "square":
+        return Square(eps=eps, norm=norm, n_queries=5000, p_init=0.8)
+    else:
+        raise ValueError(f"unknown attack {name!r}; choose from {ATTACKS}")
+    return Restarts(attack, restarts) if restarts > 1 else attack
+
+
+def correct_mask(network, x, y, branch, attack=None, batch_size=256, seed=0):
+    """Per-example correctness (bool [N]) of `branch` in inference mode, under `attack`."""
+
+    def predict(z):
+        return network(z, training=False, branch=branch)
+
+    if attack is None:
+        from keras_arat.attacks.autoattack import predict_labels
+        return predict_labels(predict, np.asarray(x, np.float32), batch_size) == np.asarray(y)
+    return run_attack(attack, predict, x, y, batch_size, seed)[1]
+
+
+def evaluate_model_fn(model_fn, x, y, eps, attacks=("clean", "pgd20"), batch_size=256, seed=0,
+                      norm="linf", gradients=True, restarts=1, progress=False, log=None,
+                      autoattack=None, eager=False):
+    """Accuracies of one model (images -> logits) under each attack, and the details.
+
+    Returns (accs, details): accs = {attack: acc, f"{attack}_time_s": s}; details holds
+    the per-example masks, the AutoAttack breakdown and the warnings. Raises
+    EvaluationError (a ValueError) for inputs outside [0,1] or probability outputs.
+    autoattack: an AutoAttack to use instead of the standard one; eager: no tf.function.
+    """
+    log = log or (lambda msg: None)
+    x = np.asarray(x, np.float32)
+    y = np.asarray(y).astype(np.int64)
+    check_inputs(x)
+    check_logits(model_fn, x)
+    accs, details = {}, {"masks": {}, "warnings": [], "notes": []}
+    start = time.time()
+    from keras_arat.attacks.autoattack import predict_labels
+    clean = predict_labels(model_fn, x, batch_size) == y
+    clean_time = round(time.time() - start, 3)
+    robust_so_far = clean.copy()
+    earlier = []
+    for name in attacks:
+        if name not in ATTACKS:
+            raise ValueError(f"unknown attack {name!r}; choose from {ATTACKS}")
+        if not gradients and name in GRADIENT_ATTACKS + ("autoattack",):
+            note = (f"{name}: skipped, this model has no gradients (ONNX); only Square "
+                    f"(gradient-free) runs, an upper bound on robust accuracy")
+            if name == "autoattack":
+                note = ("autoattack: this model has no gradients (ONNX), so only its "
+                        "gradient-free stage runs: Square, 5,000 queries (an upper bound "
+                        "on robust accuracy, not AutoAttack)")
+                name = "square"
+            details["notes"].append(note)
+            log(f"note: {note}")
+            if name != "square" or "square" in accs:
+                continue
+        start = time.time()
+        if name == "clean":
+            mask, elapsed = clean, clean_time
+        elif name == "autoattack":
+            aa = autoattack or AutoAttack(eps=eps, norm=norm, eager=eager)
+            result = aa.run(model_fn, x, y, batch_size, seed, initial_stages=earlier,
+                            progress=progress, check=True, log=log)
+            mask = result.robust
+            details["autoattack"] = result.breakdown()
+            details["warnings"] += result.warnings
+            elapsed = round(time.time() - start, 3)
+        else:
+            _, mask = run_attack(make_attack(name, eps, norm, restarts), model_fn, x, y,
+                                 batch_size, seed, progress=progress, desc=name, eager=eager)
+            mask = mask & clean
+            elapsed = round(time.time() - start, 3)
+            earlier.append((name, mask))
+            if name == "square" and gradients:
+                n_free = int(np.sum(robust_so_far & ~mask))
+                if any(n in GRADIENT_ATTACKS for n, _ in earlier[:-1]) and \
+                        n_free > 0.002 * len(x):
+                    details["warnings"].append(
+                        f"gradient masking suspected: square (gradient-free) broke {n_free} "
+                        f"of {len(x)} points the gradient attacks failed on")
+        if name != "clean":
+            robust_so_far &= mask
+        accs[name] = float(mask.mean()) if len(mask) else 0.0
+        accs[f"{name}_time_s"] = elapsed
+        details["masks"][name] = mask
+        log(f"{name}: accuracy {accs[name]:.4f} ({elapsed:.1f} s)")
+    for w in details["warnings"]:
+        log(f"WARNING: {w}")
+    return accs, details
+
+
+def evaluate_network(network, x, y, eps, branches=("adv",), attacks=("clean", "pgd20"),
+                     batch_size=256, seed=0, details=None, norm="linf", progress=False,
+                     log=None, restarts=1):
+    """{branch: {attack: accuracy, f"{attack}_time_s": seconds}}; x float32 in [0,1].
+
+    details, if a dict, receives {branch: evaluate_model_fn's details}.
+    """
+    results = {}
+    for branch in branches:
+        def model_fn(z, branch=branch):
+            return network(z, training=False, branch=branch)
+        accs, extra = evaluate_model_fn(model_fn, x, y, eps, attacks, batch_size, seed, norm,
+                                        restarts=restarts, progress=progress, log=log)
+        results[branch] = accs
+        if details is not None:
+            details[branch] = extra
+    return results
+
+
+def as_model_fn(model, branch="adv"):
+    """images -> logits in inference mode: a network with split BN (its `branch`), any
+    Keras model, or any callable (returned as it is)."""
+    import keras
+
+    from keras_arat.network import SplitBNNetwork
+    if isinstance(model, SplitBNNetwork) or hasattr(model, "default_taps"):
+        return lambda z: model(z, training=False, branch=branch)
+    if isinstance(model, keras.Model):
+        return lambda z: model(z, training=False)
+    if callable(model):
+        return model
+    raise TypeError(f"cannot evaluate a {type(model).__name__}: give a Keras model or a "
+                    "callable images -> logits")
+
+
+def evaluate_model(model, x, y, eps, attacks=("clean", "pgd20"), branch="adv",
+                   batch_size=256, seed=0, norm="linf"):
+    """Accuracy of `model` on float32 images x in [0, 1] with labels y under each attack,
+    each the worst case over the attacks before it (as keras_arat.evaluate reports them).
+
+    attacks: from ATTACKS ("clean", "pgd20", "cw", "apgd-ce", "apgd-t", "fab-t",
+    "square", "autoattack"); model: see as_model_fn. Returns {"accuracy": {attack: acc},
+    "time_s": {attack: s}, "autoattack": per-stage breakdown (when run), "warnings": [...]}.
+    """
+    accs, details = evaluate_model_fn(as_model_fn(model, branch), x, y, eps, attacks,
+                                      batch_size, seed, norm)
+    out = {"accuracy": {a: v for a, v in accs.items() if not a.endswith("_time_s")},
+           "time_s": {a[:-7]: v for a, v in accs.items() if a.endswith("_time_s")},
+           "warnings": details["warnings"], "eps": eps, "norm": norm, "n_examples": len(x)}
+    if "autoattack" in details:
+        out["autoattack"] = details["autoattack"]
+    return out
+
+
+# ----------------------------------------------------------------------------- models
+
+def saved_model_fn(path):
+    """images -> logits through a SavedModel's serving_default signature (with gradients)."""
+    loaded = tf.saved_model.load(path)
+    if "serving_default" not in loaded.signatures:
+        raise EvaluationError(f"{path} has no serving_default signature")
+    signature = loaded.signatures["serving_default"]
+    inputs = signature.structured_input_signature[1]
+    if "images" not in inputs:
+        raise EvaluationError(f"{path}: the serving signature must take 'images', it takes "
+                              f"{sorted(inputs)}")
+    if "logits" not in signature.structured_outputs:
+        raise EvaluationError(f"{path}: the serving signature must return 'logits', it "
+                              f"returns {sorted(signature.structured_outputs)}")
+
+    def model_fn(z):
+        return signature(images=tf.cast(z, tf.float32))["logits"]
+
+    model_fn.keep_alive = loaded  # the signature needs its object graph alive
+    return model_fn
+
+
+def onnx_model_fn(path):
+    """images -> logits through onnxruntime (CPU), usable inside tf.function; no gradients."""
+    import onnxruntime as ort
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+    outputs = [o.name for o in session.get_outputs()]
+    output_name = next((o for o in outputs if "logits" in o), outputs[0])
+
+    def run(z):
+        return session.run([output_name], {input_name: np.asarray(z, np.float32)})[0].astype(
+            np.float32)
+
+    def model_fn(z):
+        out = tf.numpy_function(run, [tf.cast(z, tf.float32)], tf.float32, stateful=False)
+        out.set_shape([None, None])
+        return out
+
+    return model_fn
+
+
+# ------------------------------------------------------------------------------ files
+
+def attack_settings(name, eps, norm="linf", restarts=1, seed=0):
+    """What an attack of this module computes, as recorded beside its figure."""
+    if name == "clean":
+        return {}
+    common = {"eps": eps, "norm": norm, "seed": seed}
+    if name in ("pgd20", "cw"):
+        return {**common, "steps": 20, "step_size": eps / 4, "random_start": "uniform",
+                "loss": "cross_entropy" if name == "pgd20" else "cw_margin",
+                "restarts": restarts}
+    if name == "autoattack":
+        return {**common, "version": "standard",
+                "stages": ["apgd-ce", "apgd-t", "fab-t", "square"], "n_iter": 100,
+                "n_target_classes": 9, "square_queries": 5000, "square_p_init": 0.8}
+    attack = make_attack(name, eps, norm)
+    fields = {k: v for k, v in dataclasses.asdict(attack).items()
+              if isinstance(v, (int, float, str, bool)) and k not in ("eps", "norm")}
+    return {**common, **fields}
+
+
+def record_evaluation(out_dir, label, accs, details, restarts, seed, epoch=0):
+    """Add one branch's figures to OUT/evals/<setting>.json and OUT/tensorboard.
+
+    label: {"source", "branch", "eps", "norm", "n_examples", ...} says what was evaluated
+    and on which images; it names the file, so figures of another eps, image count,
+    branch or checkpoint never land in the same place. Within a file, a figure replaces
+    an earlier one only if it was measured with the same settings (the same measurement
+    again); anything else is added beside it. Returns (path, the entries written).
+    """
+    os.makedirs(os.path.join(out_dir, "evals"), exist_ok=True)
+    path = records.record_path(out_dir, label["source"], label["branch"], label["norm"],
+                               label["eps"], label["n_examples"])
+    record = files.read_json(path) or {**label, "results": []}
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    done, written = [], []
+    for name in [a for a in accs if not a.endswith("_time_s")]:  # in the order they ran
+        done.append(name)
+        entry = {"attack": name, "acc": accs[name], "time_s": accs.get(f"{name}_time_s"),
+                 "settings": attack_settings(name, label["eps"], label["norm"], restarts, seed),
+                 "worst_case_over": list(done), "evaluated_at": now}
+        if name == "autoattack" and "autoattack" in details:
+            entry["breakdown"] = details["autoattack"]
+        same = ("attack", "settings", "worst_case_over")
+        record["results"] = [r for r in record["results"]
+                             if any(r.get(k) != entry[k] for k in same)] + [entry]
+        written.append(entry)
+    record["warnings"] = sorted(set(record.get("warnings", [])) | set(details["warnings"]))
+    record["notes"] = sorted(set(record.get("notes", [])) | set(details.get("notes", [])))
+    files.write_json(path, record)
+    writer = tf.summary.create_file_writer(os.path.join(out_dir, "tensorboard"))
+    with writer.as_default():
+        for entry in written:
+            tag = (f"evaluate/{label['branch']}/{entry['attack']}/{label['norm']}_eps="
+                   f"{label['eps']:.4g}_n={label['n_examples']}")
+            tf.summary.scalar(tag, entry["acc"], step=epoch)
+    writer.flush()
+    return path, written
+
+
+def robustbench_entry(accs, details, eps, n_examples, model, method, dataset, norm="linf"):
+    breakdown = details.get("autoattack", {})
+    return {"name": f"keras_arat {method} {model}", "model": model, "method": method,
+            "dataset": dataset, "threat_model": {"linf": "Linf", "l2": "L2"}[norm],
+            "eps": eps, "n_examples": n_examples, "clean_acc": accs.get("clean"),
+            "autoattack_acc": accs.get("autoattack"), "pgd20_acc": accs.get("pgd20"),
+            "additional_data": False, "unreliable": bool(details.get("warnings")),
+            "evaluation": "AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square 5000) - "
+                          "keras_arat TensorFlow implementation, worst case over the "
+                          "attacks run in the same evaluation",
+            "autoattack_stages": breakdown.get("stages"),
+            "warnings": details.get("warnings", [])}
+
+
+def write_outputs(out_dir, label, evaluation, details, restarts, seed, epoch, robustbench):
+    """Record every branch's figures; return what this call computed, with its labels.
+
+    robustbench: (model, method, dataset, file name) for the RobustBench-style entry
+    written when AutoAttack ran on the adv branch (or the deployed model).
+    """
+    printed = []
+    for branch, accs in evaluation.items():
+        path, written = record_evaluation(out_dir, {**label, "branch": branch}, accs,
+                                          details[branch], restarts, seed, epoch)
+        printed.append({**label, "branch": branch, "record": os.path.relpath(path, out_dir),
+                        "accuracy": {e["attack"]: e["acc"] for e in written},
+                        "time_s": {e["attack"]: e["time_s"] for e in written},
+                        "warnings": details[branch]["warnings"],
+                        "notes": details[branch].get("notes", [])})
+        if branch in ("adv", "deployed") and "autoattack" in accs:
+            model, method, dataset, name = robustbench
+            files.write_json(os.path.join(out_dir, name), robustbench_entry(
+                accs, details[branch], label["eps"], label["n_examples"], model, method,
+                dataset, label["norm"]))
+    return {"output_dir": os.path.abspath(out_dir), "evaluated": printed}
+
+
+# -------------------------------------------------------------------------------- CLI
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    flags.DEFINE_string("workdir", None, "Training run folder (config.json, checkpoints/). "
+                        "With --saved_model/--onnx: only the data, eps and output place.")
+    flags.DEFINE_string("checkpoint", "latest", "Which checkpoint of --workdir: latest, best "
+                        "(--keep_best), swa, a name such as epoch-0003, or a folder.")
+    flags.DEFINE_string("saved_model", None, "Evaluate this SavedModel (serving_default: "
+                        "images float32 [N,H,W,C] in [0,1] -> logits) instead of a checkpoint.")
+    flags.DEFINE_string("onnx", None, "Evaluate this ONNX model with onnxruntime (no "
+                        "gradients: clean and Square only).")
+    flags.DEFINE_string("dataset", "digits", "Test data for --saved_model/--onnx without "
+                        "--workdir: digits (embedded), cifar10, cifar100, svhn_cropped, mnist, "
+                        "npz:/path/file.npz.")
+    flags.DEFINE_string("data_dir", None, "tfds data directory (with --dataset).")
+    flags.DEFINE_string("eps", None, "Budget in [0,1] pixel units (default: the run's eps; "
+                        "8/255 without --workdir).")
+    flags.DEFINE_enum("norm", "linf", ["linf", "l2"], "Threat model.")
+    flags.DEFINE_string("output_dir", None, "Where the figures are recorded (evals/, "
+                        "tensorboard/, robustbench*.json); default: --workdir. Without "
+                        "either, nothing is written.")
+    flags.DEFINE_enum("branch", "adv", ["adv", "clean", "both"], "BN branch to evaluate.")
+    flags.DEFINE_list("attacks", ["clean", "pgd20"], f"Comma list from {list(ATTACKS)}.")
+    flags.DEFINE_integer("n_examples", None, "First N test examples (default: all).")
+    flags.DEFINE_integer("batch_size", 256, "Evaluation batch size.")
+    flags.DEFINE_integer("restarts", 1, "Random restarts of pgd20 and cw (worst case kept).")
+    flags.DEFINE_integer("seed", 0, "Seed of the attacks' randomness.")
+    flags.DEFINE_bool("progress", True, "Progress bars on stderr (tqdm).")
+
+
+def _log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _check_flags(runs):
+    unknown = [a for a in FLAGS.attacks if a not in ATTACKS]
+    if unknown:
+        raise runs.UsageError(f"unknown attack(s) {unknown}; choose from {list(ATTACKS)}")
+    if FLAGS.n_examples is not None and FLAGS.n_examples < 1:
+        raise runs.UsageError("--n_examples must be >= 1")
+    if FLAGS.batch_size < 1 or FLAGS.restarts < 1:
+        raise runs.UsageError("--batch_size and --restarts must be >= 1")
+    if FLAGS.saved_model and FLAGS.onnx:
+        raise runs.UsageError("give --saved_model or --onnx, not both")
+    if not (FLAGS.workdir or FLAGS.saved_model or FLAGS.onnx):
+        raise runs.UsageError("--workdir is required (or --saved_model/--onnx)")
+
+
+def _deployed(runs):
+    kind, source = ("saved_model", FLAGS.saved_model) if FLAGS.saved_model else \
+        ("onnx", FLAGS.onnx)
+    if not os.path.exists(source):
+        raise runs.UsageError(f"{source} not found")
+    if FLAGS.workdir:
+        cfg = runs.read_config(FLAGS.workdir)
+        cfg = dict(cfg, n_train=1, n_test=FLAGS.n_examples)
+    else:
+        cfg = {"dataset": FLAGS.dataset, "data_dir": FLAGS.data_dir, "download": False,
+               "n_train": 1, "n_test": FLAGS.n_examples, "eps": 8 / 255}
+    eps = runs.parse_fraction(FLAGS.eps, "eps") if FLAGS.eps else cfg["eps"]
+    data = runs.load_data(cfg)
+    x = data.x_test.astype("float32") / 255.0
+    y = data.y_test
+    if FLAGS.n_examples:
+        x, y = x[:FLAGS.n_examples], y[:FLAGS.n_examples]
+    try:
+        model_fn = saved_model_fn(source) if kind == "saved_model" else onnx_model_fn(source)
+    except EvaluationError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign model file
+        raise runs.UsageError(f"cannot load {source}: {str(e).splitlines()[0][:200]}") from None
+    if kind == "onnx":
+        _log("note: ONNX model: onnxruntime gives no gradients, so only clean accuracy and "
+             "Square (gradient-free, 5,000 queries) run; the result is an upper bound on "
+             "robust accuracy")
+    accs, details = evaluate_model_fn(model_fn, x, y, eps, FLAGS.attacks, FLAGS.batch_size,
+                                      FLAGS.seed, FLAGS.norm, gradients=(kind != "onnx"),
+                                      restarts=FLAGS.restarts, progress=FLAGS.progress,
+                                      log=_log)
+    name = os.path.basename(os.path.normpath(source))
+    label = {"source": f"{kind}-{name}-{records.slug(cfg['dataset'])}",
+             "model_file": os.path.abspath(source), "kind": kind, "dataset": cfg["dataset"],
+             "test_images": f"the first {len(x)} of the test split", "eps": eps,
+             "norm": FLAGS.norm, "n_examples": len(x)}
+    return label, {"deployed": accs}, {"deployed": details}, 0, (name, "deployed",
+                                                                   cfg["dataset"],
+                                                                   f"robustbench_{kind}.json")
+
+
+def _checkpoint(runs):
+    run = runs.load_run(FLAGS.workdir, FLAGS.checkpoint)
+    x, y = run.test_arrays(FLAGS.n_examples)
+    eps = runs.parse_fraction(FLAGS.eps, "eps") if FLAGS.eps else run.config["eps"]
+    branches = ("adv", "clean") if FLAGS.branch == "both" else (FLAGS.branch,)
+    details = {}
+    evaluation = evaluate_network(run.network, x, y, eps, branches, FLAGS.attacks,
+                                  FLAGS.batch_size, FLAGS.seed, details, FLAGS.norm,
+                                  FLAGS.progress, _log, FLAGS.restarts)
+    cfg = run.config
+    checkpoint = os.path.basename(run.checkpoint.rstrip("/"))
+    label = {"source": checkpoint, "workdir": os.path.abspath(FLAGS.workdir),
+             "checkpoint": os.path.relpath(run.checkpoint, FLAGS.workdir), "epoch": run.epoch,
+             "dataset": cfg["dataset"], "model": cfg["model"], "method": cfg["method"],
+             "test_images": f"the first {len(x)} of the test split", "eps": eps,
+             "norm": FLAGS.norm, "n_examples": len(x)}
+    return label, evaluation, details, run.epoch, (cfg["model"], cfg["method"],
+                                                   cfg["dataset"], "robustbench.json")
+
+
+def main(argv):
+    from keras_arat import runs  # heavy imports after flag parsing
+    del argv
+    try:
+        _check_flags(runs)
+        label, evaluation, details, epoch, robustbench = (
+            _deployed(runs) if FLAGS.saved_model or FLAGS.onnx else _checkpoint(runs))
+        out_dir = FLAGS.output_dir or FLAGS.workdir
+        if out_dir:
+            printed = write_outputs(out_dir, label, evaluation, details, FLAGS.restarts,
+                                    FLAGS.seed, epoch, robustbench)
+        else:
+            printed = {"output_dir": None, "evaluated": [
+                {**label, "branch": b, "accuracy": {a: v for a, v in accs.items()
+                                                    if not a.endswith("_time_s")},
+                 "warnings": details[b]["warnings"]} for b, accs in evaluation.items()]}
+    except (runs.UsageError, EvaluationError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(printed, indent=1))
+
+
+def run_main():
+    define_flags()
+    from keras_arat import runs
+    app.run(main, flags_parser=runs.parse_flags)
+
+
+if __name__ == "__main__":
+    run_main()

@@ -1,0 +1,405 @@
+"""python -m export: fold a trained run's BN branch and write SavedModel / ONNX / .keras.
+
+    python -m export --workdir=RUN --out=OUT [--branch=adv|clean] [--name=NAME]
+        [--formats=saved_model,onnx,keras] [--checkpoint=PATH] [--keras_model=FILE.keras]
+        [--overwrite] [--opset=17] [--atol=1e-4] [--n_examples=1000] [--pgd_examples=N]
+
+Everything is written into a temporary folder next to OUT and renamed to OUT only after
+every check passed, so OUT is either complete or absent. Exit status: 0 success,
+1 a check failed (parity above --atol, ONNX contract), 2 bad usage (one line on stderr).
+"""
+
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+
+FORMATS = ("saved_model", "onnx", "keras")
+DEFAULT_ATOL = 1e-4
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+class UsageError(ValueError):
+    """Bad input from the user: one line on stderr, exit status 2."""
+
+
+class ExportCheckError(RuntimeError):
+    """The exported artefacts do not reproduce the trained model: exit status 1."""
+
+
+def define_flags(flags):
+    f = flags
+    f.DEFINE_string("workdir", None, "Training run folder (config.json, checkpoints/).")
+    f.DEFINE_string("out", None, "Output folder (must not exist unless --overwrite).")
+    f.DEFINE_string("branch", "adv", "BN branch to fold: adv or clean.")
+    f.DEFINE_string("name", None, "Model name for TF Serving (default: the run folder's "
+                    "or .keras file's base name).")
+    f.DEFINE_list("formats", list(FORMATS), f"Comma list from {FORMATS}.")
+    f.DEFINE_string("checkpoint", None, "Which checkpoint of --workdir: latest (default), "
+                    "best (--keep_best), swa, a name such as epoch-0003, or a folder.")
+    f.DEFINE_string("keras_model", None, "Export this .keras network instead of a "
+                    "checkpoint (--workdir, if given, still supplies test data and eps).")
+    f.DEFINE_string("dataset", "digits", "Test data when there is no --workdir.")
+    f.DEFINE_string("eps", None, "PGD budget when there is no --workdir (e.g. 8/255).")
+    f.DEFINE_bool("overwrite", False, "Replace an existing --out.")
+    f.DEFINE_integer("opset", 17, "ONNX opset.")
+    f.DEFINE_float("atol", DEFAULT_ATOL, "Largest allowed absolute logit difference.")
+    f.DEFINE_integer("n_examples", 1000, "Test images for the parity and accuracy checks.")
+    f.DEFINE_integer("pgd_examples", None, "Test images for PGD-20 (default: --n_examples; "
+                     "0 skips the attack).")
+    f.DEFINE_integer("batch_size", 256, "Batch size of the checks.")
+    f.DEFINE_integer("seed", 0, "Seed of PGD's random start (same for both models).")
+
+
+def default_args(**overrides):
+    """The flags' defaults as a namespace, for calling `export()` from Python."""
+    import types
+    args = dict(workdir=None, out=None, branch="adv", name=None, formats=list(FORMATS),
+                checkpoint=None, keras_model=None, dataset="digits", eps=None,
+                overwrite=False, opset=17, atol=DEFAULT_ATOL, n_examples=1000,
+                pgd_examples=None, batch_size=256, seed=0)
+    unknown = set(overrides) - set(args)
+    if unknown:
+        raise TypeError(f"unknown export arguments {sorted(unknown)}")
+    args.update(overrides)
+    return types.SimpleNamespace(**args)
+
+
+def _check_args(a):
+    if not a.workdir and not a.keras_model:
+        raise UsageError("--workdir (or --keras_model) is required")
+    if not a.out:
+        raise UsageError("--out is required")
+    if a.branch not in ("adv", "clean"):
+        raise UsageError(f"unknown --branch={a.branch}; choose adv or clean")
+    unknown = [x for x in a.formats if x not in FORMATS]
+    if unknown or not a.formats:
+        raise UsageError(f"unknown --formats {unknown}; choose from {list(FORMATS)}")
+    if a.name is not None and not NAME_RE.match(a.name):
+        raise UsageError(f"--name={a.name} must be letters, digits, '_', '.', '-'")
+    if a.checkpoint and a.keras_model:
+        raise UsageError("give --checkpoint or --keras_model, not both")
+    if a.checkpoint and not a.workdir:
+        raise UsageError("--checkpoint needs --workdir (the run's config.json)")
+    if not 7 <= a.opset <= 21:
+        raise UsageError(f"--opset={a.opset} is outside 7..21")
+    if not a.atol > 0:
+        raise UsageError("--atol must be > 0")
+    if a.n_examples < 1 or a.batch_size < 1:
+        raise UsageError("--n_examples and --batch_size must be >= 1")
+    out = os.path.abspath(a.out)
+    if os.path.lexists(out) and not a.overwrite:
+        raise UsageError(f"{out} exists; pass --overwrite to replace it")
+    if not os.path.isdir(os.path.dirname(out)):
+        raise UsageError(f"parent folder of {out} does not exist")
+    return out
+
+
+def _default_name(a):
+    base = os.path.basename(os.path.abspath(a.keras_model or a.workdir).rstrip("/"))
+    if a.keras_model:
+        base = os.path.splitext(base)[0]
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", base).lstrip("._-")
+    return name or "model"
+
+
+def load_source(a):
+    """(network, x_test, y_test, eps, source-info dict) from the flags."""
+    from keras_arat import runs
+    if a.workdir and not os.path.isdir(a.workdir):
+        raise UsageError(f"--workdir={a.workdir} is not a folder")
+    source = {}
+    if a.keras_model:
+        network = load_keras_network(a.keras_model)
+        source["keras_model"] = os.path.abspath(a.keras_model)
+        if a.workdir:
+            cfg = runs.read_config(a.workdir)
+            data, eps = runs.load_data(cfg), cfg["eps"]
+            source["workdir"] = os.path.abspath(a.workdir)
+        else:
+            if not a.eps:
+                raise UsageError("--keras_model without --workdir needs --eps")
+            eps = runs.parse_fraction(a.eps, "eps")
+            data = runs.load_data({"dataset": a.dataset, "data_dir": None,
+                                   "download": False, "n_train": 1, "n_test": None})
+        x, y = data.x_test, data.y_test
+        x = x.astype("float32") / 255.0
+    else:
+        try:
+            run = runs.load_run(a.workdir, a.checkpoint)
+        except runs.UsageError as e:
+            raise UsageError(str(e)) from None
+        network, eps = run.network, run.config["eps"]
+        check_checkpoint_holds_network(network, run.checkpoint)
+        x, y = run.test_arrays()
+        source.update(workdir=os.path.abspath(a.workdir), epoch=run.epoch,
+                      checkpoint=os.path.abspath(run.checkpoint),
+                      model=run.config["model"], method=run.config["method"],
+                      dataset=run.config["dataset"])
+    return network, x[:a.n_examples], y[:a.n_examples], float(eps), source
+
+
+def check_checkpoint_holds_network(network, checkpoint):
+    """Refuse a checkpoint that cannot have restored every network variable.
+
+    load_run restores with expect_partial(), so a checkpoint lacking the network's
+    variables would silently leave them at their initial values and the export would
+    faithfully fold an untrained model. Count the saved tensors outside the optimizer
+    slots: there must be at least one per network variable (BN moving statistics
+    included, which no optimizer slot holds).
+    """
+    import tensorflow as tf
+    try:
+        names = [n for n, _ in tf.train.list_variables(os.path.join(checkpoint, "ckpt"))]
+    except Exception as e:  # NotFoundError / DataLossError
+        raise UsageError(f"cannot read checkpoint {checkpoint}: {_one_line(e)[:200]}") \
+            from None
+    saved = [n for n in names if not n.startswith("optimizer/")
+             and n != "_CHECKPOINTABLE_OBJECT_GRAPH"]
+    needed = len(network.weights)
+    if len(saved) < needed:
+        raise UsageError(
+            f"checkpoint {checkpoint} holds {len(saved)} non-optimizer tensors for a "
+            f"network of {needed} variables: its weights / BN statistics were not saved, "
+            f"so it cannot be exported faithfully (export a .keras file with --keras_model)")
+
+
+def load_keras_network(path):
+    import keras
+
+    import importlib
+    # Importing these registers the network classes and the predictor heads with Keras.
+    for module in ("keras_arat.models", "keras_arat.training.arat"):
+        importlib.import_module(module)
+    if not os.path.isfile(path):
+        raise UsageError(f"--keras_model={path} is not a file")
+    try:
+        model = keras.saving.load_model(path, compile=False)
+    except Exception as e:  # keras raises ValueError / TypeError / zipfile errors
+        raise UsageError(f"cannot load {path}: {str(e).strip().splitlines()[0][:200]}") \
+            from None
+    return model
+
+
+def pgd20_accuracy(model_fn, x, y, eps, batch_size, seed):
+    """Accuracy under PGD-20 (L-inf, step eps/4, uniform start seeded [seed, batch]), the
+    protocol of keras_arat.evaluate, through its attack runner (budget-checked batches)."""
+    from keras_arat.attacks.autoattack import run_attack
+    from keras_arat.evaluate import make_attack
+    _, correct = run_attack(make_attack("pgd20", eps), model_fn, x, y, batch_size, seed)
+    return float(correct.mean())
+
+
+def _batched(fn, x, batch_size):
+    import numpy as np
+    return np.concatenate([np.asarray(fn(x[i:i + batch_size]))
+                           for i in range(0, len(x), batch_size)])
+
+
+def _accuracy(logits, y):
+    import numpy as np
+    return float(np.mean(np.argmax(logits, -1) == np.asarray(y).astype(np.int64)))
+
+
+def export(a, log=print):
+    """Run the export; returns the report dict. Raises UsageError / ExportCheckError."""
+    out = _check_args(a)
+    name = a.name or _default_name(a)
+    started = time.time()
+
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from . import convert, fold
+
+    network, x, y, eps, source = load_source(a)
+    try:
+        input_shape = fold.network_input_shape(network)
+        folded = fold.fold_network(network, a.branch, input_shape)
+    except fold.FoldError as e:
+        raise UsageError(str(e)) from None
+    if tuple(x.shape[1:]) != tuple(input_shape):
+        raise UsageError(f"test images are {tuple(x.shape[1:])} but the network takes "
+                         f"{tuple(input_shape)}")
+    log(f"folded {type(network).__name__} ({a.branch} branch): {len(folded.layers)} layers")
+
+    original_fn = tf.function(lambda z: network(z, training=False, branch=a.branch))
+    folded_fn = tf.function(lambda z: folded(z, training=False))
+    logits = {"original": _batched(original_fn, x, a.batch_size),
+              "folded_keras": _batched(folded_fn, x, a.batch_size)}
+
+    parent = os.path.dirname(out)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.export-", dir=parent)
+    try:
+        files = []
+        sm_path = None
+        if "saved_model" in a.formats:
+            sm_path = convert.saved_model_dir(tmp, name)
+            convert.save_saved_model(folded, sm_path, input_shape)
+            logits["saved_model"] = _batched(convert.SavedModelRunner(sm_path), x,
+                                             a.batch_size)
+            files.append(os.path.relpath(sm_path, tmp) + "/")
+        onnx_info = None
+        if "onnx" in a.formats:
+            onnx_path = os.path.join(tmp, "model.onnx")
+            if sm_path:
+                proto = convert.onnx_from_saved_model(sm_path, onnx_path, input_shape,
+                                                      a.opset)
+            else:
+                proto = convert.onnx_from_keras(folded, onnx_path, input_shape, a.opset)
+            problems = convert.check_onnx(onnx_path)
+            if problems:
+                raise ExportCheckError("model.onnx: " + "; ".join(problems))
+            logits["onnxruntime"] = _batched(convert.OnnxRunner(onnx_path), x,
+                                             a.batch_size)
+            onnx_info = {"opset": a.opset, "checker": "passed", "input": fold.INPUT_NAME,
+                         "output": fold.OUTPUT_NAME, "batch": "dynamic",
+                         "op_types": convert.op_types(proto)}
+            files.append("model.onnx")
+        if "keras" in a.formats:
+            keras_path = os.path.join(tmp, "model.keras")
+            folded.save(keras_path)
+            reloaded = keras.saving.load_model(keras_path, compile=False)
+            logits["keras_file"] = _batched(
+                tf.function(lambda z: reloaded(z, training=False)), x, a.batch_size)
+            files.append("model.keras")
+
+        ref = logits["original"]
+        diffs = {k: float(np.max(np.abs(v - ref))) for k, v in logits.items()
+                 if k != "original"}
+        pairs = {}
+        keys = [k for k in logits if k != "original"]
+        for i, k1 in enumerate(keys):
+            for k2 in keys[i + 1:]:
+                pairs[f"{k1}_vs_{k2}"] = float(np.max(np.abs(logits[k1] - logits[k2])))
+        accuracy = {k: _accuracy(v, y) for k, v in logits.items()}
+        agreement = {k: float(np.mean(np.argmax(v, -1) == np.argmax(ref, -1)))
+                     for k, v in logits.items() if k != "original"}
+
+        n_pgd = len(x) if a.pgd_examples is None else min(a.pgd_examples, len(x))
+        pgd = None
+        if n_pgd > 0:
+            pgd = {"eps": eps, "step_size": eps / 4, "steps": 20, "seed": a.seed,
+                   "n_examples": n_pgd}
+            for key, model_fn in (
+                    ("original", lambda z: network(z, training=False, branch=a.branch)),
+                    ("folded_keras", lambda z: folded(z, training=False))):
+                pgd[key] = pgd20_accuracy(model_fn, x[:n_pgd], y[:n_pgd], eps,
+                                          a.batch_size, a.seed)
+            log(f"PGD-20 accuracy: original {pgd['original']:.4f}, "
+                f"folded {pgd['folded_keras']:.4f}")
+
+        worst = max(list(diffs.values()) + list(pairs.values()))
+        report = {
+            "branch": a.branch,
+            "name": name,
+            "passed": worst <= a.atol,
+            "tolerance_abs_logits": a.atol,
+            "max_abs_logit_diff_vs_original": diffs,
+            "max_abs_logit_diff_between_exports": pairs,
+            "max_abs_logit": float(np.max(np.abs(ref))),
+            "n_examples": int(len(x)),
+            "accuracy": accuracy,
+            "argmax_agreement_with_original": agreement,
+            "pgd20_accuracy": pgd,
+            "source": source,
+            "network": {"class": type(network).__name__, "input_shape": list(input_shape),
+                        "num_classes": int(ref.shape[-1]),
+                        "folded_layers": len(folded.layers),
+                        "folded_params": int(folded.count_params())},
+            "signature": {"name": convert.SIGNATURE, "input": fold.INPUT_NAME,
+                          "input_dtype": "float32", "input_range": [0.0, 1.0],
+                          "output": fold.OUTPUT_NAME},
+            "onnx": onnx_info,
+            "formats": list(a.formats),
+            "files": files + ["export_report.json"],
+            "versions": _versions(),
+            "seconds": round(time.time() - started, 1),
+        }
+        with open(os.path.join(tmp, "export_report.json"), "w") as fh:
+            json.dump(report, fh, indent=1)
+        if not report["passed"]:
+            which = max(list(diffs.items()) + list(pairs.items()), key=lambda kv: kv[1])
+            raise ExportCheckError(f"logits differ by {which[1]:.3g} ({which[0]}), above "
+                                   f"--atol={a.atol:g}; nothing written to {out}")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private
+        _move_into_place(tmp, out, a.overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log("max abs logit difference vs the split-BN model: "
+        + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()) + f" (atol {a.atol:g})")
+    log(f"wrote {out}: " + ", ".join(report["files"]))
+    return report
+
+
+def _move_into_place(tmp, out, overwrite):
+    backup = None
+    if os.path.lexists(out):
+        if not overwrite:
+            raise UsageError(f"{out} appeared during the export; pass --overwrite")
+        backup = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-",
+                                  dir=os.path.dirname(out))
+        os.rename(out, os.path.join(backup, "old"))
+    os.rename(tmp, out)
+    if backup:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def _versions():
+    import importlib.metadata as md
+    found = {}
+    for pkg in ("tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime"):
+        try:
+            found[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            found[pkg] = None
+    return found
+
+
+def main(argv=None):
+    from absl import app, flags
+    define_flags(flags)
+
+    def run(args):
+        import logging as pylogging
+
+        from absl import logging
+        logging.set_verbosity(logging.WARNING)
+        pylogging.getLogger("tf2onnx").setLevel(pylogging.WARNING)
+        if len(args) > 1:
+            print(f"error: unexpected arguments {args[1:]}", file=sys.stderr)
+            sys.exit(2)
+        from keras_arat import runs
+        try:
+            export(flags.FLAGS)
+        except (UsageError, runs.UsageError) as e:
+            _fail(f"error: {_one_line(e)}", 2)
+        except ExportCheckError as e:
+            _fail(f"error: export check failed: {_one_line(e)}", 1)
+        except Exception as e:  # anything else still ends in one line, nothing written
+            if os.environ.get("EXPORT_DEBUG"):
+                raise
+            _fail(f"error: export failed: {type(e).__name__}: {_one_line(e)[:300]} "
+                  f"(EXPORT_DEBUG=1 for the traceback)", 1)
+
+    from keras_arat import runs as train_runs
+    app.run(run, argv=argv, flags_parser=train_runs.parse_flags)
+
+
+def _fail(line, status):
+    from absl import logging
+    # A half-restored checkpoint logs pages of warnings when it is garbage collected.
+    logging.set_verbosity(logging.FATAL)
+    print(line, file=sys.stderr)
+    sys.exit(status)
+
+
+def _one_line(e):
+    return " ".join(str(e).split())

@@ -1,0 +1,201 @@
+"""Small clients for TF Serving's REST and gRPC APIs (and export/standin.py).
+
+    from export.client import RestClient, GrpcClient
+    rest = RestClient("http://localhost:8501", "NAME")
+    rest.status(); rest.metadata(); logits = rest.predict(images)   # [N,H,W,C] in [0,1]
+    grpc_client = GrpcClient("localhost:8500", "NAME")
+    logits = grpc_client.predict(images)
+
+Command line (prints status, then predicted classes of the first N test images of a run
+or of an .npy file of float32 [N,H,W,C] images in [0,1]):
+
+    python -m export.client --rest=http://localhost:8501 --model=NAME --npy=images.npy
+    python -m export.client --grpc=localhost:8500 --model=NAME --workdir=RUN --n=8
+"""
+
+import json
+import sys
+import urllib.error
+import urllib.request
+
+import numpy as np
+
+SIGNATURE = "serving_default"
+INPUT_NAME = "images"
+OUTPUT_NAME = "logits"
+GRPC_MAX_MESSAGE = 256 << 20
+
+
+class ServingError(RuntimeError):
+    """The server refused a request: `status` is the HTTP status or gRPC code name."""
+
+    def __init__(self, status, message):
+        super().__init__(f"{status}: {message}")
+        self.status = status
+        self.message = message
+
+
+class RestClient:
+    """TF Serving REST API: GET status / metadata, POST :predict."""
+
+    def __init__(self, base_url, model_name, version=None, timeout=30.0):
+        self.base_url = base_url.rstrip("/")
+        self.model_name = model_name
+        self.version = version
+        self.timeout = timeout
+
+    def _model_url(self):
+        url = f"{self.base_url}/v1/models/{self.model_name}"
+        return url if self.version is None else f"{url}/versions/{self.version}"
+
+    def _request(self, url, body=None):
+        req = urllib.request.Request(url, data=body, method="GET" if body is None else "POST")
+        if body is not None:
+            req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            text = e.read().decode("utf-8", "replace")
+            try:
+                message = json.loads(text).get("error", text)
+            except ValueError:
+                message = text
+            raise ServingError(e.code, message) from None
+
+    def status(self):
+        """{"model_version_status": [{"version", "state", "status"}]}"""
+        return self._request(self._model_url())
+
+    def metadata(self):
+        """{"model_spec": ..., "metadata": {"signature_def": ...}}"""
+        return self._request(self._model_url() + "/metadata")
+
+    def predict_raw(self, body):
+        """POST `body` (bytes or a JSON-able object) to :predict; the decoded answer."""
+        if not isinstance(body, (bytes, bytearray)):
+            body = json.dumps(body).encode()
+        return self._request(self._model_url() + ":predict", body)
+
+    def predict(self, images, row_format=True, signature_name=None):
+        """Logits [N, K] (float32) for float32 images [N, H, W, C] in [0, 1].
+
+        row_format=True sends {"instances": [...]} and reads "predictions";
+        False sends {"inputs": {"images": [...]}} and reads "outputs".
+        """
+        values = np.asarray(images, np.float32).tolist()
+        body = ({"instances": values} if row_format
+                else {"inputs": {INPUT_NAME: values}})
+        if signature_name:
+            body["signature_name"] = signature_name
+        answer = self.predict_raw(body)
+        out = answer["predictions"] if row_format else answer["outputs"]
+        if isinstance(out, dict):  # several outputs: TF Serving keys them by name
+            out = out[OUTPUT_NAME]
+        return np.asarray(out, np.float32)
+
+
+class GrpcClient:
+    """TF Serving gRPC PredictionService (Predict, GetModelMetadata)."""
+
+    def __init__(self, target, model_name, version=None, timeout=30.0):
+        import grpc
+        from tensorflow_serving.apis import prediction_service_pb2_grpc
+        self.model_name = model_name
+        self.version = version
+        self.timeout = timeout
+        self.channel = grpc.insecure_channel(target, options=[
+            ("grpc.max_send_message_length", GRPC_MAX_MESSAGE),
+            ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE)])
+        self.stub = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
+
+    def _spec(self, spec, signature=True):
+        spec.name = self.model_name
+        if signature:
+            spec.signature_name = SIGNATURE
+        if self.version is not None:
+            spec.version.value = int(self.version)
+
+    def _call(self, method, request):
+        import grpc
+        try:
+            return method(request, timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise ServingError(e.code().name, e.details()) from None
+
+    def predict(self, images):
+        """Logits [N, K] for float32 images [N, H, W, C] in [0, 1]."""
+        import tensorflow as tf
+        return self.predict_tensor(tf.make_tensor_proto(np.asarray(images, np.float32)))
+
+    def predict_tensor(self, tensor_proto):
+        """Predict with a ready TensorProto as input "images" (any dtype / shape)."""
+        import tensorflow as tf
+        from tensorflow_serving.apis import predict_pb2
+        request = predict_pb2.PredictRequest()
+        self._spec(request.model_spec)
+        request.inputs[INPUT_NAME].CopyFrom(tensor_proto)
+        response = self._call(self.stub.Predict, request)
+        return tf.make_ndarray(response.outputs[OUTPUT_NAME])
+
+    def metadata(self):
+        """{signature name: SignatureDef proto}."""
+        from tensorflow_serving.apis import get_model_metadata_pb2
+        request = get_model_metadata_pb2.GetModelMetadataRequest()
+        self._spec(request.model_spec, signature=False)
+        request.metadata_field.append("signature_def")
+        response = self._call(self.stub.GetModelMetadata, request)
+        sig_map = get_model_metadata_pb2.SignatureDefMap()
+        response.metadata["signature_def"].Unpack(sig_map)
+        return dict(sig_map.signature_def)
+
+    def close(self):
+        self.channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def main(argv=None):
+    import argparse
+    parser = argparse.ArgumentParser(description="Query a TF Serving model.")
+    parser.add_argument("--rest", help="e.g. http://localhost:8501")
+    parser.add_argument("--grpc", help="e.g. localhost:8500")
+    parser.add_argument("--model", required=True, help="model name")
+    parser.add_argument("--npy", help=".npy file of float32 images [N,H,W,C] in [0,1]")
+    parser.add_argument("--workdir", help="take test images from this training run")
+    parser.add_argument("--n", type=int, default=8, help="how many images")
+    args = parser.parse_args(argv)
+    if bool(args.rest) == bool(args.grpc):
+        parser.error("give exactly one of --rest or --grpc")
+    if args.npy:
+        images = np.load(args.npy)[:args.n]
+        labels = None
+    elif args.workdir:
+        from keras_arat import runs
+        cfg = runs.read_config(args.workdir)
+        data = runs.load_data(cfg)
+        images = data.x_test[:args.n].astype(np.float32) / 255.0
+        labels = data.y_test[:args.n]
+    else:
+        parser.error("give --npy or --workdir")
+    try:
+        if args.rest:
+            client = RestClient(args.rest, args.model)
+            print(json.dumps(client.status()))
+        else:
+            client = GrpcClient(args.grpc, args.model)
+        logits = client.predict(images)
+    except (ServingError, OSError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(1)
+    print(json.dumps({"predicted": np.argmax(logits, -1).tolist(),
+                      "labels": None if labels is None else np.asarray(labels).tolist(),
+                      "logits": np.round(logits, 5).tolist()}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""Fold one BatchNorm branch of any functional Keras graph into a plain inference model.
+
+Inference-mode BN is an affine map per channel, y = x * s + t with
+s = gamma / sqrt(var + eps) and t = beta - mean * s. The graph is walked once
+(keras.models.clone_model with a call function), and for every BatchNormalization or
+SplitBatchNormalization (its chosen branch):
+- if a Conv2D, DepthwiseConv2D or Dense with a linear activation feeds it and nothing
+  else reads that layer's output, the map is merged into that layer (kernel * s,
+  bias * s + t; the folded layer gets a bias) and the BN disappears;
+- otherwise (pre-activation blocks, whose BN reads a residual sum or a tensor also used
+  as a shortcut) it becomes a per-channel scale-and-shift: a 1x1 DepthwiseConv2D with a
+  bias, which tf2onnx converts to a grouped Conv, never to BatchNormalization.
+Every other layer is copied with its weights. keras_arat's padded TorchConv2D becomes a
+ZeroPadding2D and a Conv2D, so the folded built-in families use only Keras' own layers
+and `model.keras` loads without keras_arat. Nothing here knows a model's topology: the
+graph is what Keras records.
+"""
+
+import keras
+import numpy as np
+
+from keras_arat.layers.split_batch_norm import BRANCHES, SplitBatchNormalization
+from keras_arat.network import as_functional
+
+INPUT_NAME = "images"
+OUTPUT_NAME = "logits"
+FOLDABLE = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)
+BN_TYPES = (keras.layers.BatchNormalization, SplitBatchNormalization)
+
+
+class FoldError(ValueError):
+    """The network cannot be folded (a layer setting the fold cannot express)."""
+
+
+def bn_affine(bn):
+    """(scale, shift) as float64 arrays for a built keras BatchNormalization."""
+    if not bn.built:
+        raise FoldError(f"BatchNormalization {bn.name} is not built")
+    channels = bn.moving_mean.shape[-1]
+    gamma = np.asarray(bn.gamma.numpy(), np.float64) if bn.scale else np.ones(channels)
+    beta = np.asarray(bn.beta.numpy(), np.float64) if bn.center else np.zeros(channels)
+    mean = np.asarray(bn.moving_mean.numpy(), np.float64)
+    var = np.asarray(bn.moving_variance.numpy(), np.float64)
+    scale = gamma / np.sqrt(var + float(bn.epsilon))
+    return scale, beta - mean * scale
+
+
+def _branch_bn(layer, branch):
+    """The keras BatchNormalization a BN-type layer applies on `branch`."""
+    bn = layer.branch_layer(branch) if isinstance(layer, SplitBatchNormalization) else layer
+    rank = bn.input_spec.ndim if bn.built and bn.input_spec is not None else None
+    if bn.axis != -1 and (rank is None or bn.axis != rank - 1):
+        raise FoldError(f"{layer.name}: only BatchNormalization over the last (channels) axis "
+                        f"can be folded, this one normalises axis {bn.axis}")
+    return bn
+
+
+def _all_layers(graph):
+    """Every layer of a functional graph, nested functional/Sequential models opened."""
+    for layer in graph.layers:
+        if isinstance(layer, keras.Model) and hasattr(layer, "_operations"):
+            yield from _all_layers(as_functional(layer))
+        yield layer
+
+
+def _single_consumer(producer, node):
+    """True if `node` is the only place the producer's output is read."""
+    outbound = producer._outbound_nodes  # noqa: SLF001 - Keras' graph
+    return len(producer._inbound_nodes) == 1 and len(outbound) == 1 and outbound[0] is node  # noqa: SLF001
+
+
+def _foldable_into(layer, graph_outputs):
+    """The layer a BN-type `layer` can be merged into, or None."""
+    if len(layer._inbound_nodes) != 1:  # noqa: SLF001 - a shared BN: keep it as a map
+        return None
+    node = layer._inbound_nodes[0]  # noqa: SLF001
+    if len(node.input_tensors) != 1:
+        return None
+    producer = node.input_tensors[0]._keras_history.operation  # noqa: SLF001
+    if not isinstance(producer, FOLDABLE) or not _single_consumer(producer, node):
+        return None
+    if keras.activations.serialize(producer.activation) != "linear":
+        return None
+    if getattr(producer, "data_format", "channels_last") != "channels_last" \
+            or getattr(producer, "groups", 1) != 1:
+        return None
+    if any(t._keras_history.operation is producer for t in graph_outputs):  # noqa: SLF001
+        return None
+    return producer
+
+
+def _plain_config(layer, folded):
+    """Config of the built-in Keras layer standing in for `layer` in the folded graph."""
+    config = layer.get_config()
+    if folded:
+        config["use_bias"] = True
+    pad = int(getattr(layer, "_explicit_pad", 0) or 0)
+    if "torch_padding" in config:  # keras_arat's TorchConv2D: explicit padding, then "valid"
+        config.pop("torch_padding")
+        config["padding"] = "valid" if pad else layer.padding
+    return config, pad
+
+
+def fold_network(network, branch="adv", input_shape=None):
+    """A functional keras.Model computing `network(x, training=False, branch=branch)`.
+
+    `network` is a SplitBNNetwork (a built-in family or a converted user model) or any
+    functional or Sequential Keras model. Input [N, H, W, C] float32, output the logits.
+    `input_shape` (H, W, C) defaults to the graph's. Raises FoldError if a BN remains or
+    a weight of the chosen branch goes unused.
+    """
+    if branch not in BRANCHES:
+        raise FoldError(f"unknown branch {branch!r}; choose from {list(BRANCHES)}")
+    try:
+        graph = as_functional(network)
+    except ValueError as e:
+        raise FoldError(f"cannot fold: {e}") from None
+    input_shape = tuple(input_shape or network_input_shape(graph))
+    into, merged = {}, {}  # id(BN layer) -> producer; id(producer) -> BN layer
+    for layer in _all_layers(graph):
+        if isinstance(layer, BN_TYPES):
+            _branch_bn(layer, branch)
+            producer = _foldable_into(layer, graph.outputs)
+            if producer is not None:
+                into[id(layer)], merged[id(producer)] = producer, layer
+    used, counter = set(), [0]
+    originals = {}
+
+    def clone(layer):
+        if isinstance(layer, BN_TYPES):
+            return layer  # never called: call() below maps or merges it
+        config, _ = _plain_config(layer, id(layer) in merged)
+        cls = keras.layers.Conv2D if "torch_padding" in layer.get_config() else layer.__class__
+        try:
+            new = cls.from_config(config)
+        except Exception as e:  # noqa: BLE001 - a custom layer's own config code
+            raise FoldError(f"cannot copy layer '{layer.name}' ({type(layer).__name__}): "
+                            f"{e}") from None
+        originals[id(new)] = layer
+        return new
+
+    def set_weights(new, old):
+        values = [np.asarray(w.numpy(), np.float64) for w in old.weights]
+        used.update(id(w) for w in old.weights)
+        if id(old) in merged:
+            bn = _branch_bn(merged[id(old)], branch)
+            used.update(id(w) for w in bn.weights)
+            scale, shift = bn_affine(bn)
+            kernel = values[0]
+            if isinstance(old, keras.layers.DepthwiseConv2D):  # (kh, kw, in, multiplier)
+                kernel = kernel * scale.reshape(kernel.shape[2], kernel.shape[3])
+            else:  # Conv2D (kh, kw, in, out), Dense (in, out): the output axis is last
+                kernel = kernel * scale
+            bias = shift if not old.use_bias else values[1] * scale + shift
+            values = [kernel, bias]
+        new.set_weights([v.astype(np.float32) for v in values])
+
+    def affine(layer, x):
+        bn = _branch_bn(layer, branch)
+        used.update(id(w) for w in bn.weights)
+        scale, shift = bn_affine(bn)
+        counter[0] += 1
+        name = f"{layer.name}_affine_{counter[0]}"
+        rank = len(x.shape)
+        if rank == 2:  # (N, C): through a 1x1 image, so that only built-in layers are used
+            x = keras.layers.Reshape((1, 1, x.shape[-1]), name=f"{name}_to_image")(x)
+        elif rank != 4:
+            raise FoldError(f"{layer.name}: a BatchNormalization of a rank-{rank} tensor with "
+                            "no Conv/Dense before it cannot be folded")
+        depthwise = keras.layers.DepthwiseConv2D(1, use_bias=True, name=name)
+        y = depthwise(x)
+        depthwise.set_weights([scale.reshape(1, 1, -1, 1).astype(np.float32),
+                               shift.astype(np.float32)])
+        if rank == 2:
+            y = keras.layers.Reshape((y.shape[-1],), name=f"{name}_to_vector")(y)
+        return y
+
+    def call(new, *args, **kwargs):
+        if isinstance(new, BN_TYPES):
+            return args[0] if id(new) in into else affine(new, args[0])
+        old = originals[id(new)]
+        _, pad = _plain_config(old, False)
+        if pad:
+            counter[0] += 1
+            args = (keras.layers.ZeroPadding2D(pad, name=f"{old.name}_pad_{counter[0]}")(
+                args[0]),) + args[1:]
+        kwargs.pop("training", None)
+        kwargs.pop("mask", None)
+        out = new(*args, **kwargs)
+        if old.weights:
+            set_weights(new, old)
+        return out
+
+    images = keras.Input(shape=input_shape, dtype="float32", name=INPUT_NAME)
+    try:
+        folded = keras.models.clone_model(graph, input_tensors=images, clone_function=clone,
+                                          call_function=call, recursive=True)
+    except FoldError:
+        raise
+    except Exception as e:  # noqa: BLE001 - anything Keras cannot rebuild
+        raise FoldError(f"cannot rebuild the graph of {graph.name}: "
+                        f"{str(e).splitlines()[0][:200]}") from None
+    left = [layer.name for layer in folded._flatten_layers(recursive=True)  # noqa: SLF001
+            if isinstance(layer, BN_TYPES)]
+    if left:
+        raise FoldError(f"BatchNormalization left in the folded graph: {left[:3]} (inside a "
+                        "nested Sequential model?)")
+    expected = {id(v) for v in graph.weights} - _other_branch_weights(graph, branch)
+    missing = [v.path for v in graph.weights if id(v) in expected - used]
+    if missing or used - expected:
+        raise FoldError(f"folding left {len(missing)} weight(s) unused (e.g. {missing[:3]}) "
+                        "or read foreign ones")
+    return keras.Model(folded.inputs[0], folded.outputs[0], name=f"{graph.name}_folded_{branch}")
+
+
+def _other_branch_weights(graph, branch):
+    skipped = set()
+    for layer in _all_layers(graph):
+        if isinstance(layer, SplitBatchNormalization) and layer.split:
+            for name, bn in layer.bns.items():
+                if name != branch:
+                    skipped.update(id(v) for v in bn.weights)
+    return skipped
+
+
+def network_input_shape(network):
+    """(H, W, C) of the network's input."""
+    try:
+        shape = as_functional(network).inputs[0].shape
+    except (ValueError, AttributeError, IndexError):
+        shape = None
+    if shape is None or len(shape) != 4 or any(d is None for d in shape[1:]):
+        raise FoldError("cannot tell the network's input shape; pass input_shape=(H, W, C)")
+    return tuple(int(d) for d in shape[1:])
+
+
+def count_layers(model, cls):
+    """Number of layers of type `cls` anywhere in `model`."""
+    return sum(isinstance(layer, cls)
+               for layer in model._flatten_layers(include_self=True, recursive=True))  # noqa: SLF001

@@ -1,0 +1,135 @@
+"""Split BatchNorm: one BN per input distribution (clean / adversarial)."""
+
+import contextlib
+import threading
+
+import keras
+
+BRANCHES = ("clean", "adv")
+# Pseudo-branch of a joint call: the batch is [clean half; adv half], each half is
+# normalised by its own branch, exactly as two separate calls (clean first) would.
+BOTH = "both"
+
+# PyTorch's BatchNorm2d defaults, in Keras terms: torch momentum 0.1 is keras 0.9.
+TORCH_MOMENTUM = 0.9
+TORCH_EPSILON = 1e-5
+# Default of `synchronized` for layers built while it is set; the trainer sets it for
+# multi-device strategies (see keras_arat.train).
+SYNCHRONIZED_DEFAULT = False
+
+# The branch of the SplitBatchNormalization calls that do not name one: set by
+# branch_scope around a call of a whole graph (a functional model cannot pass a Python
+# argument to its layers). Thread-local, because tf.distribute traces each replica in a
+# thread of its own; Python-level, so each branch traces a graph of its own.
+_ACTIVE = threading.local()
+
+
+@contextlib.contextmanager
+def branch_scope(branch):
+    """Within the block, split-BN layers called without `branch` use this one."""
+    if branch not in BRANCHES + (BOTH,):
+        raise ValueError(f"branch must be one of {BRANCHES + (BOTH,)}, got {branch!r}")
+    previous = getattr(_ACTIVE, "branch", None)
+    _ACTIVE.branch = branch
+    try:
+        yield
+    finally:
+        _ACTIVE.branch = previous
+
+
+def active_branch(default="adv"):
+    """The branch of the innermost branch_scope, or `default` outside any."""
+    return getattr(_ACTIVE, "branch", None) or default
+
+
+@keras.saving.register_keras_serializable(package="keras_arat")
+class SplitBatchNormalization(keras.layers.Layer):
+    """BatchNormalization with a `clean` and an `adv` branch.
+
+    Each branch has its own gamma, beta and moving mean/variance; the branch is
+    picked per call with a Python string (the `branch` argument, or else the innermost
+    `branch_scope`, or else "adv"), so each branch traces its own graph and only the
+    used branch's statistics move. `branch="both"` takes a batch whose
+    first half is clean and second half adversarial and normalises each half with
+    its own branch, so a network runs both halves through every other layer as one
+    batch (what ARAT's train step does). With `split=False` the layer is a
+    plain BatchNormalization that accepts (and ignores) the `branch` argument,
+    which is how single-BN baselines and ablations share the model code.
+    """
+
+    def __init__(self, split=True, momentum=TORCH_MOMENTUM, epsilon=TORCH_EPSILON,
+                 axis=-1, synchronized=None, center=True, scale=True, **kwargs):
+        super().__init__(**kwargs)
+        self.split = bool(split)
+        self.momentum = momentum
+        self.epsilon = epsilon
+        self.axis = axis
+        self.center, self.scale = bool(center), bool(scale)
+        # Under a multi-device tf.distribute strategy, batch statistics are reduced
+        # across replicas, so N devices train exactly as one device on the global batch.
+        self.synchronized = (SYNCHRONIZED_DEFAULT if synchronized is None
+                             else bool(synchronized))
+        names = BRANCHES if self.split else ("shared",)
+        self.bns = {
+            name: keras.layers.BatchNormalization(
+                axis=axis, momentum=momentum, epsilon=epsilon, name=name,
+                synchronized=self.synchronized, center=self.center, scale=self.scale)
+            for name in names
+        }
+        # Attribute assignment makes Keras track the sublayers and their weights.
+        for name, bn in self.bns.items():
+            setattr(self, f"bn_{name}", bn)
+
+    def branch_layer(self, branch):
+        """The BatchNormalization serving `branch` ('clean' or 'adv')."""
+        if branch not in BRANCHES:
+            raise ValueError(f"branch must be one of {BRANCHES}, got {branch!r}")
+        return self.bns[branch] if self.split else self.bns["shared"]
+
+    def build(self, input_shape):
+        for bn in self.bns.values():
+            bn.build(input_shape)
+
+    def call(self, inputs, training=None, branch=None, mask=None):
+        branch = branch or active_branch()
+        if branch == BOTH:
+            # Clean half first: a shared (split=False) BN then moves its statistics in
+            # the same order as a clean call followed by an adversarial one.
+            clean, adv = keras.ops.split(inputs, 2, axis=0)
+            masks = (None, None) if mask is None else keras.ops.split(mask, 2, axis=0)
+            return keras.ops.concatenate(
+                [self.branch_layer("clean")(clean, training=training, mask=masks[0]),
+                 self.branch_layer("adv")(adv, training=training, mask=masks[1])], axis=0)
+        return self.branch_layer(branch)(inputs, training=training, mask=mask)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    @classmethod
+    def from_batch_norm(cls, bn, split=True, momentum=None, name=None):
+        """An unbuilt split layer to stand in for keras BatchNormalization `bn`: its axis,
+        epsilon, center and scale, and its momentum unless `momentum` is given. Once
+        built, `copy_from(bn)` puts bn's weights and statistics into every branch."""
+        if not isinstance(bn, keras.layers.BatchNormalization):
+            raise TypeError(f"{bn.name} is a {type(bn).__name__}, not a BatchNormalization")
+        axis = bn.axis
+        if isinstance(axis, (list, tuple)):
+            if len(axis) != 1:
+                raise ValueError(f"{bn.name} normalises over several axes {axis}")
+            axis = axis[0]
+        return cls(split=split, momentum=bn.momentum if momentum is None else momentum,
+                   epsilon=bn.epsilon, axis=axis, center=bn.center, scale=bn.scale,
+                   name=name or bn.name)
+
+    def copy_from(self, bn):
+        """Every branch takes the weights and moving statistics of BatchNormalization bn."""
+        for sub in self.bns.values():
+            sub.set_weights(bn.get_weights())
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(split=self.split, momentum=self.momentum, epsilon=self.epsilon,
+                      axis=self.axis, synchronized=self.synchronized, center=self.center,
+                      scale=self.scale)
+        return config
+

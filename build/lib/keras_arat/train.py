@@ -1,0 +1,387 @@
+"""Train a robust classifier (ARAT or a baseline) and evaluate it.
+
+    python -m keras_arat.train --flagfile=configs/quickstart.flags --workdir=runs/quickstart
+
+Writes RUN/config.json, metrics.jsonl, tensorboard/, checkpoints/ and results.json
+(see DESIGN.md). Re-running the same command resumes from the last complete checkpoint.
+"""
+
+import atexit
+import dataclasses
+import errno
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+from absl import app, flags, logging
+
+from keras_arat import runs
+
+FLAGS = flags.FLAGS
+_BEFORE = set(FLAGS)
+runs.define_train_flags(flags)
+TRAIN_FLAGS = sorted(set(FLAGS) - _BEFORE)
+
+
+def prepare_workdir(cfg, write=True):
+    """Write config.json, or check it matches an existing run. Returns True to resume.
+
+    write=False (a non-chief worker) only checks: it changes nothing on disk.
+    """
+    path = os.path.join(cfg["workdir"], "config.json")
+    if not write:
+        if cfg["overwrite"] or not os.path.exists(path):
+            return False
+    else:
+        os.makedirs(cfg["workdir"], exist_ok=True)
+    ckpt_dir = os.path.join(cfg["workdir"], "checkpoints")
+    has_checkpoints = os.path.isdir(ckpt_dir) and any(
+        n.startswith("epoch-") for n in os.listdir(ckpt_dir))
+    if os.path.exists(path) and not cfg["overwrite"]:
+        old = runs.read_config(cfg["workdir"])
+        def value(config, k):  # a flag added since the run began counts at its default
+            return config.get(k, FLAGS[k].default if k in FLAGS else None)
+        diff = sorted(k for k in set(old) | set(cfg)
+                      if k not in runs.RESUMABLE_CHANGES and value(old, k) != value(cfg, k))
+        if diff and has_checkpoints:
+            raise runs.UsageError(
+                f"{cfg['workdir']} holds a run with a different configuration ({', '.join(diff)}"
+                "): use another --workdir or pass --overwrite")
+        if has_checkpoints and not cfg["resume"]:
+            raise runs.UsageError(f"{cfg['workdir']} already has checkpoints: pass --resume "
+                                  "to continue or --overwrite to start afresh")
+    if not write:
+        return has_checkpoints and cfg["resume"]
+    if cfg["overwrite"]:
+        for name in ("checkpoints", "tensorboard", "metrics.jsonl", "results.json"):
+            target = os.path.join(cfg["workdir"], name)
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            elif os.path.exists(target):
+                os.remove(target)
+        has_checkpoints = False
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(cfg, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+    return has_checkpoints and cfg["resume"]
+
+
+def trim_metrics(workdir, epoch):
+    """Keep the metrics lines a resumed run starts from: training epochs and evaluations
+    during training up to `epoch`; later ones and the final evaluation are redone."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [ln for ln in f if ln.strip()]
+    kept = [ln for ln in lines if json.loads(ln).get("epoch", 0) <= epoch
+            and json.loads(ln).get("split", "train") in ("train", "test")]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
+def split_holdout(cfg, data):
+    """(training data, (x, y) float32 subset for evaluation during training or None).
+
+    --eval_during_training_on=test takes the first N test images (what the reference
+    code evaluates on); holdout takes the last N training images and trains without them.
+    """
+    if not cfg["eval_every_epochs"]:
+        return data, None
+    n = cfg["eval_examples_during_training"]
+    if cfg["eval_during_training_on"] == "test":
+        x, y = data.x_test[:n], data.y_test[:n]
+        return data, (x.astype("float32") / 255.0, y)
+    if n >= len(data.x_train):
+        raise runs.UsageError(f"--eval_examples_during_training={n} leaves no training "
+                              f"images of {len(data.x_train)} for a holdout")
+    x, y = data.x_train[-n:], data.y_train[-n:]
+    data = dataclasses.replace(data, x_train=data.x_train[:-n], y_train=data.y_train[:-n])
+    return data, (x.astype("float32") / 255.0, y)
+
+
+def train(cfg):
+    """Run training and the final evaluation; returns the results dict."""
+    import keras
+
+    from keras_arat.data import a_prev_subset, make_train_dataset
+    from keras_arat.training import callbacks as cb
+    from keras_arat.training.checkpoint import CheckpointManager
+    from keras_arat.training.optim import EpochPiecewiseConstant, TorchSGD
+    from keras_arat.training.swa import SWACallback, SWAState, reestimate_bn
+
+    strategy = make_strategy(cfg)  # before anything starts the TensorFlow runtime
+    shared_workdir = cfg["workdir"]
+    if not is_chief(strategy):
+        # Every worker runs the same steps (collectives need all of them); only the chief
+        # writes --workdir. The others write to a private folder removed at the end and
+        # resume from the chief's checkpoints.
+        resume = prepare_workdir(cfg, write=False)
+        cfg = dict(cfg, workdir=tempfile.mkdtemp(prefix="keras_arat_worker_"))
+        atexit.register(shutil.rmtree, cfg["workdir"], True)
+        prepare_workdir(cfg)
+    else:
+        resume = prepare_workdir(cfg)
+    data, eval_subset = split_holdout(cfg, runs.load_data(cfg))
+    keras.utils.set_random_seed(cfg["seed"])
+    if cfg["deterministic"]:
+        import tensorflow as tf
+        tf.config.experimental.enable_op_determinism()
+    policy = runs.precision_policy(cfg)
+    if policy:
+        keras.mixed_precision.set_dtype_policy(policy)
+        print(f"mixed precision: {policy} (float32 weights, logits and attack arithmetic)",
+              flush=True)
+    scope = strategy.scope()
+    scope.__enter__()
+    network = runs.build_network(cfg, data.num_classes, data.image_shape)
+    flip = None if cfg["flip"] == "auto" else cfg["flip"] == "true"
+    _, steps_per_epoch = make_train_dataset(data, cfg["batch_size"], 1, cfg["seed"],
+                                            crop_padding=cfg["crop_padding"], flip=flip)
+    trainer = runs.build_trainer(cfg, network, data.image_shape, steps_per_epoch)
+    schedule = EpochPiecewiseConstant(steps_per_epoch, cfg["lr_boundaries"], cfg["lr_values"])
+    optimizer = TorchSGD(schedule, momentum=cfg["momentum"],
+                         l2_weight_decay=cfg["weight_decay"])
+    trainer.compile(optimizer=optimizer, jit_compile=cfg["jit_compile"])
+    optimizer.build(trainer.trainable_variables)
+    scope.__exit__(None, None, None)
+
+    swa_state = SWAState(network.trainable_variables) if cfg["swa"] else None
+    if swa_state is not None:
+        averaged_steps = (cfg["epochs"] - cfg["swa_start_epoch"] + 1) * steps_per_epoch
+        if averaged_steps < cfg["swa_every_steps"]:
+            raise runs.UsageError(
+                f"--swa_every_steps={cfg['swa_every_steps']} exceeds the {averaged_steps} steps "
+                f"from epoch {cfg['swa_start_epoch']} on: nothing would be averaged")
+    manager = CheckpointManager(os.path.join(cfg["workdir"], "checkpoints"),
+                                **runs.checkpoint_objects(trainer, optimizer, swa_state))
+    initial_epoch = 0
+    if resume:
+        source = manager
+        if shared_workdir != cfg["workdir"]:  # a non-chief worker reads the chief's
+            source = CheckpointManager(os.path.join(shared_workdir, "checkpoints"),
+                                       **runs.checkpoint_objects(trainer, optimizer, swa_state))
+        found = source.latest()
+        if found is not None:
+            initial_epoch, path = found
+            source.restore(path)
+            print(f"resuming {shared_workdir} from epoch {initial_epoch}", flush=True)
+    trim_metrics(cfg["workdir"], initial_epoch)
+    manager.discard_after(initial_epoch, "best")  # from after the checkpoint resumed from
+
+    callbacks = []
+    if cfg["method"] == "arat":
+        x_sub, y_sub = a_prev_subset(data, cfg["a_prev_examples"], seed=cfg["seed"])
+        callbacks.append(cb.APrevCallback(x_sub, y_sub))
+    if swa_state is not None:
+        callbacks.append(SWACallback(swa_state, network, cfg["swa_start_epoch"],
+                                     cfg["swa_every_steps"]))
+    stopper = cb.StopOnNonFinite(steps_per_epoch) if cfg["nan_policy"] == "stop" else None
+    evaluator = None
+    if eval_subset is not None:
+        evaluator = cb.PeriodicEvaluation(
+            lambda: evaluation_figures(cfg, network, *eval_subset), cfg["eval_every_epochs"],
+            cfg["epochs"], cfg["workdir"], manager, cfg["keep_best"],
+            label={"eps": cfg["eps"], "data": cfg["eval_during_training_on"],
+                   "n_examples": len(eval_subset[1])})
+    # Order matters: an epoch's figures (and a best checkpoint) come before its epoch
+    # checkpoint, so a run killed in between redoes both when it resumes.
+    callbacks += [c for c in (stopper, cb.MetricsLogger(cfg["workdir"], schedule), evaluator,
+                              cb.CheckpointCallback(manager, {"method": cfg["method"]})) if c]
+    verbose = cfg["verbose"]
+    verbose = (1 if sys.stdout.isatty() else 2) if verbose == "auto" else int(verbose)
+
+    if initial_epoch < cfg["epochs"]:
+        dataset, _ = make_train_dataset(data, cfg["batch_size"], cfg["epochs"], cfg["seed"],
+                                        initial_epoch=initial_epoch,
+                                        crop_padding=cfg["crop_padding"], flip=flip)
+        trainer.fit(dataset, epochs=cfg["epochs"], initial_epoch=initial_epoch,
+                    steps_per_epoch=steps_per_epoch, callbacks=callbacks, verbose=verbose,
+                    shuffle=False)  # order and augmentation come from (seed, epoch)
+    if stopper is not None and stopper.error:
+        raise cb.NonFiniteLossError(stopper.error)
+
+    final_epoch = max(initial_epoch, cfg["epochs"])
+    if policy:  # evaluate (and re-estimate SWA's BN) in float32, as keras_arat.evaluate does
+        keras.mixed_precision.set_dtype_policy("float32")
+        trained = network
+        network = runs.build_network(cfg, data.num_classes, data.image_shape)
+        network.set_weights(trained.get_weights())
+    run = runs.Run(cfg, data, network, trainer, final_epoch)
+    final_evaluation(run, "final")
+    if evaluator is not None and cfg["keep_best"] != "none":
+        best = evaluator.best_record()
+        if best is not None:
+            runs.merge_results(cfg["workdir"], {"best": best})
+    if swa_state is not None:
+        batches, _ = make_train_dataset(data, cfg["batch_size"], final_epoch + 1, cfg["seed"],
+                                        initial_epoch=final_epoch,
+                                        crop_padding=cfg["crop_padding"], flip=flip)
+        swa_state.copy_to(network.trainable_variables)
+        n_batches = reestimate_bn(network, batches, trainer.attack, "adv", cfg["seed"])
+        if trainer.network is not network:  # mixed precision: the checkpoint holds trainer's
+            trainer.network.set_weights(network.get_weights())
+        n_averaged = int(swa_state.count.numpy())
+        manager.save(final_epoch, {"swa": True, "n_averaged": n_averaged}, prefix="swa")
+        swa = final_evaluation(run, "final_swa")
+        runs.merge_results(cfg["workdir"], {
+            "swa": {"clean_acc": swa["clean_acc"], "pgd20_acc": swa["pgd20_acc"],
+                    "clean_acc_clean_branch": swa["clean_acc_clean_branch"],
+                    "n_averaged": n_averaged, "bn_reestimation_batches": n_batches,
+                    "checkpoint": f"checkpoints/swa-{final_epoch:04d}"}})
+    with open(os.path.join(cfg["workdir"], "results.json")) as f:
+        return json.load(f)
+
+
+def is_chief(strategy):
+    """True unless this process is a non-chief worker of a multi-worker cluster."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.cluster_spec().as_dict():
+        return True
+    task_type, task_id = resolver.task_type, resolver.task_id
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return task_type == "chief" or (not has_chief and task_type == "worker" and task_id == 0)
+
+
+def check_tf_config():
+    """The parsed TF_CONFIG of a multi-worker run, or a UsageError saying what is wrong."""
+    text = os.environ.get("TF_CONFIG")
+    if not text:
+        raise runs.UsageError("--strategy=multi_worker needs TF_CONFIG, e.g. "
+                              '{"cluster": {"worker": ["host1:port", "host2:port"]}, '
+                              '"task": {"type": "worker", "index": 0}}')
+    try:
+        config = json.loads(text)
+        workers = config["cluster"]["worker"]
+        task = config["task"]
+        index = int(task["index"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise runs.UsageError(f"TF_CONFIG is not a valid cluster description ({e!r})") \
+            from None
+    members = config["cluster"].get(task["type"], [])
+    if not isinstance(workers, list) or not 0 <= index < len(members):
+        raise runs.UsageError(f"TF_CONFIG's task {task} is not in its cluster "
+                              f"{config['cluster']}")
+    return config
+
+
+def make_strategy(cfg):
+    """The tf.distribute strategy named by --strategy (with --cpu_devices logical CPUs)."""
+    import tensorflow as tf
+
+    from keras_arat.layers import split_batch_norm
+    if cfg["strategy"] == "multi_worker":
+        if cfg["cpu_devices"]:
+            raise runs.UsageError("--cpu_devices goes with --strategy=mirrored; a multi-worker "
+                                  "run uses each worker's GPUs, or its CPU")
+        check_tf_config()
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        split_batch_norm.SYNCHRONIZED_DEFAULT = strategy.num_replicas_in_sync > 1
+        resolver = strategy.cluster_resolver
+        print(f"strategy multi_worker: {strategy.num_replicas_in_sync} replicas; this is "
+              f"{resolver.task_type} {resolver.task_id}"
+              f"{' (chief)' if is_chief(strategy) else ''}", flush=True)
+        return strategy
+    if cfg["cpu_devices"]:
+        cpus = tf.config.list_physical_devices("CPU")
+        tf.config.set_logical_device_configuration(
+            cpus[0], [tf.config.LogicalDeviceConfiguration()] * cfg["cpu_devices"])
+    if cfg["strategy"] == "default":
+        return tf.distribute.get_strategy()
+    devices = None
+    if cfg["cpu_devices"] and not tf.config.list_physical_devices("GPU"):
+        devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+    strategy = tf.distribute.MirroredStrategy(devices=devices)
+    if strategy.num_replicas_in_sync > 1:
+        split_batch_norm.SYNCHRONIZED_DEFAULT = True  # N replicas train as one device
+    print(f"strategy {cfg['strategy']}: {strategy.num_replicas_in_sync} replicas", flush=True)
+    return strategy
+
+
+def evaluation_figures(cfg, network, x, y):
+    """Clean and PGD-20 accuracy of the adv branch on (x, y), at the run's full eps."""
+    from keras_arat.evaluate import evaluate_network
+    start = time.time()
+    accs = evaluate_network(network, x, y, cfg["eps"], ("adv",), ("clean", "pgd20"),
+                            cfg["eval_batch_size"], cfg["seed"])["adv"]
+    return {"clean_acc": accs["clean"], "pgd20_acc": accs["pgd20"], "n_examples": len(x),
+            "eps": cfg["eps"], "eval_time_s": round(time.time() - start, 3)}
+
+
+def final_evaluation(run, split):
+    """Clean accuracy through both branches and PGD-20 through adv, on the test set.
+
+    split "final" writes results.json's main figures; any other split (the SWA model)
+    only returns them. Either way one metrics.jsonl line records them.
+    """
+    import tensorflow as tf
+
+    from keras_arat.evaluate import attack_settings, evaluate_network
+    from keras_arat.training import callbacks as cb
+    cfg, network = run.config, run.network
+    start = time.time()
+    x_test, y_test = run.test_arrays(cfg["eval_examples"])
+    evaluation = evaluate_network(network, x_test, y_test, cfg["eps"], ("adv",),
+                                  ("clean", "pgd20"), cfg["eval_batch_size"], cfg["seed"])
+    if cfg["split_bn"]:
+        evaluation.update(evaluate_network(network, x_test, y_test, cfg["eps"], ("clean",),
+                                           ("clean",), cfg["eval_batch_size"], cfg["seed"]))
+    else:  # one BN: both branches are the same network
+        evaluation["clean"] = {"clean": evaluation["adv"]["clean"]}
+    figures = {"clean_acc": evaluation["adv"]["clean"], "pgd20_acc": evaluation["adv"]["pgd20"],
+               "clean_acc_clean_branch": evaluation["clean"]["clean"], "n_examples": len(x_test),
+               "eps": cfg["eps"]}
+    if split == "final":
+        runs.update_results(cfg["workdir"], run, evaluation, len(x_test), attacks={
+            "pgd20": attack_settings("pgd20", cfg["eps"], seed=cfg["seed"])})
+    cb.append_metrics(os.path.join(cfg["workdir"], "metrics.jsonl"),
+                      {"split": split, "epoch": run.epoch, **figures,
+                       "eval_time_s": round(time.time() - start, 3)},
+                      tf.summary.create_file_writer(os.path.join(cfg["workdir"], "tensorboard")))
+    return figures
+
+
+def main(argv):
+    logging.set_verbosity(logging.WARNING)
+    if len(argv) > 1:
+        print(f"error: unexpected arguments {argv[1:]} (flags are --name=value)",
+              file=sys.stderr)
+        sys.exit(2)
+    from keras_arat.attacks import EvaluationError
+    from keras_arat.data import DataError
+    from keras_arat.training.callbacks import NonFiniteLossError
+    from keras_arat.training.checkpoint import CheckpointError
+    try:
+        cfg = runs.config_from_flags(FLAGS, TRAIN_FLAGS)
+        results = train(cfg)
+    except (runs.UsageError, DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except EvaluationError as e:  # e.g. a model whose weights went non-finite
+        print(f"error: final evaluation: {e}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:
+        hint = ""
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            hint = ("; earlier checkpoints are intact: free space, then run the same command "
+                    "again to resume")
+        print(f"error: {e.strerror or e} ({getattr(e, 'filename', '') or ''}){hint}",
+              file=sys.stderr)
+        sys.exit(1)
+    print(json.dumps(results, indent=1))
+
+
+def run_main():
+    app.run(main, argv=runs.resolve_flagfiles(sys.argv), flags_parser=runs.parse_flags)
+
+
+if __name__ == "__main__":
+    run_main()
