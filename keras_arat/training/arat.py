@@ -4,7 +4,8 @@ import keras
 import tensorflow as tf
 
 from keras_arat.layers import split_batch_norm
-from keras_arat.layers.split_batch_norm import TORCH_EPSILON, TORCH_MOMENTUM
+from keras_arat.layers.split_batch_norm import (TORCH_EPSILON, TORCH_MOMENTUM,
+                                               TorchBatchNormalization)
 from keras_arat.training.trainers import (AdversarialTrainer, accuracy, mean_ce, mean_cosine,
                                           pooled_feature)
 
@@ -19,7 +20,7 @@ class Predictor(keras.layers.Layer):
         super().__init__(**kwargs)
         self.dim = int(dim)
         self.hidden = keras.layers.Dense(max(self.dim // 4, 1), use_bias=False, name="fc1")
-        self.bn = keras.layers.BatchNormalization(
+        self.bn = TorchBatchNormalization(
             momentum=TORCH_MOMENTUM, epsilon=TORCH_EPSILON, name="bn",
             synchronized=split_batch_norm.SYNCHRONIZED_DEFAULT)
         self.out = keras.layers.Dense(self.dim, name="fc2")
