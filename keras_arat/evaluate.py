@@ -57,10 +57,12 @@ ATTACKS = ("clean", "pgd20", "cw", "apgd-ce", "apgd-t", "fab-t", "square", "auto
 GRADIENT_ATTACKS = ("pgd20", "cw", "apgd-ce", "apgd-t", "fab-t")
 
 
-def make_attack(name, eps, norm="linf", restarts=1):
-    """The evaluation protocol's attacks (AutoAttack's stages use the reference settings)."""
+def make_attack(name, eps, norm="linf", restarts=1, reference_noise_leak=False):
+    """The evaluation protocol's attacks (AutoAttack's stages use the reference settings).
+    reference_noise_leak: PGD-20 as the official AR-AT evaluation runs it (PGD's noise_leak)."""
     if name == "pgd20":
-        attack = PGD(eps=eps, step_size=eps / 4, steps=20, loss=core.cross_entropy, norm=norm)
+        attack = PGD(eps=eps, step_size=eps / 4, steps=20, loss=core.cross_entropy, norm=norm,
+                     noise_leak=reference_noise_leak)
     elif name == "cw":
         attack = PGD(eps=eps, step_size=eps / 4, steps=20, loss=core.cw_margin, norm=norm)
     elif name == "apgd-ce":
@@ -90,13 +92,14 @@ def correct_mask(network, x, y, branch, attack=None, batch_size=256, seed=0):
 
 def evaluate_model_fn(model_fn, x, y, eps, attacks=("clean", "pgd20"), batch_size=256, seed=0,
                       norm="linf", gradients=True, restarts=1, progress=False, log=None,
-                      autoattack=None, eager=False):
+                      autoattack=None, eager=False, reference_noise_leak=False):
     """Accuracies of one model (images -> logits) under each attack, and the details.
 
     Returns (accs, details): accs = {attack: acc, f"{attack}_time_s": s}; details holds
     the per-example masks, the AutoAttack breakdown and the warnings. Raises
     EvaluationError (a ValueError) for inputs outside [0,1] or probability outputs.
     autoattack: an AutoAttack to use instead of the standard one; eager: no tf.function.
+    reference_noise_leak: run pgd20 as the official AR-AT code does (see PGD.noise_leak).
     """
     log = log or (lambda msg: None)
     x = np.asarray(x, np.float32)
@@ -137,7 +140,8 @@ def evaluate_model_fn(model_fn, x, y, eps, attacks=("clean", "pgd20"), batch_siz
             details["warnings"] += result.warnings
             elapsed = round(time.time() - start, 3)
         else:
-            _, mask = run_attack(make_attack(name, eps, norm, restarts), model_fn, x, y,
+            _, mask = run_attack(make_attack(name, eps, norm, restarts, reference_noise_leak),
+                                 model_fn, x, y,
                                  batch_size, seed, progress=progress, desc=name, eager=eager)
             mask = mask & clean
             elapsed = round(time.time() - start, 3)
@@ -162,7 +166,7 @@ def evaluate_model_fn(model_fn, x, y, eps, attacks=("clean", "pgd20"), batch_siz
 
 def evaluate_network(network, x, y, eps, branches=("adv",), attacks=("clean", "pgd20"),
                      batch_size=256, seed=0, details=None, norm="linf", progress=False,
-                     log=None):
+                     log=None, reference_noise_leak=False):
     """{branch: {attack: accuracy, f"{attack}_time_s": seconds}}; x float32 in [0,1].
 
     details, if a dict, receives {branch: evaluate_model_fn's details}.
@@ -172,7 +176,8 @@ def evaluate_network(network, x, y, eps, branches=("adv",), attacks=("clean", "p
         def model_fn(z, branch=branch):
             return network(z, training=False, branch=branch)
         accs, extra = evaluate_model_fn(model_fn, x, y, eps, attacks, batch_size, seed, norm,
-                                        progress=progress, log=log)
+                                        progress=progress, log=log,
+                                        reference_noise_leak=reference_noise_leak)
         results[branch] = accs
         if details is not None:
             details[branch] = extra
@@ -245,9 +250,11 @@ def robustbench_entry(accs, details, eps, n_examples, model, method, dataset, no
             "warnings": details.get("warnings", [])}
 
 
-def write_checkpoint_outputs(workdir, run, evaluation, details, n_examples, norm):
+def write_checkpoint_outputs(workdir, run, evaluation, details, n_examples, norm,
+                             reference_noise_leak=False):
     from keras_arat import runs
-    merged = runs.update_results(workdir, run, evaluation, n_examples, details=details)
+    merged = runs.update_results(workdir, run, evaluation, n_examples, details=details,
+                                 reference_noise_leak=reference_noise_leak)
     breakdowns = {b: d["autoattack"] for b, d in details.items() if "autoattack" in d}
     if breakdowns:
         write_json(os.path.join(workdir, "autoattack_breakdown.json"), breakdowns)
@@ -313,6 +320,9 @@ def define_flags():
     flags.DEFINE_integer("restarts", 1, "Random restarts of pgd20 and cw (worst case kept).")
     flags.DEFINE_integer("seed", 0, "Seed of the attacks' randomness.")
     flags.DEFINE_bool("progress", True, "Progress bars on stderr (tqdm).")
+    flags.DEFINE_bool("reference_noise_leak", None, "PGD-20 with the official AR-AT code's "
+                      "in-place random start (ball centred on x + U(-eps, eps)); default: as "
+                      "the run was trained (its config.json), off for deployed models.")
 
 
 def _log(msg):
@@ -363,7 +373,8 @@ def _deployed(runs):
     accs, details = evaluate_model_fn(model_fn, x, y, eps, FLAGS.attacks, FLAGS.batch_size,
                                       FLAGS.seed, FLAGS.norm, gradients=(kind != "onnx"),
                                       restarts=FLAGS.restarts, progress=FLAGS.progress,
-                                      log=_log)
+                                      log=_log,
+                                      reference_noise_leak=bool(FLAGS.reference_noise_leak))
     out_dir = FLAGS.output_dir or FLAGS.workdir
     if out_dir:
         return write_deployed_outputs(out_dir, kind, source, accs, details, eps, len(x),
@@ -384,11 +395,14 @@ def main(argv):
             eps = runs.parse_fraction(FLAGS.eps, "eps") if FLAGS.eps else run.config["eps"]
             branches = ("adv", "clean") if FLAGS.branch == "both" else (FLAGS.branch,)
             details = {}
+            leak = FLAGS.reference_noise_leak
+            if leak is None:
+                leak = bool(run.config.get("reference_noise_leak", False))
             results = evaluate_network(run.network, x, y, eps, branches, FLAGS.attacks,
                                        FLAGS.batch_size, FLAGS.seed, details, FLAGS.norm,
-                                       FLAGS.progress, _log)
+                                       FLAGS.progress, _log, reference_noise_leak=leak)
             merged = write_checkpoint_outputs(FLAGS.workdir, run, results, details, len(x),
-                                              FLAGS.norm)
+                                              FLAGS.norm, reference_noise_leak=leak)
     except (runs.UsageError, EvaluationError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

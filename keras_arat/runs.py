@@ -156,6 +156,10 @@ def define_train_flags(flags):
                   "Mixed-precision training (float32 weights, attacks' eps arithmetic and "
                   "logits): auto picks mixed_float16 on a GPU and float32 on a CPU; "
                   "bfloat16 forces mixed_bfloat16 (slower than float32 on the CPUs measured).")
+    f.DEFINE_bool("reference_noise_leak", False, "ARAT: reproduce the official AR-AT "
+                  "attack's in-place random start (the clean branch sees x + U(-eps, eps) "
+                  "and the attack's ball is centred there, 2 eps wide around x), in training "
+                  "and in the final PGD-20; off: clean x stays clean (README).")
     f.DEFINE_bool("joint_pass", False, "ARAT: run the clean and adversarial halves as one "
                   "batch through the split-BN network (the same computation as two passes up to "
                   "float rounding; not faster on the CPUs measured, see BENCHMARKS.md).")
@@ -218,6 +222,9 @@ def config_from_flags(flag_values, names):
     if not cfg["workdir"]:
         raise UsageError("--workdir is required (the folder this run writes to)")
     cfg["workdir"] = os.path.abspath(cfg["workdir"])
+    if cfg.get("reference_noise_leak") and cfg["method"] != "arat":
+        raise UsageError("--reference_noise_leak reproduces the official AR-AT training "
+                         "attack: it goes with --method=arat")
     if cfg["method"] != "arat":
         cfg["split_bn"] = False  # the baselines are single-BN networks
     return cfg
@@ -251,7 +258,9 @@ def build_trainer(cfg, network, input_shape):
                                     invariance_weight=cfg["invariance_weight"],
                                     invariance=cfg["invariance"], predictor=cfg["predictor"],
                                     input_shape=tuple(input_shape),
-                                    joint_pass=cfg.get("joint_pass", False), **common)
+                                    joint_pass=cfg.get("joint_pass", False),
+                                    reference_noise_leak=cfg.get("reference_noise_leak", False),
+                                    **common)
         except ValueError as e:
             raise UsageError(str(e)) from None
     if cfg["method"] in DEFAULT_BETA:
@@ -304,12 +313,15 @@ def checkpoint_objects(trainer, optimizer=None, swa_state=None):
 @dataclasses.dataclass
 class Run:
     config: dict
-    data: object
+    data: object  # None when the data set is not on this machine (see load_run)
     network: object
     trainer: object
     epoch: int
+    data_error: str = None
 
     def test_arrays(self, n=None):
+        if self.data is None:
+            raise UsageError(self.data_error)
         x, y = self.data.x_test, self.data.y_test
         if n is not None:
             x, y = x[:n], y[:n]
@@ -328,12 +340,25 @@ def read_config(workdir):
 
 
 def load_run(workdir, checkpoint=None):
-    """Rebuild a run's data, network and trainer and restore a checkpoint (default: latest)."""
+    """Rebuild a run's data, network and trainer and restore a checkpoint (default: latest).
+
+    A run whose config.json records num_classes and image_shape (keras_arat.convert_torch
+    writes them) loads without its data set; Run.data is then None and Run.test_arrays
+    raises the data set's error.
+    """
     from keras_arat.training.checkpoint import CheckpointManager
     cfg = read_config(workdir)
-    data = load_data(cfg)
-    network = build_network(cfg, data.num_classes, data.image_shape)
-    trainer = build_trainer(cfg, network, data.image_shape)
+    data, data_error = None, None
+    try:
+        data = load_data(cfg)
+        num_classes, image_shape = data.num_classes, data.image_shape
+    except UsageError as e:
+        if "num_classes" not in cfg or "image_shape" not in cfg:
+            raise
+        data_error = str(e)
+        num_classes, image_shape = cfg["num_classes"], tuple(cfg["image_shape"])
+    network = build_network(cfg, num_classes, image_shape)
+    trainer = build_trainer(cfg, network, image_shape)
     manager = CheckpointManager(os.path.join(workdir, "checkpoints"),
                                 **checkpoint_objects(trainer))
     if checkpoint is None:
@@ -350,10 +375,11 @@ def load_run(workdir, checkpoint=None):
     except Exception as e:  # noqa: BLE001  mismatch, NotFoundError, DataLossError, ...
         raise UsageError(f"cannot restore checkpoint {checkpoint}: "
                          f"{str(e).splitlines()[0][:200]}") from None
-    return Run(cfg, data, network, trainer, epoch)
+    return Run(cfg, data, network, trainer, epoch, data_error)
 
 
-def update_results(workdir, run, evaluation, n_examples, details=None):
+def update_results(workdir, run, evaluation, n_examples, details=None,
+                   reference_noise_leak=False):
     """Merge an evaluation into RUN/results.json (RobustBench-like keys at the top).
 
     evaluation: {branch: {attack: acc, f"{attack}_time_s": s}}; every attack of the adv
@@ -361,6 +387,9 @@ def update_results(workdir, run, evaluation, n_examples, details=None):
     branch's clean accuracy -> clean_acc_clean_branch), and its number of test images in
     n_examples_by_attack (n_examples is that of the latest evaluation). details (optional, from
     keras_arat.evaluate): {branch: {"autoattack": breakdown, "warnings": [...]}}.
+    reference_noise_leak: whether this evaluation's pgd20 had the official code's in-place
+    random start (recorded as pgd20_reference_noise_leak; the training's own setting is
+    reference_noise_leak).
     """
     path = os.path.join(workdir, "results.json")
     results = {}
@@ -369,7 +398,10 @@ def update_results(workdir, run, evaluation, n_examples, details=None):
             results = json.load(f)
     cfg = run.config
     results.update(dataset=cfg["dataset"], model=cfg["model"], method=cfg["method"],
-                   branch="adv", eps=cfg["eps"], n_examples=n_examples, epoch=run.epoch)
+                   branch="adv", eps=cfg["eps"], n_examples=n_examples, epoch=run.epoch,
+                   reference_noise_leak=bool(cfg.get("reference_noise_leak", False)))
+    if any("pgd20" in accs for accs in evaluation.values()):
+        results["pgd20_reference_noise_leak"] = bool(reference_noise_leak)
     adv, clean = evaluation.get("adv", {}), evaluation.get("clean", {})
     counts = results.setdefault("n_examples_by_attack", {})
     for name, value in adv.items():

@@ -281,8 +281,10 @@ def final_evaluation(run, split):
     cfg, network = run.config, run.network
     start = time.time()
     x_test, y_test = run.test_arrays(cfg["eval_examples"])
+    leak = bool(cfg.get("reference_noise_leak", False))
     evaluation = evaluate_network(network, x_test, y_test, cfg["eps"], ("adv",),
-                                  ("clean", "pgd20"), cfg["eval_batch_size"], cfg["seed"])
+                                  ("clean", "pgd20"), cfg["eval_batch_size"], cfg["seed"],
+                                  reference_noise_leak=leak)
     if cfg["split_bn"]:
         evaluation.update(evaluate_network(network, x_test, y_test, cfg["eps"], ("clean",),
                                            ("clean",), cfg["eval_batch_size"], cfg["seed"]))
@@ -291,7 +293,8 @@ def final_evaluation(run, split):
     figures = {"clean_acc": evaluation["adv"]["clean"], "pgd20_acc": evaluation["adv"]["pgd20"],
                "clean_acc_clean_branch": evaluation["clean"]["clean"], "n_examples": len(x_test)}
     if split == "test":
-        runs.update_results(cfg["workdir"], run, evaluation, len(x_test))
+        runs.update_results(cfg["workdir"], run, evaluation, len(x_test),
+                            reference_noise_leak=leak)
     cb.append_metrics(os.path.join(cfg["workdir"], "metrics.jsonl"),
                       {"split": split, "epoch": run.epoch, **figures,
                        "eval_time_s": round(time.time() - start, 3)},
