@@ -27,13 +27,35 @@ class TorchBatchNormalization(keras.layers.BatchNormalization):
     predictors. The weights and everything else are Keras' own.
     """
 
+    def _moments(self, inputs, mask):
+        """Batch mean and (biased) variance. Synchronized across replicas, in two passes
+        as tf.nn.moments does on one device (mean, then the mean squared deviation from
+        it) instead of Keras' E[x^2] - E[x]^2, which cancels catastrophically in float32
+        when a channel's mean is large against its spread."""
+        ctx = tf.distribute.get_replica_context()
+        if (mask is not None or not self.synchronized or ctx is None
+                or ctx.num_replicas_in_sync == 1):
+            return super()._moments(inputs, mask)
+        axes = self._reduction_axes
+        total = ctx.all_reduce(tf.distribute.ReduceOp.SUM, self._count(inputs))
+        mean = ctx.all_reduce(tf.distribute.ReduceOp.SUM,
+                              tf.reduce_sum(inputs, axes, keepdims=True)) / total
+        squares = tf.reduce_sum(tf.math.squared_difference(inputs, tf.stop_gradient(mean)),
+                                axes, keepdims=True)
+        variance = ctx.all_reduce(tf.distribute.ReduceOp.SUM, squares) / total
+        return tf.squeeze(mean, axes), tf.squeeze(variance, axes)
+
+    def _count(self, inputs):
+        """Values per channel in this replica's batch."""
+        return tf.cast(tf.reduce_prod(tf.gather(tf.shape(inputs), self._reduction_axes)),
+                       inputs.dtype)
+
     def call(self, inputs, training=None, mask=None):
         if not (training and self.trainable) or mask is not None or self.renorm:
             return super().call(inputs, training=training, mask=mask)
         inputs = keras.ops.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))
         mean, variance = self._moments(inputs, None)
-        n = tf.cast(tf.reduce_prod(tf.gather(tf.shape(inputs), self._reduction_axes)),
-                    inputs.dtype)
+        n = self._count(inputs)
         ctx = tf.distribute.get_replica_context()
         if self.synchronized and ctx is not None and ctx.num_replicas_in_sync > 1:
             n = ctx.all_reduce(tf.distribute.ReduceOp.SUM, n)

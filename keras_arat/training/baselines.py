@@ -82,7 +82,8 @@ class MARTModel(AdversarialTrainer):
         logits_nat = self.network(x, training=True, branch="adv")
         logits_adv = self.network(x_adv, training=True, branch="adv")
         p_adv, p_nat = tf.nn.softmax(logits_adv), tf.nn.softmax(logits_nat)
-        onehot = tf.one_hot(tf.cast(y, tf.int32), tf.shape(logits_adv)[-1])
+        onehot = tf.one_hot(tf.cast(y, tf.int32), tf.shape(logits_adv)[-1],
+                            dtype=logits_adv.dtype)
         # The most likely wrong class under attack (the reference's argsort trick).
         p_wrong = tf.reduce_max(p_adv - 2.0 * onehot, axis=-1)
         bce = mean_ce(logits_adv, y) - tf.reduce_mean(tf.math.log(1.0001 - p_wrong + 1e-12))
