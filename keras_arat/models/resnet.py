@@ -134,12 +134,19 @@ def run_blocks(blocks, names, x, tapped_stage, feature_keys, training, branch):
 def float32_classifier(num_classes, name, bias_fan_in=None):
     """The final Dense: PyTorch's weight init, PyTorch's bias init over `bias_fan_in`
     inputs (zeros without it), float32 logits under a mixed-precision policy (attacks
-    and losses need them). The kernel's initializer is made first, as it always was, so
-    a seeded model draws the same weights."""
+    and losses need them), float64 ones under a float64 policy. The kernel's initializer
+    is made first, as it always was, so a seeded model draws the same weights."""
     kernel_initializer = torch_kernel_initializer()
     bias_initializer = "zeros" if bias_fan_in is None else torch_bias_initializer(bias_fan_in)
     return keras.layers.Dense(num_classes, kernel_initializer=kernel_initializer,
-                              bias_initializer=bias_initializer, name=name, dtype="float32")
+                              bias_initializer=bias_initializer, name=name,
+                              dtype=logits_dtype())
+
+
+def logits_dtype():
+    """The classifier's dtype: float32 (also under mixed precision: attacks and losses
+    need float32 logits), float64 under a float64 policy."""
+    return "float64" if keras.config.dtype_policy().name == "float64" else "float32"
 
 
 class ResidualBlock(keras.layers.Layer):

@@ -3,6 +3,7 @@
 import keras
 
 from keras_arat.layers.split_batch_norm import SplitBatchNormalization
+from keras_arat.models.resnet import logits_dtype
 
 
 def _positive_int(value, what):
@@ -47,9 +48,8 @@ class SmallCNN(keras.Model):
         ]
         self.flatten = keras.layers.Flatten(name="flatten")
         self.hidden = keras.layers.Dense(self.dense_units, name="dense")
-        # float32 logits under a mixed-precision policy (attacks and losses need them)
         self.classifier = keras.layers.Dense(self.num_classes, name="classifier",
-                                             dtype="float32")
+                                             dtype=logits_dtype())
 
     def call(self, inputs, training=None, branch="adv", return_features=False):
         feats = {}

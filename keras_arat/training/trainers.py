@@ -28,17 +28,23 @@ def in_multi_worker_mode():
             and strategy.extended._in_multi_worker_mode())  # noqa: SLF001
 
 
+def loss_dtype(t):
+    """float64 for float64 tensors, float32 for every other (mixed-precision halves)."""
+    return tf.float64 if t.dtype == tf.float64 else tf.float32
+
+
 def pooled_feature(t):
-    """ARAT's z_l: ReLU, then global average pooling of a spatial map (in float32)."""
-    t = tf.nn.relu(tf.cast(t, tf.float32))
+    """ARAT's z_l: ReLU, then global average pooling of a spatial map (in float32, or
+    float64 for a float64 network)."""
+    t = tf.nn.relu(tf.cast(t, loss_dtype(t)))
     if t.shape.rank == 4:
         t = tf.reduce_mean(t, axis=[1, 2])
     return t
 
 
 def mean_cosine(a, b):
-    a = tf.math.l2_normalize(tf.cast(a, tf.float32), axis=-1, epsilon=1e-12)
-    b = tf.math.l2_normalize(tf.cast(b, tf.float32), axis=-1, epsilon=1e-12)
+    a = tf.math.l2_normalize(tf.cast(a, loss_dtype(a)), axis=-1, epsilon=1e-12)
+    b = tf.math.l2_normalize(tf.cast(b, a.dtype), axis=-1, epsilon=1e-12)
     return tf.reduce_mean(tf.reduce_sum(a * b, axis=-1))
 
 
@@ -148,11 +154,12 @@ class AdversarialTrainer(keras.Model):
         return dataclasses.replace(self.attack, eps=self.attack.eps * fraction,
                                    step_size=self.attack.step_size * fraction)
 
-    def adversarial(self, x, target, branch="adv"):
-        """Attack examples against `branch`, BN in the mode `attack_training` names."""
+    def adversarial(self, x, target, branch="adv", **attack_kwargs):
+        """Attack examples against `branch`, BN in the mode `attack_training` names.
+        attack_kwargs go to the attack (PGD's start, return_center)."""
         return self.training_attack()(
             lambda z: self.network(z, training=self.attack_training, branch=branch),
-            x, target, self.attack_seed())
+            x, target, self.attack_seed(), **attack_kwargs)
 
     def losses_for(self, x, y):
         raise NotImplementedError
