@@ -132,6 +132,10 @@ def define_train_flags(flags):
     f.DEFINE_string("eps", "8/255", "L-inf budget, in [0,1] pixel units (e.g. 8/255).")
     f.DEFINE_string("step_size", "2/255", "PGD step size.")
     f.DEFINE_integer("attack_steps", 10, "PGD steps during training.")
+    f.DEFINE_enum("attack_bn", "default", ["default", "train", "inference"], "BN mode of "
+                  "the network while the training attack runs: default is each method's "
+                  "reference choice (ARAT and PGD-AT: train, batch statistics; TRADES and "
+                  "MART: inference, moving statistics).")
     f.DEFINE_float("eps_warmup_epochs", 0.0, "Grow the training attack's eps and step size "
                    "linearly per optimiser step from 0 to --eps/--step_size over this many "
                    "epochs (fractions allowed; 0: full eps from the first step). Evaluation "
@@ -281,7 +285,8 @@ def build_trainer(cfg, network, input_shape, steps_per_epoch=None):
     warmup_steps = max(1, round(warmup * steps_per_epoch)) if warmup and steps_per_epoch else 0
     common = dict(eps=cfg["eps"], step_size=cfg["step_size"],
                   attack_steps=cfg["attack_steps"], seed=cfg["seed"],
-                  nan_policy=cfg.get("nan_policy", "stop"), eps_warmup_steps=warmup_steps)
+                  nan_policy=cfg.get("nan_policy", "stop"), eps_warmup_steps=warmup_steps,
+                  attack_bn=cfg.get("attack_bn", "default"))
     if cfg["method"] == "arat":
         try:
             return TRAINERS["arat"](network, taps=cfg["align_layers"] or None,

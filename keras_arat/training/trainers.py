@@ -67,9 +67,16 @@ class AdversarialTrainer(keras.Model):
     # (a tf.distribute replica may not add state while training).
     log_names = ("train_acc",)
 
+    ATTACK_BN_MODES = ("default", "train", "inference")
+
     def __init__(self, network, eps=8 / 255, step_size=2 / 255, attack_steps=10, seed=0,
-                 nan_policy="stop", eps_warmup_steps=0, **kwargs):
+                 nan_policy="stop", eps_warmup_steps=0, attack_bn="default", **kwargs):
         super().__init__(**kwargs)
+        if attack_bn not in self.ATTACK_BN_MODES:
+            raise ValueError(f"attack_bn must be one of {self.ATTACK_BN_MODES}, got "
+                             f"{attack_bn!r}")
+        if attack_bn != "default":  # the method's reference choice unless told otherwise
+            self.attack_training = attack_bn == "train"
         if nan_policy not in self.NAN_POLICIES:
             raise ValueError(f"nan_policy must be one of {self.NAN_POLICIES}, got {nan_policy!r}")
         if eps_warmup_steps < 0:
