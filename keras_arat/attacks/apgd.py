@@ -8,8 +8,10 @@ the step was not reduced at the last checkpoint and the best loss has not improv
 After a halving the iterate restarts from the best point found. Steps use momentum
 alpha = 0.75 (none on the first step).
 
-Everything is tensor code (one tf.while_loop per run), so an APGD call can be traced in
-a tf.function; restarts and target classes are unrolled Python loops over the same batch.
+Everything is tensor code, so an APGD call is traced once in a tf.function: one
+tf.while_loop over the (target class, restart) runs around the while_loop of one run.
+Each run attacks only the points no earlier run broke (their outcome is settled; the
+others' does not depend on them), with the random start it would have in the full batch.
 """
 
 import dataclasses

@@ -90,8 +90,9 @@ class Square:
     """Square Attack on the margin loss; __call__(model_fn, x, y, seed) -> x_adv.
 
     Examples already misclassified at x are returned unchanged; the others get the best
-    point found (misclassified if the attack succeeded, else the lowest-margin point). Stops early when every example
-    of the batch is misclassified.
+    point found (misclassified if the attack succeeded, else the lowest-margin point). Each
+    query runs the model on the points not yet misclassified only; the loop stops when none
+    is left.
     """
 
     eps: float
