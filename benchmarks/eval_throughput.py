@@ -147,7 +147,7 @@ def main():
     for s in result.stages:
         rate = attacked / s["time_s"] if s["time_s"] > 0 else float("inf")
         print(f"{s['attack']:<8} {s['robust_acc']:>10.3f} {s['n_broken']:>7d} {attacked:>8d} "
-              f"{s['time_s']:>8.1f} {rate:>8.1f}")
+              f"{s['time_s']:>8.1f} {rate:>8.2f}")
         attacked = int(round(s["robust_acc"] * n))  # the next stage attacks the survivors
     for w in result.warnings:
         print(f"WARNING: {w}")
