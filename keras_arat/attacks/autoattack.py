@@ -176,9 +176,18 @@ class _Progress:
             self.bar.close()
 
 
-def compile_attack(attack, model_fn):
-    """tf.function (x, y, seed) -> x_adv for one batch; traced once per batch shape."""
-    return tf.function(lambda xb, yb, sb: attack(model_fn, xb, yb, sb), reduce_retracing=True)
+def compile_attack(attack, model_fn, image_shape=None):
+    """tf.function (x, y, seed) -> x_adv for one batch.
+
+    Given the image shape, traced once for any batch size (so the last, smaller batch of
+    a data set does not trace the attack a second time); otherwise once per batch shape.
+    """
+    fn = lambda xb, yb, sb: attack(model_fn, xb, yb, sb)  # noqa: E731
+    if image_shape is None:
+        return tf.function(fn, reduce_retracing=True)
+    return tf.function(fn, input_signature=[
+        tf.TensorSpec([None, *image_shape], tf.float32), tf.TensorSpec([None], tf.int64),
+        tf.TensorSpec([2], tf.int64)])
 
 
 def predict_labels(model_fn, x, batch_size):
@@ -201,7 +210,7 @@ def run_attack(attack, model_fn, x, y, batch_size=256, seed=0, only=None, progre
     y = np.asarray(y).astype(np.int64)
     x_adv = x.copy()
     idx = np.arange(len(x)) if only is None else np.flatnonzero(only)
-    fn = compiled or (compile_attack(attack, model_fn) if not eager else
+    fn = compiled or (compile_attack(attack, model_fn, x.shape[1:]) if not eager else
                       (lambda xb, yb, sb: attack(model_fn, xb, yb, sb)))
     name = desc or getattr(attack, "name", "attack")
     eps, norm = threat_model(attack)
