@@ -23,7 +23,7 @@ def split_bn_sites(model):
 
 def keras_bns(model):
     return [l for l in model._flatten_layers(include_self=False)
-            if type(l) is keras.layers.BatchNormalization]
+            if isinstance(l, keras.layers.BatchNormalization)]  # TorchBatchNormalization
 
 
 def images(seed=0, n=BATCH, shape=(32, 32, 3)):
