@@ -109,11 +109,14 @@ def test_evaluate_takes_the_converted_run(checkpoints, converted, tmp_path):
     proc = run_cli("keras_arat.evaluate", f"--workdir={digits}", "--n_examples=16",
                    "--attacks=clean,pgd20", "--batch_size=16", "--noprogress")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.load(open(os.path.join(digits, "results.json")))
-    assert results["n_examples"] == 16 and results["epoch"] == 100
-    assert 0.0 <= results["pgd20_acc"] <= results["clean_acc"] <= 1.0
-    assert results["reference_noise_leak"] is False
-    assert results["pgd20_reference_noise_leak"] is False
+    (entry,) = json.loads(proc.stdout)["evaluated"]
+    assert entry["n_examples"] == 16 and entry["epoch"] == 100
+    assert entry["checkpoint"] == "checkpoints/epoch-0100"
+    assert 0.0 <= entry["accuracy"]["pgd20"] <= entry["accuracy"]["clean"] <= 1.0
+    assert entry["reference_noise_leak"] is False
+    record = json.load(open(os.path.join(digits, entry["record"])))
+    (pgd,) = [r for r in record["results"] if r["attack"] == "pgd20"]
+    assert pgd["settings"]["reference_noise_leak"] is False
 
 
 # ----------------------------------------------------------------------- refusals

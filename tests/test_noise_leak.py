@@ -76,14 +76,19 @@ def test_cli_records_the_leak_and_refuses_it_for_other_methods(tmp_path):
     assert json.load(open(os.path.join(workdir, "config.json")))["reference_noise_leak"]
     results = json.load(open(os.path.join(workdir, "results.json")))
     assert results["reference_noise_leak"] is True
-    assert results["pgd20_reference_noise_leak"] is True
+    assert results["attacks"]["pgd20"]["reference_noise_leak"] is True
     # evaluate follows the run unless told otherwise, and records what it did
-    proc, _ = run_cli("keras_arat.evaluate", f"--workdir={workdir}", "--n_examples=32",
-                      "--attacks=clean,pgd20", "--noreference_noise_leak", "--noprogress")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.load(open(os.path.join(workdir, "results.json")))
-    assert results["reference_noise_leak"] is True
-    assert results["pgd20_reference_noise_leak"] is False
+    for flag, leak in (("--reference_noise_leak", True), ("--noreference_noise_leak", False)):
+        proc, _ = run_cli("keras_arat.evaluate", f"--workdir={workdir}", "--n_examples=32",
+                          "--attacks=clean,pgd20", flag, "--noprogress")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (entry,) = json.loads(proc.stdout)["evaluated"]
+        assert entry["reference_noise_leak"] is leak
+    assert json.load(open(os.path.join(workdir, "results.json"))) == results  # untouched
+    record = json.load(open(os.path.join(workdir, entry["record"])))
+    leaks = sorted(r["settings"]["reference_noise_leak"] for r in record["results"]
+                   if r["attack"] == "pgd20")
+    assert leaks == [False, True]  # two settings, two figures side by side
     proc, _ = run_cli("keras_arat.train", *TINY, "--epochs=1", "--method=pgd_at",
                       "--reference_noise_leak", f"--workdir={tmp_path / 'other'}")
     assert proc.returncode == 2
