@@ -42,7 +42,10 @@ def define_flags(flags):
                     "best (--keep_best), swa, a name such as epoch-0003, or a folder.")
     f.DEFINE_string("keras_model", None, "Export this .keras network instead of a "
                     "checkpoint (--workdir, if given, still supplies test data and eps).")
-    f.DEFINE_string("dataset", "digits", "Test data when there is no --workdir.")
+    f.DEFINE_string("dataset", None, "Images for the checks instead of the run's test set "
+                    "(digits without --workdir). A run whose data set is not on this machine "
+                    "(e.g. one from keras_arat.convert_torch) is checked on random images in "
+                    "[0,1] unless this is given; export_report.json's parity_data says which.")
     f.DEFINE_string("eps", None, "PGD budget when there is no --workdir (e.g. 8/255).")
     f.DEFINE_bool("overwrite", False, "Replace an existing --out.")
     f.DEFINE_integer("opset", 17, "ONNX opset.")
@@ -58,7 +61,7 @@ def default_args(**overrides):
     """The flags' defaults as a namespace, for calling `export()` from Python."""
     import types
     args = dict(workdir=None, out=None, branch="adv", name=None, formats=list(FORMATS),
-                checkpoint=None, keras_model=None, dataset="digits", eps=None,
+                checkpoint=None, keras_model=None, dataset=None, eps=None,
                 overwrite=False, opset=17, atol=DEFAULT_ATOL, n_examples=1000,
                 pgd_examples=None, batch_size=256, seed=0)
     unknown = set(overrides) - set(args)
@@ -107,7 +110,9 @@ def _default_name(a):
 
 
 def load_source(a):
-    """(network, x_test, y_test, eps, source-info dict) from the flags."""
+    """(network, x_test, y_test, eps, source-info dict) from the flags.
+
+    y_test is None when the images are random (source["parity_data"] says which)."""
     from keras_arat import runs
     if a.workdir and not os.path.isdir(a.workdir):
         raise UsageError(f"--workdir={a.workdir} is not a folder")
@@ -123,10 +128,12 @@ def load_source(a):
             if not a.eps:
                 raise UsageError("--keras_model without --workdir needs --eps")
             eps = runs.parse_fraction(a.eps, "eps")
-            data = runs.load_data({"dataset": a.dataset, "data_dir": None,
+            data = runs.load_data({"dataset": a.dataset or "digits", "data_dir": None,
                                    "download": False, "n_train": 1, "n_test": None})
         x, y = data.x_test, data.y_test
         x = x.astype("float32") / 255.0
+        source["parity_data"] = {"kind": "dataset", "dataset": a.dataset or "digits",
+                                 "split": "test"}
     else:
         try:
             run = runs.load_run(a.workdir, a.checkpoint)
@@ -134,12 +141,37 @@ def load_source(a):
             raise UsageError(str(e)) from None
         network, eps = run.network, run.config["eps"]
         check_checkpoint_holds_network(network, run.checkpoint)
-        x, y = run.test_arrays()
+        x, y, source["parity_data"] = parity_images(a, run)
         source.update(workdir=os.path.abspath(a.workdir), epoch=run.epoch,
                       checkpoint=os.path.abspath(run.checkpoint),
                       model=run.config["model"], method=run.config["method"],
                       dataset=run.config["dataset"])
-    return network, x[:a.n_examples], y[:a.n_examples], float(eps), source
+    y = None if y is None else y[:a.n_examples]
+    return network, x[:a.n_examples], y, float(eps), source
+
+
+def parity_images(a, run):
+    """(x, y, description) for the checks of a run: --dataset's test images when given,
+    else the run's, else (its data set is not on this machine) random images in [0,1],
+    which have no labels (y None)."""
+    import numpy as np
+
+    from keras_arat import runs
+    if a.dataset:
+        try:
+            data = runs.load_data({"dataset": a.dataset, "data_dir": None, "download": False,
+                                   "n_train": 1, "n_test": a.n_examples})
+        except runs.UsageError as e:
+            raise UsageError(str(e)) from None
+        x, y = data.x_test.astype("float32") / 255.0, data.y_test
+        return x, y, {"kind": "dataset", "dataset": a.dataset, "split": "test"}
+    if run.data is not None:
+        x, y = run.test_arrays()
+        return x, y, {"kind": "dataset", "dataset": run.config["dataset"], "split": "test"}
+    shape = (a.n_examples, *run.config["image_shape"])
+    x = np.random.default_rng(a.seed).random(shape, dtype=np.float32)
+    return x, None, {"kind": "random_uniform", "range": [0.0, 1.0], "seed": a.seed,
+                     "why": f"{run.data_error} (pass --dataset to check on real images)"}
 
 
 def check_checkpoint_holds_network(network, checkpoint):
@@ -276,11 +308,15 @@ def export(a, log=print):
         for i, k1 in enumerate(keys):
             for k2 in keys[i + 1:]:
                 pairs[f"{k1}_vs_{k2}"] = float(np.max(np.abs(logits[k1] - logits[k2])))
-        accuracy = {k: _accuracy(v, y) for k, v in logits.items()}
+        # Random images have no labels: no accuracy, no PGD-20 accuracy.
+        accuracy = None if y is None else {k: _accuracy(v, y) for k, v in logits.items()}
         agreement = {k: float(np.mean(np.argmax(v, -1) == np.argmax(ref, -1)))
                      for k, v in logits.items() if k != "original"}
 
         n_pgd = len(x) if a.pgd_examples is None else min(a.pgd_examples, len(x))
+        if y is None:
+            n_pgd = 0
+            log("checks on random images in [0,1]: " + source["parity_data"]["why"])
         pgd = None
         if n_pgd > 0:
             pgd = {"eps": eps, "step_size": eps / 4, "steps": 20, "seed": a.seed,
@@ -303,6 +339,7 @@ def export(a, log=print):
             "max_abs_logit_diff_between_exports": pairs,
             "max_abs_logit": float(np.max(np.abs(ref))),
             "n_examples": int(len(x)),
+            "parity_data": source["parity_data"],
             "accuracy": accuracy,
             "argmax_agreement_with_original": agreement,
             "pgd20_accuracy": pgd,

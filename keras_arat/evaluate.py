@@ -69,10 +69,12 @@ ATTACKS = ("clean", "pgd20", "cw", "apgd-ce", "apgd-t", "fab-t", "square", "auto
 GRADIENT_ATTACKS = ("pgd20", "cw", "apgd-ce", "apgd-t", "fab-t")
 
 
-def make_attack(name, eps, norm="linf", restarts=1):
-    """The evaluation protocol's attacks (AutoAttack's stages use the reference settings)."""
+def make_attack(name, eps, norm="linf", restarts=1, reference_noise_leak=False):
+    """The evaluation protocol's attacks (AutoAttack's stages use the reference settings).
+    reference_noise_leak: PGD-20 as the official AR-AT evaluation runs it (PGD's noise_leak)."""
     if name == "pgd20":
-        attack = PGD(eps=eps, step_size=eps / 4, steps=20, loss=core.cross_entropy, norm=norm)
+        attack = PGD(eps=eps, step_size=eps / 4, steps=20, loss=core.cross_entropy, norm=norm,
+                     noise_leak=reference_noise_leak)
     elif name == "cw":
         attack = PGD(eps=eps, step_size=eps / 4, steps=20, loss=core.cw_margin, norm=norm)
     elif name == "apgd-ce":
@@ -102,13 +104,14 @@ def correct_mask(network, x, y, branch, attack=None, batch_size=256, seed=0):
 
 def evaluate_model_fn(model_fn, x, y, eps, attacks=("clean", "pgd20"), batch_size=256, seed=0,
                       norm="linf", gradients=True, restarts=1, progress=False, log=None,
-                      autoattack=None, eager=False):
+                      autoattack=None, eager=False, reference_noise_leak=False):
     """Accuracies of one model (images -> logits) under each attack, and the details.
 
     Returns (accs, details): accs = {attack: acc, f"{attack}_time_s": s}; details holds
     the per-example masks, the AutoAttack breakdown and the warnings. Raises
     EvaluationError (a ValueError) for inputs outside [0,1] or probability outputs.
     autoattack: an AutoAttack to use instead of the standard one; eager: no tf.function.
+    reference_noise_leak: run pgd20 as the official AR-AT code does (see PGD.noise_leak).
     """
     log = log or (lambda msg: None)
     x = np.asarray(x, np.float32)
@@ -149,7 +152,8 @@ def evaluate_model_fn(model_fn, x, y, eps, attacks=("clean", "pgd20"), batch_siz
             details["warnings"] += result.warnings
             elapsed = round(time.time() - start, 3)
         else:
-            _, mask = run_attack(make_attack(name, eps, norm, restarts), model_fn, x, y,
+            _, mask = run_attack(make_attack(name, eps, norm, restarts, reference_noise_leak),
+                                 model_fn, x, y,
                                  batch_size, seed, progress=progress, desc=name, eager=eager)
             mask = mask & clean
             elapsed = round(time.time() - start, 3)
@@ -174,7 +178,7 @@ def evaluate_model_fn(model_fn, x, y, eps, attacks=("clean", "pgd20"), batch_siz
 
 def evaluate_network(network, x, y, eps, branches=("adv",), attacks=("clean", "pgd20"),
                      batch_size=256, seed=0, details=None, norm="linf", progress=False,
-                     log=None, restarts=1):
+                     log=None, restarts=1, reference_noise_leak=False):
     """{branch: {attack: accuracy, f"{attack}_time_s": seconds}}; x float32 in [0,1].
 
     details, if a dict, receives {branch: evaluate_model_fn's details}.
@@ -184,7 +188,8 @@ def evaluate_network(network, x, y, eps, branches=("adv",), attacks=("clean", "p
         def model_fn(z, branch=branch):
             return network(z, training=False, branch=branch)
         accs, extra = evaluate_model_fn(model_fn, x, y, eps, attacks, batch_size, seed, norm,
-                                        restarts=restarts, progress=progress, log=log)
+                                        restarts=restarts, progress=progress, log=log,
+                                        reference_noise_leak=reference_noise_leak)
         results[branch] = accs
         if details is not None:
             details[branch] = extra
@@ -271,15 +276,18 @@ def onnx_model_fn(path):
 
 # ------------------------------------------------------------------------------ files
 
-def attack_settings(name, eps, norm="linf", restarts=1, seed=0):
+def attack_settings(name, eps, norm="linf", restarts=1, seed=0, reference_noise_leak=False):
     """What an attack of this module computes, as recorded beside its figure."""
     if name == "clean":
         return {}
     common = {"eps": eps, "norm": norm, "seed": seed}
     if name in ("pgd20", "cw"):
-        return {**common, "steps": 20, "step_size": eps / 4, "random_start": "uniform",
-                "loss": "cross_entropy" if name == "pgd20" else "cw_margin",
-                "restarts": restarts}
+        settings = {**common, "steps": 20, "step_size": eps / 4, "random_start": "uniform",
+                    "loss": "cross_entropy" if name == "pgd20" else "cw_margin",
+                    "restarts": restarts}
+        if name == "pgd20":  # the official code's in-place random start, or not
+            settings["reference_noise_leak"] = bool(reference_noise_leak)
+        return settings
     if name == "autoattack":
         return {**common, "version": "standard",
                 "stages": ["apgd-ce", "apgd-t", "fab-t", "square"], "n_iter": 100,
@@ -308,7 +316,8 @@ def record_evaluation(out_dir, label, accs, details, restarts, seed, epoch=0):
     for name in [a for a in accs if not a.endswith("_time_s")]:  # in the order they ran
         done.append(name)
         entry = {"attack": name, "acc": accs[name], "time_s": accs.get(f"{name}_time_s"),
-                 "settings": attack_settings(name, label["eps"], label["norm"], restarts, seed),
+                 "settings": attack_settings(name, label["eps"], label["norm"], restarts, seed,
+                                             label.get("reference_noise_leak", False)),
                  "worst_case_over": list(done), "evaluated_at": now}
         if name == "autoattack" and "autoattack" in details:
             entry["breakdown"] = details["autoattack"]
@@ -397,6 +406,9 @@ def define_flags():
     flags.DEFINE_integer("restarts", 1, "Random restarts of pgd20 and cw (worst case kept).")
     flags.DEFINE_integer("seed", 0, "Seed of the attacks' randomness.")
     flags.DEFINE_bool("progress", True, "Progress bars on stderr (tqdm).")
+    flags.DEFINE_bool("reference_noise_leak", None, "PGD-20 with the official AR-AT code's "
+                      "in-place random start (ball centred on x + U(-eps, eps)); default: as "
+                      "the run was trained (its config.json), off for deployed models.")
 
 
 def _log(msg):
@@ -447,12 +459,14 @@ def _deployed(runs):
     accs, details = evaluate_model_fn(model_fn, x, y, eps, FLAGS.attacks, FLAGS.batch_size,
                                       FLAGS.seed, FLAGS.norm, gradients=(kind != "onnx"),
                                       restarts=FLAGS.restarts, progress=FLAGS.progress,
-                                      log=_log)
+                                      log=_log,
+                                      reference_noise_leak=bool(FLAGS.reference_noise_leak))
     name = os.path.basename(os.path.normpath(source))
     label = {"source": f"{kind}-{name}-{records.slug(cfg['dataset'])}",
              "model_file": os.path.abspath(source), "kind": kind, "dataset": cfg["dataset"],
              "test_images": f"the first {len(x)} of the test split", "eps": eps,
-             "norm": FLAGS.norm, "n_examples": len(x)}
+             "norm": FLAGS.norm, "n_examples": len(x),
+             "reference_noise_leak": bool(FLAGS.reference_noise_leak)}
     return label, {"deployed": accs}, {"deployed": details}, 0, (name, "deployed",
                                                                    cfg["dataset"],
                                                                    f"robustbench_{kind}.json")
@@ -463,19 +477,26 @@ def _checkpoint(runs):
     x, y = run.test_arrays(FLAGS.n_examples)
     eps = runs.parse_fraction(FLAGS.eps, "eps") if FLAGS.eps else run.config["eps"]
     branches = ("adv", "clean") if FLAGS.branch == "both" else (FLAGS.branch,)
-    details = {}
+    details, leak = {}, _leak(run.config)
     evaluation = evaluate_network(run.network, x, y, eps, branches, FLAGS.attacks,
                                   FLAGS.batch_size, FLAGS.seed, details, FLAGS.norm,
-                                  FLAGS.progress, _log, FLAGS.restarts)
+                                  FLAGS.progress, _log, FLAGS.restarts, leak)
     cfg = run.config
     checkpoint = os.path.basename(run.checkpoint.rstrip("/"))
     label = {"source": checkpoint, "workdir": os.path.abspath(FLAGS.workdir),
              "checkpoint": os.path.relpath(run.checkpoint, FLAGS.workdir), "epoch": run.epoch,
              "dataset": cfg["dataset"], "model": cfg["model"], "method": cfg["method"],
              "test_images": f"the first {len(x)} of the test split", "eps": eps,
-             "norm": FLAGS.norm, "n_examples": len(x)}
+             "norm": FLAGS.norm, "n_examples": len(x), "reference_noise_leak": leak}
     return label, evaluation, details, run.epoch, (cfg["model"], cfg["method"],
                                                    cfg["dataset"], "robustbench.json")
+
+
+def _leak(config):
+    """--reference_noise_leak, or else what the run trained with."""
+    if FLAGS.reference_noise_leak is not None:
+        return bool(FLAGS.reference_noise_leak)
+    return bool(config.get("reference_noise_leak", False))
 
 
 def main(argv):

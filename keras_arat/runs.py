@@ -136,6 +136,10 @@ def define_train_flags(flags):
     f.DEFINE_string("eps", "8/255", "L-inf budget, in [0,1] pixel units (e.g. 8/255).")
     f.DEFINE_string("step_size", "2/255", "PGD step size.")
     f.DEFINE_integer("attack_steps", 10, "PGD steps during training.")
+    f.DEFINE_enum("attack_bn", "default", ["default", "train", "inference"], "BN mode of "
+                  "the network while the training attack runs: default is each method's "
+                  "reference choice (ARAT and PGD-AT: train, batch statistics; TRADES and "
+                  "MART: inference, moving statistics).")
     f.DEFINE_float("eps_warmup_epochs", 0.0, "Grow the training attack's eps and step size "
                    "linearly per optimiser step from 0 to --eps/--step_size over this many "
                    "epochs (fractions allowed; 0: full eps from the first step). Evaluation "
@@ -178,6 +182,10 @@ def define_train_flags(flags):
                   "Mixed-precision training (float32 weights, attacks' eps arithmetic and "
                   "logits): auto picks mixed_float16 on a GPU and float32 on a CPU; "
                   "bfloat16 forces mixed_bfloat16 (slower than float32 on the CPUs measured).")
+    f.DEFINE_bool("reference_noise_leak", False, "ARAT: reproduce the official AR-AT "
+                  "attack's in-place random start (the clean branch sees x + U(-eps, eps) "
+                  "and the attack's ball is centred there, 2 eps wide around x), in training "
+                  "and in the final PGD-20; off: clean x stays clean (README).")
     f.DEFINE_bool("joint_pass", False, "ARAT: run the clean and adversarial halves as one "
                   "batch through the split-BN network (the same computation as two passes up to "
                   "float rounding; not faster on the CPUs measured, see BENCHMARKS.md).")
@@ -248,6 +256,9 @@ def config_from_flags(flag_values, names):
     if not cfg["workdir"]:
         raise UsageError("--workdir is required (the folder this run writes to)")
     cfg["workdir"] = os.path.abspath(cfg["workdir"])
+    if cfg.get("reference_noise_leak") and cfg["method"] != "arat":
+        raise UsageError("--reference_noise_leak reproduces the official AR-AT training "
+                         "attack: it goes with --method=arat")
     if cfg["method"] != "arat":
         cfg["split_bn"] = False  # the baselines are single-BN networks
     return cfg
@@ -278,14 +289,17 @@ def build_trainer(cfg, network, input_shape, steps_per_epoch=None):
     warmup_steps = max(1, round(warmup * steps_per_epoch)) if warmup and steps_per_epoch else 0
     common = dict(eps=cfg["eps"], step_size=cfg["step_size"],
                   attack_steps=cfg["attack_steps"], seed=cfg["seed"],
-                  nan_policy=cfg.get("nan_policy", "stop"), eps_warmup_steps=warmup_steps)
+                  nan_policy=cfg.get("nan_policy", "stop"), eps_warmup_steps=warmup_steps,
+                  attack_bn=cfg.get("attack_bn", "default"))
     if cfg["method"] == "arat":
         try:
             return TRAINERS["arat"](network, taps=cfg["align_layers"] or None,
                                     invariance_weight=cfg["invariance_weight"],
                                     invariance=cfg["invariance"], predictor=cfg["predictor"],
                                     input_shape=tuple(input_shape),
-                                    joint_pass=cfg.get("joint_pass", False), **common)
+                                    joint_pass=cfg.get("joint_pass", False),
+                                    reference_noise_leak=cfg.get("reference_noise_leak", False),
+                                    **common)
         except ValueError as e:
             raise UsageError(str(e)) from None
     if cfg["method"] in DEFAULT_BETA:
@@ -338,13 +352,16 @@ def checkpoint_objects(trainer, optimizer=None, swa_state=None):
 @dataclasses.dataclass
 class Run:
     config: dict
-    data: object
+    data: object  # None when the data set is not on this machine (see load_run)
     network: object
     trainer: object
     epoch: int
     checkpoint: str = None  # the folder the weights came from (None: still training)
+    data_error: str = None  # why data is None (a run loaded without its data set)
 
     def test_arrays(self, n=None):
+        if self.data is None:
+            raise UsageError(self.data_error)
         x, y = self.data.x_test, self.data.y_test
         if n is not None:
             x, y = x[:n], y[:n]
@@ -395,13 +412,26 @@ def resolve_checkpoint(workdir, name=None):
 
 def load_run(workdir, checkpoint=None):
     """Rebuild a run's data, network and trainer and restore a checkpoint (default: latest;
-    see resolve_checkpoint for the names)."""
+    see resolve_checkpoint for the names).
+
+    A run whose config.json records num_classes and image_shape (keras_arat.convert_torch
+    writes them) loads without its data set; Run.data is then None and Run.test_arrays
+    raises the data set's error.
+    """
     from keras_arat.training.checkpoint import CheckpointManager
     cfg = read_config(workdir)
     epoch, checkpoint = resolve_checkpoint(workdir, checkpoint)
-    data = load_data(cfg)
-    network = build_network(cfg, data.num_classes, data.image_shape)
-    trainer = build_trainer(cfg, network, data.image_shape)
+    data, data_error = None, None
+    try:
+        data = load_data(cfg)
+        num_classes, image_shape = data.num_classes, data.image_shape
+    except UsageError as e:
+        if "num_classes" not in cfg or "image_shape" not in cfg:
+            raise
+        data_error = str(e)
+        num_classes, image_shape = cfg["num_classes"], tuple(cfg["image_shape"])
+    network = build_network(cfg, num_classes, image_shape)
+    trainer = build_trainer(cfg, network, image_shape)
     manager = CheckpointManager(os.path.join(workdir, "checkpoints"),
                                 **checkpoint_objects(trainer))
     try:
@@ -411,7 +441,7 @@ def load_run(workdir, checkpoint=None):
     except Exception as e:  # noqa: BLE001  mismatch, NotFoundError, DataLossError, ...
         raise UsageError(f"cannot restore checkpoint {checkpoint}: "
                          f"{str(e).splitlines()[0][:200]}") from None
-    return Run(cfg, data, network, trainer, epoch, checkpoint)
+    return Run(cfg, data, network, trainer, epoch, checkpoint, data_error)
 
 
 def update_results(workdir, run, evaluation, n_examples, attacks):
@@ -420,8 +450,10 @@ def update_results(workdir, run, evaluation, n_examples, attacks):
     evaluation: {branch: {attack: acc, f"{attack}_time_s": s}}. Every adv-branch figure
     lands at the top as f"{attack}_acc" (the clean branch's clean accuracy as
     clean_acc_clean_branch), labelled by the keys beside it: eps, n_examples (the first N
-    test images), checkpoint, and the attacks' settings. Only training writes these;
-    keras_arat.evaluate records its own figures elsewhere (RUN/evals/).
+    test images), checkpoint, the attacks' settings, and reference_noise_leak (whether the
+    run trained, and its PGD-20 attacked, with the official code's in-place random start).
+    Only training writes these; keras_arat.evaluate records its own figures elsewhere
+    (RUN/evals/).
     """
     cfg = run.config
     adv, clean = evaluation.get("adv", {}), evaluation.get("clean", {})
@@ -429,6 +461,7 @@ def update_results(workdir, run, evaluation, n_examples, attacks):
                "branch": "adv", "eps": cfg["eps"], "norm": "linf", "n_examples": n_examples,
                "test_images": f"the first {n_examples} of the test split",
                "epoch": run.epoch, "checkpoint": f"checkpoints/epoch-{run.epoch:04d}",
+               "reference_noise_leak": bool(cfg.get("reference_noise_leak", False)),
                "attacks": attacks}
     for name, value in adv.items():
         if not name.endswith("_time_s"):

@@ -326,8 +326,10 @@ def final_evaluation(run, split):
     cfg, network = run.config, run.network
     start = time.time()
     x_test, y_test = run.test_arrays(cfg["eval_examples"])
+    leak = bool(cfg.get("reference_noise_leak", False))
     evaluation = evaluate_network(network, x_test, y_test, cfg["eps"], ("adv",),
-                                  ("clean", "pgd20"), cfg["eval_batch_size"], cfg["seed"])
+                                  ("clean", "pgd20"), cfg["eval_batch_size"], cfg["seed"],
+                                  reference_noise_leak=leak)
     if cfg["split_bn"]:
         evaluation.update(evaluate_network(network, x_test, y_test, cfg["eps"], ("clean",),
                                            ("clean",), cfg["eval_batch_size"], cfg["seed"]))
@@ -338,7 +340,8 @@ def final_evaluation(run, split):
                "eps": cfg["eps"]}
     if split == "final":
         runs.update_results(cfg["workdir"], run, evaluation, len(x_test), attacks={
-            "pgd20": attack_settings("pgd20", cfg["eps"], seed=cfg["seed"])})
+            "pgd20": attack_settings("pgd20", cfg["eps"], seed=cfg["seed"],
+                                     reference_noise_leak=leak)})
     cb.append_metrics(os.path.join(cfg["workdir"], "metrics.jsonl"),
                       {"split": split, "epoch": run.epoch, **figures,
                        "eval_time_s": round(time.time() - start, 3)},

@@ -89,7 +89,7 @@ def test_cli_checkpoint_writes_every_file(workdir):
         assert by_attack["pgd20"]["settings"] == {
             "eps": pytest.approx(0.3), "norm": "linf", "seed": 0, "steps": 20,
             "step_size": pytest.approx(0.075), "random_start": "uniform",
-            "loss": "cross_entropy", "restarts": 1}
+            "loss": "cross_entropy", "restarts": 1, "reference_noise_leak": False}
         assert by_attack["autoattack"]["worst_case_over"] == ["clean", "pgd20", "cw",
                                                              "autoattack"]
         stages = by_attack["autoattack"]["breakdown"]["stages"]

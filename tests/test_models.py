@@ -26,7 +26,7 @@ def split_bn_sites(model):
 
 def keras_bns(model):
     return [l for l in model._flatten_layers(include_self=False)
-            if type(l) is keras.layers.BatchNormalization]
+            if isinstance(l, keras.layers.BatchNormalization)]  # TorchBatchNormalization
 
 
 def images(seed=0, n=BATCH, shape=(32, 32, 3)):
@@ -153,6 +153,27 @@ def test_training_moves_only_the_used_branch_statistics(used, unused):
     model(images(seed=4), training=False, branch=used)
     for a, b in zip(after_used, _moving_stats(model, used)):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("shape", [(6, 4, 5, 3), (7, 3)])
+def test_moving_statistics_as_pytorch_keeps_them(shape):
+    """Moving mean 0.9 m + 0.1 mean; moving variance 0.9 v + 0.1 * the unbiased batch
+    variance (n / (n - 1) times the biased one that normalises), as torch.nn.BatchNorm
+    with momentum 0.1; the output itself uses the biased variance (eps 1e-5)."""
+    x = np.random.default_rng(0).normal(1.0, 2.0, shape).astype("float32")
+    layer = SplitBatchNormalization()
+    out = layer(x, training=True, branch="clean").numpy()
+    axes = tuple(range(len(shape) - 1))
+    n = int(np.prod([shape[a] for a in axes]))
+    mean, var = x.mean(axes, dtype=np.float64), x.var(axes, dtype=np.float64)
+    bn = layer.branch_layer("clean")
+    np.testing.assert_allclose(bn.moving_mean.numpy(), 0.1 * mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), 0.9 + 0.1 * var * n / (n - 1),
+                               rtol=1e-5)
+    np.testing.assert_allclose(out, (x - mean) / np.sqrt(var + 1e-5), rtol=1e-4, atol=1e-5)
+    # The adv branch did not move.
+    np.testing.assert_array_equal(layer.branch_layer("adv").moving_variance.numpy(),
+                                  np.ones(shape[-1], np.float32))
 
 
 def test_single_bn_mode_has_one_bn_per_site_and_ignores_branch():

@@ -8,8 +8,10 @@ the step was not reduced at the last checkpoint and the best loss has not improv
 After a halving the iterate restarts from the best point found. Steps use momentum
 alpha = 0.75 (none on the first step).
 
-Everything is tensor code (one tf.while_loop per run), so an APGD call can be traced in
-a tf.function; restarts and target classes are unrolled Python loops over the same batch.
+Everything is tensor code, so an APGD call is traced once in a tf.function: one
+tf.while_loop over the (target class, restart) runs around the while_loop of one run.
+Each run attacks only the points no earlier run broke (their outcome is settled; the
+others' does not depend on them), with the random start it would have in the full batch.
 """
 
 import dataclasses
@@ -160,29 +162,47 @@ class APGD:
         seed = tf.cast(seed, tf.int64)
         clean_logits = model_fn(x)
         correct = core.is_correct(clean_logits, y)
-        best = x
-        best_loss = tf.fill(tf.shape(y), tf.constant(-float("inf"), x.dtype))
-        runs = []
+        n_targets = 1
         if self.loss == "dlr-targeted":
             num_classes = clean_logits.shape[-1]
             n_targets = min(self.n_target_classes, (num_classes or 10) - 1)
-            order = tf.math.top_k(clean_logits, k=n_targets + 1).indices
-            for t in range(n_targets):
-                target = tf.cast(order[:, t + 1], tf.int64)
-                loss_fn = (lambda tgt: lambda logits: core.targeted_dlr(logits, y, tgt))(target)
-                runs += [(loss_fn, (t, r)) for r in range(self.n_restarts)]
+            targets = tf.cast(tf.math.top_k(clean_logits, k=n_targets + 1).indices[:, 1:],
+                              tf.int64)
         else:
-            base = core.cross_entropy if self.loss == "ce" else core.dlr
-            runs = [(lambda logits: base(logits, y), (0, r)) for r in range(self.n_restarts)]
-        adv = x
-        for loss_fn, (t, r) in runs:
+            targets = tf.zeros([tf.shape(y)[0], 1], tf.int64)  # unused
+        base = core.cross_entropy if self.loss == "ce" else core.dlr
+
+        # One traced loop over the (target, restart) runs, each on the points no earlier
+        # run broke: a run's outcome per point does not depend on the other points.
+        def run(k, best, best_loss, adv, correct):
+            t, r = k // self.n_restarts, k % self.n_restarts
+            idx = tf.where(correct)[:, 0]
+            ys, target = tf.gather(y, idx), tf.gather(targets[:, t], idx)
+            if self.loss == "dlr-targeted":
+                loss_fn = lambda logits: core.targeted_dlr(logits, ys, target)  # noqa: E731
+            else:
+                loss_fn = lambda logits: base(logits, ys)  # noqa: E731
+            # The start is drawn for the whole batch, then subset, so every point starts
+            # where it would without the subsetting.
+            start = apgd_start(x, self.eps, core.fold_seed(seed, t, r), self.norm)
             x_best, loss_best, x_best_adv, still = apgd_single_run(
-                model_fn, x, y, loss_fn, self.eps, self.norm, self.n_iter, self.rho,
-                core.fold_seed(seed, t, r))
-            newly = tf.logical_and(correct, tf.logical_not(still))
-            adv = tf.where(_bcast(newly, x), x_best_adv, adv)
-            better = tf.logical_and(correct, loss_best > best_loss)
-            best = tf.where(_bcast(better, x), x_best, best)
-            best_loss = tf.where(better, loss_best, best_loss)
-            correct = tf.logical_and(correct, still)
+                model_fn, tf.gather(x, idx), ys, loss_fn, self.eps, self.norm, self.n_iter,
+                self.rho, None, x_init=tf.gather(start, idx))
+            rows = idx[:, None]
+            newly = tf.logical_not(still)
+            adv = tf.tensor_scatter_nd_update(adv, tf.boolean_mask(rows, newly),
+                                              tf.boolean_mask(x_best_adv, newly))
+            better = loss_best > tf.gather(best_loss, idx)
+            best = tf.tensor_scatter_nd_update(best, tf.boolean_mask(rows, better),
+                                               tf.boolean_mask(x_best, better))
+            best_loss = tf.tensor_scatter_nd_update(best_loss, tf.boolean_mask(rows, better),
+                                                    tf.boolean_mask(loss_best, better))
+            correct = tf.tensor_scatter_nd_update(correct, rows, still)
+            return k + 1, best, best_loss, adv, correct
+
+        best_loss = tf.fill(tf.shape(y), tf.constant(-float("inf"), x.dtype))
+        _, best, _, adv, correct = tf.while_loop(
+            lambda k, *s: tf.logical_and(k < n_targets * self.n_restarts,
+                                         tf.reduce_any(s[-1])),
+            run, (tf.constant(0), x, best_loss, x, correct))
         return tf.stop_gradient(tf.where(_bcast(correct, x), best, adv))

@@ -48,6 +48,12 @@ def _batch_noise(sample, shape, seed):
     return full[start:start + local]
 
 
+def uniform_noise(x, eps, seed):
+    """U(-eps, eps) noise of x's shape: the L-inf random start, before clipping."""
+    return _batch_noise(lambda s, sd: tf.random.stateless_uniform(
+        s, seed=sd, minval=-eps, maxval=eps, dtype=x.dtype), tf.shape(x), seed)
+
+
 def random_start(x, eps, seed, norm="linf", kind="uniform", scale=None):
     """A random point near x: uniform in the ball, or Gaussian with std `scale`.
 
@@ -62,8 +68,7 @@ def random_start(x, eps, seed, norm="linf", kind="uniform", scale=None):
     if kind != "uniform":
         raise ValueError(f"random start kind must be 'uniform' or 'normal', got {kind!r}")
     if norm == "linf":
-        noise = _batch_noise(lambda s, sd: tf.random.stateless_uniform(
-            s, seed=sd, minval=-eps, maxval=eps, dtype=x.dtype), shape, seed)
+        noise = uniform_noise(x, eps, seed)
     else:
         # Uniform in the L2 ball: Gaussian direction, radius eps * U^(1/d).
         seeds = tf.random.experimental.stateless_split(seed, 2)

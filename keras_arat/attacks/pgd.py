@@ -17,6 +17,11 @@ class PGD:
       loss: per-example loss (logits, target) -> [N]; the attack maximises it.
       norm: "linf" or "l2".
       init: "uniform" (in the ball), "normal" (x + init_scale * N(0,1)) or "none".
+      noise_leak: the official AR-AT attack's in-place random start (L-inf, uniform):
+        its noise is added to the clean batch itself, so the search starts at
+        x + U(-eps, eps), not clipped, and every projection is centred on that noisy
+        image (a ball of radius 2 eps around x). Off by default: the threat model is
+        the eps-ball around x.
     """
 
     eps: float
@@ -26,6 +31,7 @@ class PGD:
     norm: str = "linf"
     init: str = "uniform"
     init_scale: float = 0.001
+    noise_leak: bool = False
 
     def __post_init__(self):
         if self.norm not in core.NORMS:
@@ -34,21 +40,32 @@ class PGD:
             raise ValueError(f"init must be uniform, normal or none, got {self.init!r}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.noise_leak and (self.norm, self.init) != ("linf", "uniform"):
+            raise ValueError("noise_leak reproduces the official L-inf PGD with a uniform "
+                             f"start; got norm={self.norm!r}, init={self.init!r}")
 
-    def __call__(self, model_fn, x, target, seed):
+    def __call__(self, model_fn, x, target, seed, start=None, return_center=False):
         """Adversarial examples for `model_fn` (inputs -> logits).
 
         model_fn fixes the BN branch and mode, e.g. lambda z: net(z, training=True,
         branch="adv"); `target` is what `loss` compares logits with (labels, or
         clean probabilities for TRADES); `seed` is a [2] int tensor.
+        start: the first iterate, used as given (not clipped), instead of the seeded
+        random start. return_center: also return the centre of the ball the iterates
+        were projected onto (x, or with noise_leak the noisy start).
         The result is detached from the graph: no gradient flows back through it.
         """
         x = tf.convert_to_tensor(x)
-        if self.init == "none":
+        if start is not None:
+            x_adv = tf.convert_to_tensor(start, x.dtype)
+        elif self.noise_leak:
+            x_adv = x + core.uniform_noise(x, self.eps, seed)
+        elif self.init == "none":
             x_adv = x
         else:
             x_adv = core.random_start(x, self.eps, seed, norm=self.norm, kind=self.init,
                                       scale=self.init_scale)
+        center = x_adv if self.noise_leak else x
 
         def body(i, x_adv):
             with tf.GradientTape() as tape:
@@ -56,7 +73,7 @@ class PGD:
                 loss = tf.reduce_sum(self.loss(model_fn(x_adv), target))
             grad = tape.gradient(loss, x_adv)
             x_adv = core.ascent_step(x_adv, grad, self.step_size, self.norm)
-            return i + 1, core.project(x_adv, x, self.eps, self.norm)
+            return i + 1, core.project(x_adv, center, self.eps, self.norm)
 
         if tf.distribute.get_strategy().num_replicas_in_sync > 1:
             # Synchronized BN all-reduces inside the model, which a while loop cannot
@@ -66,4 +83,5 @@ class PGD:
         else:
             _, x_adv = tf.while_loop(lambda i, _: i < self.steps, body,
                                      (tf.constant(0), x_adv))
-        return tf.stop_gradient(x_adv)
+        x_adv = tf.stop_gradient(x_adv)
+        return (x_adv, tf.stop_gradient(center)) if return_center else x_adv

@@ -90,8 +90,9 @@ class Square:
     """Square Attack on the margin loss; __call__(model_fn, x, y, seed) -> x_adv.
 
     Examples already misclassified at x are returned unchanged; the others get the best
-    point found (misclassified if the attack succeeded, else the lowest-margin point). Stops early when every example
-    of the batch is misclassified.
+    point found (misclassified if the attack succeeded, else the lowest-margin point). Each
+    query runs the model on the points not yet misclassified only; the loop stops when none
+    is left.
     """
 
     eps: float
@@ -136,20 +137,20 @@ class Square:
                     sgn = _signs(core.fold_seed(init_seed, bi, bj), [n, 1, 1, c])
                     delta += win * sgn
             x_best = tf.clip_by_value(x + eps * core.normalize(delta, "l2"), 0.0, 1.0)
-        logits = model_fn(x_best)
-        margin_min = core.true_margin(logits, y)
-        loss_min = margin_min
+        margin_min = core.true_margin(model_fn(x_best), y)
 
-        def linf_proposal(it, x_best, qseed):
+        # Per-example noise is drawn for the whole batch and then subset (rows), so a point
+        # gets the same proposals whichever other points are still being attacked.
+        def linf_proposal(it, x_best, x, rows, qseed):
             s = self._side(it, h, w, c, 1)
             seeds = tf.random.experimental.stateless_split(qseed, 3)
             top = _rand_int(seeds[0], h - s)
             left = _rand_int(seeds[1], w - s)
             window = _window(h, w, top, left, s)
-            step = 2.0 * eps * window * _signs(seeds[2], [n, 1, 1, c])
-            return core.project(x_best + step, x, eps, "linf")
+            signs = tf.gather(_signs(seeds[2], [n, 1, 1, c]), rows)
+            return core.project(x_best + 2.0 * eps * window * signs, x, eps, "linf")
 
-        def l2_proposal(it, x_best, qseed):
+        def l2_proposal(it, x_best, x, rows, qseed):
             s = self._side(it, h, w, c, 3)
             seeds = tf.random.experimental.stateless_split(qseed, 6)
             top, left = _rand_int(seeds[0], h - s), _rand_int(seeds[1], w - s)
@@ -164,7 +165,8 @@ class Square:
             norm_w1 = tf.sqrt(sq(delta * mask1))  # [n, 1, 1, c]
             norm_image = _bcast(core.lp_norm(delta, "l2"), x)
             norm_windows = tf.sqrt(sq(delta * tf.maximum(mask1, mask2)))
-            new = eta * _signs(seeds[5], [n, 1, 1, c]) + delta * mask1 / (1e-12 + norm_w1)
+            signs = tf.gather(_signs(seeds[5], [n, 1, 1, c]), rows)
+            new = eta * signs + delta * mask1 / (1e-12 + norm_w1)
             scale = tf.sqrt(tf.maximum(eps ** 2 - norm_image ** 2, 0.0) / c + norm_windows ** 2)
             new = new / (1e-12 + tf.sqrt(sq(new))) * scale
             delta = delta * (1.0 - mask2)
@@ -173,23 +175,49 @@ class Square:
 
         proposal = linf_proposal if self.norm == "linf" else l2_proposal
 
-        def cond(it, x_best, margin_min, loss_min):
-            return tf.logical_and(it < self.n_queries, tf.reduce_any(margin_min > 0.0))
+        # Only the points not yet misclassified are queried: the working set (rows into
+        # the batch, with their images, labels, best points, margins and losses) shrinks
+        # as points break, and a broken point's best point goes to out_best right away.
+        def drop_broken(work, out_best, out_margin):
+            rows, xs, ys, best, margin, loss = work
+            done = margin <= 0.0
+            at = tf.boolean_mask(rows, done)[:, None]
+            out_best = tf.tensor_scatter_nd_update(out_best, at, tf.boolean_mask(best, done))
+            out_margin = tf.tensor_scatter_nd_update(out_margin, at,
+                                                     tf.boolean_mask(margin, done))
+            keep = tf.logical_not(done)
+            return tuple(tf.boolean_mask(t, keep) for t in work), out_best, out_margin
 
-        def body(it, x_best, margin_min, loss_min):
-            active = margin_min > 0.0
-            x_new = proposal(it, x_best, core.fold_seed(seed, it))
-            margin = core.true_margin(model_fn(x_new), y)
-            improved = tf.logical_and(active, margin < loss_min)
+        def cond(it, work, out_best, out_margin):
+            return tf.logical_and(it < self.n_queries, tf.size(work[0]) > 0)
+
+        def body(it, work, out_best, out_margin):
+            rows, xs, ys, best, margin_min, loss_min = work
+            x_new = proposal(it, best, xs, rows, core.fold_seed(seed, it))
+            margin = core.true_margin(model_fn(x_new), ys)
+            improved = margin < loss_min
             loss_min = tf.where(improved, margin, loss_min)
-            take = tf.logical_and(active, tf.logical_or(improved, margin <= 0.0))
+            take = tf.logical_or(improved, margin <= 0.0)
             margin_min = tf.where(take, margin, margin_min)
-            x_best = tf.where(_bcast(take, x), x_new, x_best)
-            return it + 1, x_best, margin_min, loss_min
+            best = tf.where(_bcast(take, xs), x_new, best)
+            work = (rows, xs, ys, best, margin_min, loss_min)
+            work, out_best, out_margin = tf.cond(
+                tf.reduce_any(margin_min <= 0.0),
+                lambda: drop_broken(work, out_best, out_margin),
+                lambda: (work, out_best, out_margin))
+            return it + 1, work, out_best, out_margin
 
-        _, x_best, margin_min, _ = tf.while_loop(
-            cond, body, (tf.constant(0), x_best, margin_min, loss_min))
-        return x_best, margin_min <= 0.0
+        rows = tf.range(n, dtype=tf.int64)
+        work, out_best, out_margin = drop_broken(
+            (rows, x, y, x_best, margin_min, margin_min), x_best, margin_min)
+        invariants = tuple(tf.TensorShape([None]).concatenate(t.shape[1:]) for t in work)
+        _, work, out_best, out_margin = tf.while_loop(
+            cond, body, (tf.constant(0), work, out_best, out_margin),
+            shape_invariants=(tf.TensorShape([]), invariants, out_best.shape, out_margin.shape))
+        rows, _, _, best, margin_min, _ = work
+        out_best = tf.tensor_scatter_nd_update(out_best, rows[:, None], best)
+        out_margin = tf.tensor_scatter_nd_update(out_margin, rows[:, None], margin_min)
+        return out_best, out_margin <= 0.0
 
     def __call__(self, model_fn, x, y, seed):
         x = tf.convert_to_tensor(x)

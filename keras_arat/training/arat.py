@@ -1,11 +1,14 @@
 """ARAT: split BN + asymmetric, predictor-based invariance loss (Waseda et al., ICLR 2025)."""
 
+import dataclasses
+
 import keras
 import numpy as np
 import tensorflow as tf
 
 from keras_arat.layers import split_batch_norm
-from keras_arat.layers.split_batch_norm import TORCH_EPSILON, TORCH_MOMENTUM
+from keras_arat.layers.split_batch_norm import (TORCH_EPSILON, TORCH_MOMENTUM,
+                                               TorchBatchNormalization)
 from keras_arat.training.callbacks import APrevCallback
 from keras_arat.training.trainers import (AdversarialTrainer, accuracy, mean_ce, mean_cosine,
                                           pooled_feature)
@@ -21,7 +24,7 @@ class Predictor(keras.layers.Layer):
         super().__init__(**kwargs)
         self.dim = int(dim)
         self.hidden = keras.layers.Dense(max(self.dim // 4, 1), use_bias=False, name="fc1")
-        self.bn = keras.layers.BatchNormalization(
+        self.bn = TorchBatchNormalization(
             momentum=TORCH_MOMENTUM, epsilon=TORCH_EPSILON, name="bn",
             synchronized=split_batch_norm.SYNCHRONIZED_DEFAULT)
         self.out = keras.layers.Dense(self.dim, name="fc2")
@@ -57,11 +60,17 @@ class ARATModel(AdversarialTrainer):
 
     def __init__(self, network, taps=None, invariance_weight=None, invariance="asymmetric",
                  predictor=True, input_shape=None, joint_pass=False, a_prev_examples=1024,
-                 **kwargs):
+                 reference_noise_leak=False, **kwargs):
         super().__init__(network, **kwargs)
         self.a_prev_examples = int(a_prev_examples)
         if input_shape is None:  # a SplitBNNetwork knows its own
             input_shape = tuple(network.graph.inputs[0].shape[1:])
+        # reference_noise_leak: the official code's attack adds its random start to the
+        # clean batch in place, so the clean branch sees x + U(-eps, eps) (not clipped)
+        # and the attack's ball is centred there. Off by default: clean x stays clean.
+        self.reference_noise_leak = bool(reference_noise_leak)
+        if self.reference_noise_leak:
+            self.attack = dataclasses.replace(self.attack, noise_leak=True)
         # joint_pass: one forward/backward pass over [x; x_adv] (branch="both") instead of
         # two; equal up to float rounding (tests/test_arat.py), not faster on the CPUs
         # measured (BENCHMARKS.md). Off by default: the documented quickstart figures
@@ -104,7 +113,7 @@ class ARATModel(AdversarialTrainer):
 
     def invariance_loss(self, feats_clean, feats_adv):
         """gamma / L * sum_l (1 - mean cos(h_l(z'_l), z_l)); clean side detached if asymmetric."""
-        total = tf.constant(0.0)
+        total = 0.0
         for i, tap in enumerate(self.taps):
             z_adv = pooled_feature(feats_adv[tap])
             z_clean = pooled_feature(feats_clean[tap])
@@ -129,12 +138,15 @@ class ARATModel(AdversarialTrainer):
                 (logits_a, {name: h[1] for name, h in halves.items()}))
 
     def losses_for(self, x, y):
-        x_adv = self.adversarial(x, y, branch="adv")
+        if self.reference_noise_leak:
+            x_adv, x = self.adversarial(x, y, branch="adv", return_center=True)
+        else:
+            x_adv = self.adversarial(x, y, branch="adv")
         (logits_c, feats_c), (logits_a, feats_a) = self.clean_and_adv_pass(x, x_adv)
         ce_adv, ce_clean = mean_ce(logits_a, y), mean_ce(logits_c, y)
-        a = tf.convert_to_tensor(self.a_prev)
+        a = tf.cast(self.a_prev, ce_adv.dtype)
         loss = a * ce_adv + (1.0 - a) * ce_clean
-        inv = tf.constant(0.0)
+        inv = tf.zeros((), ce_adv.dtype)
         if self.invariance != "none":
             inv = self.invariance_loss(feats_c, feats_a)
             loss += inv

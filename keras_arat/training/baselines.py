@@ -82,11 +82,13 @@ class MARTModel(AdversarialTrainer):
         logits_nat = self.network(x, training=True, branch="adv")
         logits_adv = self.network(x_adv, training=True, branch="adv")
         p_adv, p_nat = tf.nn.softmax(logits_adv), tf.nn.softmax(logits_nat)
-        onehot = tf.one_hot(tf.cast(y, tf.int32), tf.shape(logits_adv)[-1])
+        onehot = tf.one_hot(tf.cast(y, tf.int32), tf.shape(logits_adv)[-1],
+                            dtype=logits_adv.dtype)
         # The most likely wrong class under attack (the reference's argsort trick).
         p_wrong = tf.reduce_max(p_adv - 2.0 * onehot, axis=-1)
         bce = mean_ce(logits_adv, y) - tf.reduce_mean(tf.math.log(1.0001 - p_wrong + 1e-12))
-        kl = tf.reduce_sum(p_nat * (tf.math.log(p_nat + 1e-12) - tf.math.log(p_adv + 1e-12)),
+        # As the reference's KLDivLoss(log(p_adv + 1e-12), p_nat): no 1e-12 inside log(p_nat).
+        kl = tf.reduce_sum(tf.math.xlogy(p_nat, p_nat) - p_nat * tf.math.log(p_adv + 1e-12),
                            axis=-1)
         p_true = tf.reduce_sum(p_nat * onehot, axis=-1)
         robust = tf.reduce_mean(kl * (1.0000001 - p_true))

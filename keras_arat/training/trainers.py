@@ -30,17 +30,23 @@ def in_multi_worker_mode():
             and strategy.extended._in_multi_worker_mode())  # noqa: SLF001
 
 
+def loss_dtype(t):
+    """float64 for float64 tensors, float32 for every other (mixed-precision halves)."""
+    return tf.float64 if t.dtype == tf.float64 else tf.float32
+
+
 def pooled_feature(t):
-    """ARAT's z_l: ReLU, then global average pooling of a spatial map (in float32)."""
-    t = tf.nn.relu(tf.cast(t, tf.float32))
+    """ARAT's z_l: ReLU, then global average pooling of a spatial map (in float32, or
+    float64 for a float64 network)."""
+    t = tf.nn.relu(tf.cast(t, loss_dtype(t)))
     if t.shape.rank == 4:
         t = tf.reduce_mean(t, axis=[1, 2])
     return t
 
 
 def mean_cosine(a, b):
-    a = tf.math.l2_normalize(tf.cast(a, tf.float32), axis=-1, epsilon=1e-12)
-    b = tf.math.l2_normalize(tf.cast(b, tf.float32), axis=-1, epsilon=1e-12)
+    a = tf.math.l2_normalize(tf.cast(a, loss_dtype(a)), axis=-1, epsilon=1e-12)
+    b = tf.math.l2_normalize(tf.cast(b, a.dtype), axis=-1, epsilon=1e-12)
     return tf.reduce_mean(tf.reduce_sum(a * b, axis=-1))
 
 
@@ -63,9 +69,16 @@ class AdversarialTrainer(keras.Model):
     # (a tf.distribute replica may not add state while training).
     log_names = ("train_acc",)
 
+    ATTACK_BN_MODES = ("default", "train", "inference")
+
     def __init__(self, network, eps=8 / 255, step_size=2 / 255, attack_steps=10, seed=0,
-                 nan_policy="stop", eps_warmup_steps=0, **kwargs):
+                 nan_policy="stop", eps_warmup_steps=0, attack_bn="default", **kwargs):
         super().__init__(**kwargs)
+        if attack_bn not in self.ATTACK_BN_MODES:
+            raise ValueError(f"attack_bn must be one of {self.ATTACK_BN_MODES}, got "
+                             f"{attack_bn!r}")
+        if attack_bn != "default":  # the method's reference choice unless told otherwise
+            self.attack_training = attack_bn == "train"
         if nan_policy not in self.NAN_POLICIES:
             raise ValueError(f"nan_policy must be one of {self.NAN_POLICIES}, got {nan_policy!r}")
         if eps_warmup_steps < 0:
@@ -150,11 +163,12 @@ class AdversarialTrainer(keras.Model):
         return dataclasses.replace(self.attack, eps=self.attack.eps * fraction,
                                    step_size=self.attack.step_size * fraction)
 
-    def adversarial(self, x, target, branch="adv"):
-        """Attack examples against `branch`, BN in the mode `attack_training` names."""
+    def adversarial(self, x, target, branch="adv", **attack_kwargs):
+        """Attack examples against `branch`, BN in the mode `attack_training` names.
+        attack_kwargs go to the attack (PGD's start, return_center)."""
         return self.training_attack()(
             lambda z: self.network(z, training=self.attack_training, branch=branch),
-            x, target, self.attack_seed())
+            x, target, self.attack_seed(), **attack_kwargs)
 
     def losses_for(self, x, y):
         raise NotImplementedError

@@ -1,0 +1,163 @@
+"""The fast AutoAttack stages give the verdicts of the plain compositions they replaced.
+
+APGD-T and FAB-T used to run one Python-unrolled run per target class over the whole
+batch; Square used to query every point of the batch until the last one broke; FAB's
+hyperplane projection sorted the breakpoints. The references below are those plain
+compositions, built from the same per-run parts, on a fixed model, batch and seed.
+"""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_arat.attacks import APGD, FABTargeted, Square, core
+from keras_arat.attacks.apgd import apgd_single_run
+from keras_arat.attacks.fab import fab_targeted_run, project_on_hyperplane
+from keras_arat.attacks.square import _bcast, _rand_int, _signs, _window
+from tests import helpers
+
+N = 48
+SEED = tf.constant([5, 1], tf.int64)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    net = helpers.tiny_network(split_bn=False, trained=True)
+    x, y = helpers.tiny_data().test
+    return (lambda z: net(z, training=False, branch="adv")), x[:N], y[:N].astype(np.int64)
+
+
+def wrong(f, x_adv, y):
+    return ~core.is_correct(f(tf.constant(x_adv)), y).numpy()
+
+
+def sorted_projection(t, w, b, norm):
+    """The textbook solution in float64: sort the breakpoints, find the piece, solve it."""
+    t, w, b = (np.asarray(a, np.float64) for a in (t, w, b))
+    c = np.sum(w * t, 1) - b
+    flip = np.where(c >= 0, 1.0, -1.0)
+    w, c = w * flip[:, None], c * flip
+    active = np.abs(w) > 1e-12
+    slack = np.where(w < 0, 1.0 - t, t)
+    if norm == "linf":
+        omega, r, gain = np.abs(w), slack, np.ones_like(w)
+    else:
+        omega, r, gain = w ** 2, slack / np.where(active, np.abs(w), 1.0), np.abs(w)
+    omega, r = np.where(active, omega, 0.0), np.where(active, r, 0.0)
+    lam = np.zeros(len(t))
+    for i in range(len(t)):
+        order = np.argsort(r[i])
+        rs, os_ = r[i][order], omega[i][order]
+        below = np.concatenate([[0.0], np.cumsum(os_ * rs)])  # sum over r_j < r_k
+        rest = os_.sum() - np.concatenate([[0.0], np.cumsum(os_)])  # sum over r_j >= r_k
+        values = below[:-1] + rs * rest[:-1]  # F at each breakpoint
+        k = np.searchsorted(values, c[i])  # first breakpoint with F >= c
+        lam[i] = rs[-1] + 1.0 if k == len(rs) else (c[i] - below[k]) / rest[k]
+    return np.where(active, -np.sign(w) * gain * np.minimum(lam[:, None], r), 0.0)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_newton_projection_matches_the_sorted_solution(setup, norm):
+    f, x, y = setup
+    # Realistic inputs: digits (many pixels exactly 0 or 1, so tied breakpoints) and the
+    # gradients FAB linearises with, at the digits and at noisy copies of them.
+    rng = np.random.default_rng(0)
+    noisy = np.clip(x + rng.uniform(-0.2, 0.2, x.shape), 0, 1).astype(np.float32)
+    points = tf.constant(np.concatenate([x, noisy]))
+    with tf.GradientTape() as tape:
+        tape.watch(points)
+        margin = tf.reduce_sum(core.cw_margin(f(points), np.concatenate([y, y])))
+    w = tape.gradient(margin, points).numpy().reshape(2 * N, -1)
+    t = points.numpy().reshape(2 * N, -1)
+    # Targets on both sides, some beyond what the box allows (the infeasible branch).
+    b = np.sum(w * t, 1) + rng.normal(0, 1, 2 * N) * np.abs(w).sum(1) * 0.05
+    b[:4] = np.sum(w * t, 1)[:4] + 10.0 * np.abs(w).sum(1)[:4]
+    got = project_on_hyperplane(tf.constant(t), tf.constant(w), tf.constant(b, tf.float32),
+                                norm).numpy()
+    want = sorted_projection(t, w, b, norm)
+    np.testing.assert_allclose(got, want, atol=2e-5)  # float32 against float64
+
+
+def test_apgd_t_same_verdicts_as_one_run_per_target(setup):
+    f, x, y = setup
+    eps, n_iter, n_targets = 0.08, 5, 3
+    attack = APGD(eps=eps, loss="dlr-targeted", n_iter=n_iter, n_target_classes=n_targets)
+    got = wrong(f, attack(f, x, y, SEED).numpy(), y)
+    # The composition it replaced: every target's run over the whole batch.
+    logits = f(x)
+    correct = core.is_correct(logits, y)
+    targets = tf.math.top_k(logits, k=n_targets + 1).indices
+    best, best_loss, adv = x, tf.fill([N], -np.inf), x
+    first_broken_by = np.full(N, -1)
+    for t in range(n_targets):
+        target = tf.cast(targets[:, t + 1], tf.int64)
+        x_best, loss_best, x_best_adv, still = apgd_single_run(
+            f, x, y, lambda z, tg=target: core.targeted_dlr(z, y, tg), eps, "linf", n_iter,
+            0.75, core.fold_seed(SEED, t, 0))
+        newly = correct & ~still
+        first_broken_by[newly.numpy()] = t
+        adv = tf.where(_bcast(newly, x), x_best_adv, adv)
+        better = correct & (loss_best > best_loss)
+        best = tf.where(_bcast(better, x), x_best, best)
+        best_loss = tf.where(better, loss_best, best_loss)
+        correct &= still
+    want = wrong(f, tf.where(_bcast(correct, x), best, adv).numpy(), y)
+    assert (first_broken_by > 0).any(), "no point broken after the first target: weak test"
+    assert 0 < want.sum() < N
+    np.testing.assert_array_equal(got, want)
+
+
+def test_fab_t_same_verdicts_as_one_run_per_target(setup):
+    f, x, y = setup
+    eps, n_iter, n_targets = 0.09, 5, 3
+    attack = FABTargeted(eps=eps, n_iter=n_iter, n_target_classes=n_targets)
+    got = wrong(f, attack(f, x, y, SEED).numpy(), y)
+    x = tf.constant(x)
+    logits = f(x)
+    correct = core.is_correct(logits, y)
+    targets = tf.cast(tf.math.top_k(logits, k=n_targets + 1).indices, tf.int64)
+    adv, first_broken_by = x, np.full(N, -1)
+    for t in range(n_targets):
+        x_run, ok = fab_targeted_run(f, x, y, targets[:, t + 1], eps, "linf", n_iter, 0.1,
+                                     1.05, 0.9)
+        newly = correct & ok
+        first_broken_by[newly.numpy()] = t
+        adv = tf.where(_bcast(newly, x), x_run, adv)
+        correct &= ~ok
+    want = wrong(f, adv.numpy(), y)
+    assert (first_broken_by > 0).any(), "no point broken after the first target: weak test"
+    assert 0 < want.sum() < N
+    np.testing.assert_array_equal(got, want)
+
+
+def test_square_same_verdicts_as_querying_the_whole_batch(setup):
+    f, x, y = setup
+    eps, n_queries = 0.15, 150
+    attack = Square(eps=eps, n_queries=n_queries)
+    got_x, got_broken = attack._single_run(f, tf.constant(x), tf.constant(y), SEED)
+    # The loop it replaced: every point is queried, broken ones only stop being updated.
+    n, (h, w, c) = N, x.shape[1:]
+    x_best = tf.clip_by_value(x + eps * _signs(core.fold_seed(SEED, -1), [n, 1, w, c]), 0, 1)
+    margin_min = loss_min = core.true_margin(f(x_best), y)
+    broken_at = np.full(n, -1)
+    for it in range(n_queries):
+        active = margin_min > 0
+        if not tf.reduce_any(active):
+            break
+        seeds = tf.random.experimental.stateless_split(core.fold_seed(SEED, it), 3)
+        s = attack._side(it, h, w, c, 1)
+        window = _window(h, w, _rand_int(seeds[0], h - s), _rand_int(seeds[1], w - s), s)
+        x_new = core.project(x_best + 2 * eps * window * _signs(seeds[2], [n, 1, 1, c]), x,
+                             eps)
+        margin = core.true_margin(f(x_new), y)
+        improved = active & (margin < loss_min)
+        loss_min = tf.where(improved, margin, loss_min)
+        take = active & (improved | (margin <= 0))
+        margin_min = tf.where(take, margin, margin_min)
+        x_best = tf.where(_bcast(take, x), x_new, x_best)
+        broken_at[(take & (margin <= 0)).numpy()] = it
+    want_broken = (margin_min <= 0).numpy()
+    # Points broke at different queries, so the working set shrank while others went on.
+    assert len(set(broken_at[broken_at >= 0])) > 1 and (~want_broken).any()
+    np.testing.assert_array_equal(got_broken.numpy(), want_broken)
+    np.testing.assert_allclose(got_x.numpy(), x_best.numpy(), atol=1e-6)
