@@ -77,11 +77,11 @@ def load_model(args):
                                      f"predictions) on digits")
     if args.saved_model:
         from keras_arat.data.datasets import load_dataset
-        from keras_arat.evaluate import saved_model_fn
+        from keras_arat.deployed import SavedModelRunner
         data = load_dataset("digits", n_train=1, n_test=args.n_examples)
         x = data.x_test[:args.n_examples].astype("float32") / 255.0
         y = np.asarray(data.y_test[:args.n_examples])
-        return (saved_model_fn(args.saved_model), x, y, float(args.eps or 8 / 255),
+        return (SavedModelRunner(args.saved_model), x, y, float(args.eps or 8 / 255),
                 f"SavedModel {args.saved_model} on digits")
     run = train_quickstart(args.workdir) if args.train else runs.load_run(args.workdir)
     x, y = run.test_arrays(args.n_examples)
@@ -91,9 +91,9 @@ def load_model(args):
         return net(z, training=False, branch=args.branch)
 
     cfg = run.config
-    return (model_fn, x, y, float(args.eps or cfg["eps"]),
-            f"run {args.workdir}: {cfg['method']} {cfg['model']} (width "
-            f"{cfg.get('cnn_width')}) on {cfg['dataset']}, epoch {run.epoch}, branch "
+    return (model_fn, x, y, float(args.eps or cfg.eps),
+            f"run {args.workdir}: {cfg.method} {cfg.model} (width "
+            f"{cfg.cnn_width}) on {cfg.dataset}, epoch {run.epoch}, branch "
             f"{args.branch}")
 
 

@@ -89,12 +89,10 @@ def main():
     trainers = {}
     for method in args.methods.split(","):
         base = "arat" if method == "arat_two_pass" else method
-        cfg = {"model": args.model, "cnn_width": args.cnn_width, "wrn_depth": args.wrn_depth,
-               "wrn_width": args.wrn_width,
-               "method": base, "split_bn": base == "arat", "eps": 8 / 255,
-               "step_size": 2 / 255, "attack_steps": args.attack_steps, "seed": 0,
-               "align_layers": [], "invariance_weight": None, "invariance": "asymmetric",
-               "predictor": True, "beta": None, "joint_pass": method != "arat_two_pass"}
+        cfg = runs.RunConfig(model=args.model, cnn_width=args.cnn_width,
+                             wrn_depth=args.wrn_depth, wrn_width=args.wrn_width, method=base,
+                             split_bn=base == "arat", attack_steps=args.attack_steps,
+                             joint_pass=method != "arat_two_pass")
         keras.utils.set_random_seed(0)
         network = runs.build_network(cfg, data.num_classes, image_shape)
         trainer = runs.build_trainer(cfg, network, image_shape)

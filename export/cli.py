@@ -9,7 +9,6 @@ every check passed, so OUT is either complete or absent. Exit status: 0 success,
 1 a check failed (parity above --atol, ONNX contract), 2 bad usage (one line on stderr).
 """
 
-import json
 import os
 import re
 import shutil
@@ -17,13 +16,12 @@ import sys
 import tempfile
 import time
 
+from keras_arat import files as files_io
+from keras_arat.errors import UsageError
+
 FORMATS = ("saved_model", "onnx", "keras")
 DEFAULT_ATOL = 1e-4
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
-
-
-class UsageError(ValueError):
-    """Bad input from the user: one line on stderr, exit status 2."""
 
 
 class ExportCheckError(RuntimeError):
@@ -93,11 +91,20 @@ def _check_args(a):
         raise UsageError("--atol must be > 0")
     if a.n_examples < 1 or a.batch_size < 1:
         raise UsageError("--n_examples and --batch_size must be >= 1")
-    out = os.path.abspath(a.out)
-    if os.path.lexists(out) and not a.overwrite:
+    return check_out(a.out, a.overwrite)
+
+
+def check_out(out, overwrite):
+    """The absolute output folder; an existing one needs overwrite. Missing parent folders
+    are created when the export is written (the folder itself appears only complete)."""
+    out = os.path.abspath(out)
+    if os.path.lexists(out) and not overwrite:
         raise UsageError(f"{out} exists; pass --overwrite to replace it")
-    if not os.path.isdir(os.path.dirname(out)):
-        raise UsageError(f"parent folder of {out} does not exist")
+    parent = os.path.dirname(out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(f"{parent} is a file, not a folder: cannot write {out}")
     return out
 
 
@@ -122,7 +129,7 @@ def load_source(a):
         source["keras_model"] = os.path.abspath(a.keras_model)
         if a.workdir:
             cfg = runs.read_config(a.workdir)
-            data, eps = runs.load_data(cfg), cfg["eps"]
+            data, eps = runs.load_data(cfg), cfg.eps
             source["workdir"] = os.path.abspath(a.workdir)
         else:
             if not a.eps:
@@ -135,17 +142,14 @@ def load_source(a):
         source["parity_data"] = {"kind": "dataset", "dataset": a.dataset or "digits",
                                  "split": "test"}
     else:
-        try:
-            run = runs.load_run(a.workdir, a.checkpoint)
-        except runs.UsageError as e:
-            raise UsageError(str(e)) from None
-        network, eps = run.network, run.config["eps"]
+        run = runs.load_run(a.workdir, a.checkpoint)
+        network, eps = run.network, run.config.eps
         check_checkpoint_holds_network(network, run.checkpoint)
         x, y, source["parity_data"] = parity_images(a, run)
         source.update(workdir=os.path.abspath(a.workdir), epoch=run.epoch,
                       checkpoint=os.path.abspath(run.checkpoint),
-                      model=run.config["model"], method=run.config["method"],
-                      dataset=run.config["dataset"])
+                      model=run.config.model, method=run.config.method,
+                      dataset=run.config.dataset)
     y = None if y is None else y[:a.n_examples]
     return network, x[:a.n_examples], y, float(eps), source
 
@@ -158,17 +162,14 @@ def parity_images(a, run):
 
     from keras_arat import runs
     if a.dataset:
-        try:
-            data = runs.load_data({"dataset": a.dataset, "data_dir": None, "download": False,
-                                   "n_train": 1, "n_test": a.n_examples})
-        except runs.UsageError as e:
-            raise UsageError(str(e)) from None
+        data = runs.load_data({"dataset": a.dataset, "data_dir": None, "download": False,
+                               "n_train": 1, "n_test": a.n_examples})
         x, y = data.x_test.astype("float32") / 255.0, data.y_test
         return x, y, {"kind": "dataset", "dataset": a.dataset, "split": "test"}
     if run.data is not None:
         x, y = run.test_arrays()
-        return x, y, {"kind": "dataset", "dataset": run.config["dataset"], "split": "test"}
-    shape = (a.n_examples, *run.config["image_shape"])
+        return x, y, {"kind": "dataset", "dataset": run.config.dataset, "split": "test"}
+    shape = (a.n_examples, *run.config.image_shape)
     x = np.random.default_rng(a.seed).random(shape, dtype=np.float32)
     return x, None, {"kind": "random_uniform", "range": [0.0, 1.0], "seed": a.seed,
                      "why": f"{run.data_error} (pass --dataset to check on real images)"}
@@ -237,67 +238,91 @@ def _accuracy(logits, y):
 
 
 def export(a, log=print):
-    """Run the export; returns the report dict. Raises UsageError / ExportCheckError."""
+    """Run the export the flags describe; returns the report dict. Raises UsageError /
+    ExportCheckError."""
     out = _check_args(a)
-    name = a.name or _default_name(a)
-    started = time.time()
+    network, x, y, eps, source = load_source(a)
+    return export_network(network, out, x=x, y=y, eps=eps, branch=a.branch,
+                          name=a.name or _default_name(a), formats=a.formats,
+                          overwrite=a.overwrite, atol=a.atol, opset=a.opset,
+                          batch_size=a.batch_size, seed=a.seed, pgd_examples=a.pgd_examples,
+                          source=source, log=log)
 
+
+def export_network(network, out, x=None, y=None, eps=None, branch="adv", name="model",
+                   formats=FORMATS, overwrite=False, atol=DEFAULT_ATOL, opset=17,
+                   batch_size=256, seed=0, pgd_examples=None, source=None, log=print):
+    """Fold `branch` of `network` (a SplitBNNetwork or any functional/Sequential Keras
+    model) and write `formats` into `out` through a temporary folder renamed into place
+    only when every check passes. The checks run on images x (float32 NHWC in [0, 1];
+    100 random ones when None): logits of every format against the network's within
+    `atol`, and with labels y each format's accuracy, with eps also PGD-20 before and
+    after folding (on the first pgd_examples; 0 skips it). Returns the report."""
     import keras
     import numpy as np
     import tensorflow as tf
 
+    from keras_arat.deployed import OnnxRunner, SavedModelRunner, check_image_shape
+    from keras_arat.evaluate import as_model_fn
+
     from . import convert, fold
 
-    network, x, y, eps, source = load_source(a)
-    try:
-        input_shape = fold.network_input_shape(network)
-        folded = fold.fold_network(network, a.branch, input_shape)
-    except fold.FoldError as e:
-        raise UsageError(str(e)) from None
-    if tuple(x.shape[1:]) != tuple(input_shape):
-        raise UsageError(f"test images are {tuple(x.shape[1:])} but the network takes "
-                         f"{tuple(input_shape)}")
-    log(f"folded {type(network).__name__} ({a.branch} branch): {len(folded.layers)} layers")
+    started = time.time()
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise UsageError(f"unknown formats {unknown}; choose from {list(FORMATS)}")
+    out = check_out(out, overwrite)
+    input_shape = fold.network_input_shape(network)
+    folded = fold.fold_network(network, branch, input_shape)
+    source = dict(source or {})
+    if x is None:
+        x = np.random.default_rng(seed).random((100, *input_shape), dtype=np.float32)
+        y = None
+        source.setdefault("parity_data", {"kind": "random_uniform", "range": [0.0, 1.0],
+                                          "seed": seed})
+    x = np.asarray(x, np.float32)
+    check_image_shape(x.shape, input_shape, "the network")
+    log(f"folded {type(network).__name__} ({branch} branch): {len(folded.layers)} layers")
 
-    original_fn = tf.function(lambda z: network(z, training=False, branch=a.branch))
+    original = as_model_fn(network, branch)
+    original_fn = tf.function(lambda z: original(z))
     folded_fn = tf.function(lambda z: folded(z, training=False))
-    logits = {"original": _batched(original_fn, x, a.batch_size),
-              "folded_keras": _batched(folded_fn, x, a.batch_size)}
+    logits = {"original": _batched(original_fn, x, batch_size),
+              "folded_keras": _batched(folded_fn, x, batch_size)}
 
     parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.export-", dir=parent)
     try:
         files = []
         sm_path = None
-        if "saved_model" in a.formats:
+        if "saved_model" in formats:
             sm_path = convert.saved_model_dir(tmp, name)
             convert.save_saved_model(folded, sm_path, input_shape)
-            logits["saved_model"] = _batched(convert.SavedModelRunner(sm_path), x,
-                                             a.batch_size)
+            logits["saved_model"] = _batched(SavedModelRunner(sm_path).predict, x,
+                                             batch_size)
             files.append(os.path.relpath(sm_path, tmp) + "/")
         onnx_info = None
-        if "onnx" in a.formats:
+        if "onnx" in formats:
             onnx_path = os.path.join(tmp, "model.onnx")
             if sm_path:
-                proto = convert.onnx_from_saved_model(sm_path, onnx_path, input_shape,
-                                                      a.opset)
+                proto = convert.onnx_from_saved_model(sm_path, onnx_path, input_shape, opset)
             else:
-                proto = convert.onnx_from_keras(folded, onnx_path, input_shape, a.opset)
+                proto = convert.onnx_from_keras(folded, onnx_path, input_shape, opset)
             problems = convert.check_onnx(onnx_path)
             if problems:
                 raise ExportCheckError("model.onnx: " + "; ".join(problems))
-            logits["onnxruntime"] = _batched(convert.OnnxRunner(onnx_path), x,
-                                             a.batch_size)
-            onnx_info = {"opset": a.opset, "checker": "passed", "input": fold.INPUT_NAME,
+            logits["onnxruntime"] = _batched(OnnxRunner(onnx_path), x, batch_size)
+            onnx_info = {"opset": opset, "checker": "passed", "input": fold.INPUT_NAME,
                          "output": fold.OUTPUT_NAME, "batch": "dynamic",
                          "op_types": convert.op_types(proto)}
             files.append("model.onnx")
-        if "keras" in a.formats:
+        if "keras" in formats:
             keras_path = os.path.join(tmp, "model.keras")
             folded.save(keras_path)
             reloaded = keras.saving.load_model(keras_path, compile=False)
             logits["keras_file"] = _batched(
-                tf.function(lambda z: reloaded(z, training=False)), x, a.batch_size)
+                tf.function(lambda z: reloaded(z, training=False)), x, batch_size)
             files.append("model.keras")
 
         ref = logits["original"]
@@ -313,33 +338,35 @@ def export(a, log=print):
         agreement = {k: float(np.mean(np.argmax(v, -1) == np.argmax(ref, -1)))
                      for k, v in logits.items() if k != "original"}
 
-        n_pgd = len(x) if a.pgd_examples is None else min(a.pgd_examples, len(x))
-        if y is None:
+        n_pgd = len(x) if pgd_examples is None else min(pgd_examples, len(x))
+        if y is None or eps is None:
             n_pgd = 0
-            log("checks on random images in [0,1]: " + source["parity_data"]["why"])
+            if y is None:
+                log("checks on random images in [0,1]: "
+                    + source["parity_data"].get("why", "no test images were given"))
         pgd = None
         if n_pgd > 0:
-            pgd = {"eps": eps, "step_size": eps / 4, "steps": 20, "seed": a.seed,
+            pgd = {"eps": eps, "step_size": eps / 4, "steps": 20, "seed": seed,
                    "n_examples": n_pgd}
             for key, model_fn in (
-                    ("original", lambda z: network(z, training=False, branch=a.branch)),
+                    ("original", original),
                     ("folded_keras", lambda z: folded(z, training=False))):
                 pgd[key] = pgd20_accuracy(model_fn, x[:n_pgd], y[:n_pgd], eps,
-                                          a.batch_size, a.seed)
+                                          batch_size, seed)
             log(f"PGD-20 accuracy: original {pgd['original']:.4f}, "
                 f"folded {pgd['folded_keras']:.4f}")
 
         worst = max(list(diffs.values()) + list(pairs.values()))
         report = {
-            "branch": a.branch,
+            "branch": branch,
             "name": name,
-            "passed": worst <= a.atol,
-            "tolerance_abs_logits": a.atol,
+            "passed": worst <= atol,
+            "tolerance_abs_logits": atol,
             "max_abs_logit_diff_vs_original": diffs,
             "max_abs_logit_diff_between_exports": pairs,
             "max_abs_logit": float(np.max(np.abs(ref))),
             "n_examples": int(len(x)),
-            "parity_data": source["parity_data"],
+            "parity_data": source.get("parity_data"),
             "accuracy": accuracy,
             "argmax_agreement_with_original": agreement,
             "pgd20_accuracy": pgd,
@@ -352,26 +379,25 @@ def export(a, log=print):
                           "input_dtype": "float32", "input_range": [0.0, 1.0],
                           "output": fold.OUTPUT_NAME},
             "onnx": onnx_info,
-            "formats": list(a.formats),
+            "formats": list(formats),
             "files": files + ["export_report.json"],
             "versions": _versions(),
             "seconds": round(time.time() - started, 1),
         }
-        with open(os.path.join(tmp, "export_report.json"), "w") as fh:
-            json.dump(report, fh, indent=1)
+        files_io.write_json(os.path.join(tmp, "export_report.json"), report)
         if not report["passed"]:
             which = max(list(diffs.items()) + list(pairs.items()), key=lambda kv: kv[1])
             raise ExportCheckError(f"logits differ by {which[1]:.3g} ({which[0]}), above "
-                                   f"--atol={a.atol:g}; nothing written to {out}")
+                                   f"--atol={atol:g}; nothing written to {out}")
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private
-        _move_into_place(tmp, out, a.overwrite)
+        _move_into_place(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log("max abs logit difference vs the split-BN model: "
-        + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()) + f" (atol {a.atol:g})")
+        + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()) + f" (atol {atol:g})")
     log(f"wrote {out}: " + ", ".join(report["files"]))
     return report
 
@@ -413,10 +439,9 @@ def main(argv=None):
         if len(args) > 1:
             print(f"error: unexpected arguments {args[1:]}", file=sys.stderr)
             sys.exit(2)
-        from keras_arat import runs
         try:
             export(flags.FLAGS)
-        except (UsageError, runs.UsageError) as e:
+        except UsageError as e:
             _fail(f"error: {_one_line(e)}", 2)
         except ExportCheckError as e:
             _fail(f"error: export check failed: {_one_line(e)}", 1)

@@ -1,9 +1,12 @@
-"""Write a folded Keras model as a TF Serving SavedModel and as ONNX, and read them back."""
+"""Write a folded Keras model as a TF Serving SavedModel and as ONNX, and check the ONNX
+file against the export contract. Reading them back: keras_arat.deployed (one runner of
+each kind, shared with keras_arat.evaluate)."""
 
 import os
 
-import numpy as np
 import tensorflow as tf
+
+from keras_arat.deployed import SavedModelRunner
 
 from .fold import INPUT_NAME, OUTPUT_NAME
 
@@ -28,19 +31,6 @@ def save_saved_model(model, path, input_shape):
     archive.write_out(path, verbose=False)
 
 
-class SavedModelRunner:
-    """Calls a SavedModel's serving_default signature on numpy batches."""
-
-    def __init__(self, path):
-        self.path = path
-        self.loaded = tf.saved_model.load(path)
-        self.signature = self.loaded.signatures[SIGNATURE]
-
-    def __call__(self, images):
-        out = self.signature(**{INPUT_NAME: tf.convert_to_tensor(images, tf.float32)})
-        return out[OUTPUT_NAME].numpy()
-
-
 def to_onnx(fn, output_path, input_shape, opset=DEFAULT_OPSET):
     """Convert `fn` (images -> logits) with tf2onnx.convert.from_function (no from_keras).
 
@@ -62,8 +52,7 @@ def to_onnx(fn, output_path, input_shape, opset=DEFAULT_OPSET):
 def onnx_from_saved_model(saved_model_path, output_path, input_shape, opset=DEFAULT_OPSET):
     """ONNX of the SavedModel's serving_default signature: the served graph itself."""
     runner = SavedModelRunner(saved_model_path)  # keeps the loaded variables alive
-    return to_onnx(lambda images: runner.signature(**{INPUT_NAME: images})[OUTPUT_NAME],
-                   output_path, input_shape, opset)
+    return to_onnx(runner, output_path, input_shape, opset)
 
 
 def onnx_from_keras(model, output_path, input_shape, opset=DEFAULT_OPSET):
@@ -105,18 +94,6 @@ def op_types(model):
     for node in model.graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return dict(sorted(counts.items()))
-
-
-class OnnxRunner:
-    """onnxruntime session on CPU (or the given providers) for an exported model."""
-
-    def __init__(self, path, providers=("CPUExecutionProvider",)):
-        import onnxruntime as ort
-        self.session = ort.InferenceSession(path, providers=list(providers))
-
-    def __call__(self, images):
-        return self.session.run([OUTPUT_NAME],
-                                {INPUT_NAME: np.asarray(images, np.float32)})[0]
 
 
 def saved_model_dir(out, name, version=1):

@@ -19,6 +19,7 @@ graph is what Keras records.
 import keras
 import numpy as np
 
+from keras_arat.errors import UsageError
 from keras_arat.layers.split_batch_norm import BRANCHES, SplitBatchNormalization
 from keras_arat.network import as_functional
 
@@ -28,7 +29,7 @@ FOLDABLE = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dens
 BN_TYPES = (keras.layers.BatchNormalization, SplitBatchNormalization)
 
 
-class FoldError(ValueError):
+class FoldError(UsageError):
     """The network cannot be folded (a layer setting the fold cannot express)."""
 
 

@@ -18,13 +18,15 @@ source; inference does not use them): the checkpoint holds freshly initialised o
 """
 
 import hashlib
-import json
 import os
 import shutil
 import sys
 import tempfile
 
 import numpy as np
+
+from keras_arat import files
+from keras_arat.errors import UsageError
 
 MODELS = ("resnet18", "wrn")
 PREFIXES = ("module.", "model.")
@@ -33,7 +35,7 @@ BN_KEYS = (("weight", "gamma"), ("bias", "beta"), ("running_mean", "moving_mean"
            ("running_var", "moving_variance"))
 
 
-class ConversionError(ValueError):
+class ConversionError(UsageError):
     """The checkpoint cannot be converted: one line saying why."""
 
 
@@ -131,41 +133,55 @@ def _dense(layer, prefix):
     return [(f"{prefix}.weight", layer.kernel, "linear"), (f"{prefix}.bias", layer.bias, "vector")]
 
 
+def _blocks(graph, prefix):
+    """Residual block names ("layer1_0", ...) of a functional family, in graph order."""
+    seen = []
+    for layer in graph.layers:
+        block = layer.name.split(".")[0]
+        if "." in layer.name and block.startswith(prefix) and block not in seen:
+            seen.append(block)
+    return seen
+
+
 def weight_map(network):
     """[(torch state_dict key, keras variable, layout)] for every weight of `network`.
 
     layout: "conv" (OIHW <-> HWIO), "linear" (out,in <-> in,out) or "vector". The keys
     are those of the official AR-AT models (split BN) or of the plain PyTorch ResNet-18 /
-    WRN (single BN) that PGD-AT and TRADES checkpoints use.
+    WRN (single BN) that PGD-AT and TRADES checkpoints use. Keras layers are found by the
+    names the functional families give them ("layer1_0.conv1" for torch's "layer1.0.conv1").
     """
     from keras_arat.models import ResNet18, WideResNet
-    split = network.split_bn
-    entries = _conv(network.conv1, "conv1.weight")
+    split, graph = network.split_bn, network.graph
+    layer = graph.get_layer
+    names = {l.name for l in graph.layers}
+    entries = _conv(layer("conv1"), "conv1.weight")
     if isinstance(network, ResNet18):
-        entries += _bn_entries(network.bn1, "bn1", split)
-        for block, name in zip(network.blocks, network.block_names):
-            entries += _conv(block.conv1, f"{name}.conv1.weight")
-            entries += _bn_entries(block.bn1, f"{name}.bn1", split)
-            entries += _conv(block.conv2, f"{name}.conv2.weight")
-            entries += _bn_entries(block.bn2, f"{name}.bn2", split)
-            if block.has_shortcut:
+        entries += _bn_entries(layer("bn1"), "bn1", split)
+        for block in _blocks(graph, "layer"):
+            name = block.replace("_", ".")  # layer1_0 -> layer1.0
+            entries += _conv(layer(f"{block}.conv1"), f"{name}.conv1.weight")
+            entries += _bn_entries(layer(f"{block}.bn1"), f"{name}.bn1", split)
+            entries += _conv(layer(f"{block}.conv2"), f"{name}.conv2.weight")
+            entries += _bn_entries(layer(f"{block}.bn2"), f"{name}.bn2", split)
+            if f"{block}.shortcut_conv" in names:
                 conv, bn = ((f"{name}.shortcut.weight", f"{name}.shortcut_bn") if split else
                             (f"{name}.shortcut.0.weight", f"{name}.shortcut.1"))
-                entries += _conv(block.shortcut_conv, conv)
-                entries += _bn_entries(block.shortcut_bn, bn, split)
-        entries += _dense(network.linear, "linear")
+                entries += _conv(layer(f"{block}.shortcut_conv"), conv)
+                entries += _bn_entries(layer(f"{block}.shortcut_bn"), bn, split)
+        entries += _dense(layer("linear"), "linear")
     elif isinstance(network, WideResNet):
-        for block, name in zip(network.blocks, network.block_names):
-            stage, index = name.split(".")
-            base = f"{stage}.layer.{index}"
-            entries += _bn_entries(block.bn1, f"{base}.bn1", split)
-            entries += _conv(block.conv1, f"{base}.conv1.weight")
-            entries += _bn_entries(block.bn2, f"{base}.bn2", split)
-            entries += _conv(block.conv2, f"{base}.conv2.weight")
-            if not block.equal_in_out:
-                entries += _conv(block.shortcut_conv, f"{base}.convShortcut.weight")
-        entries += _bn_entries(network.bn, "bn1", split)
-        entries += _dense(network.fc, "fc")
+        for block in _blocks(graph, "block"):
+            stage, index = block.split("_")
+            base = f"{stage}.layer.{index}"  # block1_0 -> block1.layer.0
+            entries += _bn_entries(layer(f"{block}.bn1"), f"{base}.bn1", split)
+            entries += _conv(layer(f"{block}.conv1"), f"{base}.conv1.weight")
+            entries += _bn_entries(layer(f"{block}.bn2"), f"{base}.bn2", split)
+            entries += _conv(layer(f"{block}.conv2"), f"{base}.conv2.weight")
+            if f"{block}.shortcut_conv" in names:
+                entries += _conv(layer(f"{block}.shortcut_conv"), f"{base}.convShortcut.weight")
+        entries += _bn_entries(layer("bn"), "bn1", split)
+        entries += _dense(layer("fc"), "fc")
     else:
         raise ConversionError(f"no PyTorch mapping for {type(network).__name__}")
     return entries
@@ -259,40 +275,28 @@ def run_config(model, info, dataset, method, workdir, epochs):
     from absl import flags
 
     from keras_arat import runs
-    values = flags.FlagValues()
-
-    class Definer:  # define_train_flags(flags) with every DEFINE_* going into `values`
-        def __getattr__(self, name):
-            define = getattr(flags, name)
-            return lambda *args, **kwargs: define(*args, flag_values=values, **kwargs)
-
-    runs.define_train_flags(Definer())
-    names = list(values)
     argv = ["convert_torch", f"--dataset={dataset}", f"--model={model}", f"--method={method}",
             f"--split_bn={str(info['split_bn']).lower()}", f"--workdir={workdir}",
             f"--epochs={epochs}"]
     if model == "wrn":
         argv += [f"--wrn_depth={info['wrn_depth']}", f"--wrn_width={info['wrn_width']}"]
     try:
-        values(argv)
+        values, names = runs.train_flag_values(argv)
         cfg = runs.config_from_flags(values, names)
     except (flags.Error, runs.UsageError) as e:
         raise ConversionError(_one_line(e)) from None
     # Read by keras_arat.runs.load_run when the data set is not on this machine.
-    cfg.update(num_classes=info["num_classes"], image_shape=[32, 32, 3])
-    return cfg
+    return cfg.replace(num_classes=info["num_classes"], image_shape=(32, 32, 3))
 
 
 def convert(checkpoint, model, workdir, num_classes=None, dataset="cifar10", method=None,
             epochs=100, overwrite=False, log=print):
-    """Write the run folder `workdir` from `checkpoint`; returns its config dict."""
+    """Write the run folder `workdir` from `checkpoint`; returns its RunConfig."""
     from keras_arat import runs
     from keras_arat.training.checkpoint import CheckpointManager
     workdir = os.path.abspath(workdir)
     if os.path.lexists(workdir) and not overwrite:
         raise ConversionError(f"{workdir} exists; pass --overwrite to replace it")
-    if not os.path.isdir(os.path.dirname(workdir)):
-        raise ConversionError(f"parent folder of {workdir} does not exist")
     state = strip_prefixes(read_state_dict(checkpoint))
     network, info = build_network(state, model, num_classes)
     method = method or ("arat" if info["split_bn"] else "pgd_at")
@@ -302,21 +306,21 @@ def convert(checkpoint, model, workdir, num_classes=None, dataset="cifar10", met
     cfg = run_config(model, info, dataset, method, workdir, epochs)
     with open(checkpoint, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
-    cfg["converted_from"] = {
+    cfg = cfg.replace(converted_from={
         "checkpoint": os.path.abspath(checkpoint), "sha256": digest,
         "layout": "split_bn" if info["split_bn"] else "single_bn",
         "tensors": len([k for k in state if not k.endswith("num_batches_tracked")]),
-        "predictors": "freshly initialised (not in a state_dict)" if method == "arat" else None}
+        "predictors": "freshly initialised (not in a state_dict)" if method == "arat" else None})
     trainer = runs.build_trainer(cfg, network, (32, 32, 3))
 
+    os.makedirs(os.path.dirname(workdir), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(workdir)}.convert-",
                            dir=os.path.dirname(workdir))
     try:
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(dict(cfg, workdir=workdir), f, indent=1, sort_keys=True)
+        files.write_json(os.path.join(tmp, "config.json"), cfg.to_dict(), sort_keys=True)
         manager = CheckpointManager(os.path.join(tmp, "checkpoints"),
                                     **runs.checkpoint_objects(trainer))
-        manager.save(epochs, {"converted_from": cfg["converted_from"]})
+        manager.save(epochs, {"converted_from": cfg.converted_from})
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private
@@ -326,8 +330,8 @@ def convert(checkpoint, model, workdir, num_classes=None, dataset="cifar10", met
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log(f"wrote {workdir}: {model} ({cfg['converted_from']['layout']}, "
-        f"{info['num_classes']} classes), {cfg['converted_from']['tensors']} tensors from "
+    log(f"wrote {workdir}: {model} ({cfg.converted_from['layout']}, "
+        f"{info['num_classes']} classes), {cfg.converted_from['tensors']} tensors from "
         f"{checkpoint}")
     return cfg
 
@@ -336,7 +340,8 @@ def _one_line(e):
     return " ".join(str(e).split())
 
 
-def main():
+def run_main():
+    """python -m keras_arat.convert_torch / keras-arat-convert-torch."""
     from absl import app, flags
     flags.DEFINE_string("checkpoint", None, "PyTorch state_dict: .pt (needs torch), "
                         ".safetensors or .npz.")
@@ -372,4 +377,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main()

@@ -90,18 +90,6 @@ def make_attack(name, eps, norm="linf", restarts=1, reference_noise_leak=False):
     return Restarts(attack, restarts) if restarts > 1 else attack
 
 
-def correct_mask(network, x, y, branch, attack=None, batch_size=256, seed=0):
-    """Per-example correctness (bool [N]) of `branch` in inference mode, under `attack`."""
-
-    def predict(z):
-        return network(z, training=False, branch=branch)
-
-    if attack is None:
-        from keras_arat.attacks.autoattack import predict_labels
-        return predict_labels(predict, np.asarray(x, np.float32), batch_size) == np.asarray(y)
-    return run_attack(attack, predict, x, y, batch_size, seed)[1]
-
-
 def evaluate_model_fn(model_fn, x, y, eps, attacks=("clean", "pgd20"), batch_size=256, seed=0,
                       norm="linf", gradients=True, restarts=1, progress=False, log=None,
                       autoattack=None, eager=False, reference_noise_leak=False):
@@ -233,47 +221,6 @@ def evaluate_model(model, x, y, eps, attacks=("clean", "pgd20"), branch="adv",
 
 # ----------------------------------------------------------------------------- models
 
-def saved_model_fn(path):
-    """images -> logits through a SavedModel's serving_default signature (with gradients)."""
-    loaded = tf.saved_model.load(path)
-    if "serving_default" not in loaded.signatures:
-        raise EvaluationError(f"{path} has no serving_default signature")
-    signature = loaded.signatures["serving_default"]
-    inputs = signature.structured_input_signature[1]
-    if "images" not in inputs:
-        raise EvaluationError(f"{path}: the serving signature must take 'images', it takes "
-                              f"{sorted(inputs)}")
-    if "logits" not in signature.structured_outputs:
-        raise EvaluationError(f"{path}: the serving signature must return 'logits', it "
-                              f"returns {sorted(signature.structured_outputs)}")
-
-    def model_fn(z):
-        return signature(images=tf.cast(z, tf.float32))["logits"]
-
-    model_fn.keep_alive = loaded  # the signature needs its object graph alive
-    return model_fn
-
-
-def onnx_model_fn(path):
-    """images -> logits through onnxruntime (CPU), usable inside tf.function; no gradients."""
-    import onnxruntime as ort
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    input_name = session.get_inputs()[0].name
-    outputs = [o.name for o in session.get_outputs()]
-    output_name = next((o for o in outputs if "logits" in o), outputs[0])
-
-    def run(z):
-        return session.run([output_name], {input_name: np.asarray(z, np.float32)})[0].astype(
-            np.float32)
-
-    def model_fn(z):
-        out = tf.numpy_function(run, [tf.cast(z, tf.float32)], tf.float32, stateful=False)
-        out.set_shape([None, None])
-        return out
-
-    return model_fn
-
-
 # ------------------------------------------------------------------------------ files
 
 def attack_settings(name, eps, norm="linf", restarts=1, seed=0, reference_noise_leak=False):
@@ -389,9 +336,13 @@ def define_flags():
                         "images float32 [N,H,W,C] in [0,1] -> logits) instead of a checkpoint.")
     flags.DEFINE_string("onnx", None, "Evaluate this ONNX model with onnxruntime (no "
                         "gradients: clean and Square only).")
-    flags.DEFINE_string("dataset", "digits", "Test data for --saved_model/--onnx without "
-                        "--workdir: digits (embedded), cifar10, cifar100, svhn_cropped, mnist, "
-                        "npz:/path/file.npz.")
+    flags.DEFINE_string("dataset", None, "Test images instead of the run's (with "
+                        "--saved_model/--onnx and no --workdir: digits by default): a data "
+                        "set name (digits, cifar10, cifar100, svhn_cropped, mnist), an .npz "
+                        "holding x_test and y_test (npz:PATH), or a folder with one "
+                        "sub-folder of images per class (folder:PATH or the folder's path).")
+    flags.DEFINE_string("input_name", None, "The serving signature's (or ONNX model's) "
+                        "image input, when it has several (default: its only input).")
     flags.DEFINE_string("data_dir", None, "tfds data directory (with --dataset).")
     flags.DEFINE_string("eps", None, "Budget in [0,1] pixel units (default: the run's eps; "
                         "8/255 without --workdir).")
@@ -429,29 +380,32 @@ def _check_flags(runs):
         raise runs.UsageError("--workdir is required (or --saved_model/--onnx)")
 
 
+def _test_images(default_spec, default_n=None):
+    """(x float32 [0,1], y, the images' description) from --dataset (a data set name, an
+    .npz with x_test/y_test, or a folder of class sub-folders), else `default_spec`."""
+    from keras_arat.data import load_test_images
+    spec = FLAGS.dataset or default_spec
+    x, y, about = load_test_images(spec, FLAGS.n_examples or default_n, FLAGS.data_dir)
+    return x.astype("float32") / 255.0, y, {**about, "spec": spec}
+
+
 def _deployed(runs):
+    from keras_arat.deployed import OnnxRunner, SavedModelRunner, check_image_shape
     kind, source = ("saved_model", FLAGS.saved_model) if FLAGS.saved_model else \
         ("onnx", FLAGS.onnx)
     if not os.path.exists(source):
         raise runs.UsageError(f"{source} not found")
-    if FLAGS.workdir:
-        cfg = runs.read_config(FLAGS.workdir)
-        cfg = dict(cfg, n_train=1, n_test=FLAGS.n_examples)
+    cfg = runs.read_config(FLAGS.workdir) if FLAGS.workdir else runs.RunConfig(
+        dataset="digits", eps=8 / 255)
+    eps = runs.parse_fraction(FLAGS.eps, "eps") if FLAGS.eps else cfg.eps
+    if kind == "saved_model":
+        runner = SavedModelRunner(source, FLAGS.input_name)
+        model_fn = runner
     else:
-        cfg = {"dataset": FLAGS.dataset, "data_dir": FLAGS.data_dir, "download": False,
-               "n_train": 1, "n_test": FLAGS.n_examples, "eps": 8 / 255}
-    eps = runs.parse_fraction(FLAGS.eps, "eps") if FLAGS.eps else cfg["eps"]
-    data = runs.load_data(cfg)
-    x = data.x_test.astype("float32") / 255.0
-    y = data.y_test
-    if FLAGS.n_examples:
-        x, y = x[:FLAGS.n_examples], y[:FLAGS.n_examples]
-    try:
-        model_fn = saved_model_fn(source) if kind == "saved_model" else onnx_model_fn(source)
-    except EvaluationError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a damaged or foreign model file
-        raise runs.UsageError(f"cannot load {source}: {str(e).splitlines()[0][:200]}") from None
+        runner = OnnxRunner(source, input_name=FLAGS.input_name)
+        model_fn = runner.as_tf()
+    x, y, about = _test_images(cfg.dataset)
+    check_image_shape(x.shape, runner.input_shape, f"{source}")
     if kind == "onnx":
         _log("note: ONNX model: onnxruntime gives no gradients, so only clean accuracy and "
              "Square (gradient-free, 5,000 queries) run; the result is an upper bound on "
@@ -462,20 +416,27 @@ def _deployed(runs):
                                       log=_log,
                                       reference_noise_leak=bool(FLAGS.reference_noise_leak))
     name = os.path.basename(os.path.normpath(source))
-    label = {"source": f"{kind}-{name}-{records.slug(cfg['dataset'])}",
-             "model_file": os.path.abspath(source), "kind": kind, "dataset": cfg["dataset"],
-             "test_images": f"the first {len(x)} of the test split", "eps": eps,
-             "norm": FLAGS.norm, "n_examples": len(x),
+    label = {"source": f"{kind}-{name}-{records.slug(about['spec'])}",
+             "model_file": os.path.abspath(source), "kind": kind, "dataset": about["spec"],
+             "input_name": runner.input_name,
+             "test_images": f"the first {len(x)} of the test split of {about['spec']}",
+             "eps": eps, "norm": FLAGS.norm, "n_examples": len(x),
              "reference_noise_leak": bool(FLAGS.reference_noise_leak)}
     return label, {"deployed": accs}, {"deployed": details}, 0, (name, "deployed",
-                                                                   cfg["dataset"],
+                                                                   about["spec"],
                                                                    f"robustbench_{kind}.json")
 
 
 def _checkpoint(runs):
+    from keras_arat.deployed import check_image_shape
     run = runs.load_run(FLAGS.workdir, FLAGS.checkpoint)
-    x, y = run.test_arrays(FLAGS.n_examples)
-    eps = runs.parse_fraction(FLAGS.eps, "eps") if FLAGS.eps else run.config["eps"]
+    if FLAGS.dataset:  # other images than the run's own test set
+        x, y, about = _test_images(None)
+        check_image_shape(x.shape, run.network.graph.inputs[0].shape[1:], "the network")
+    else:
+        x, y = run.test_arrays(FLAGS.n_examples)
+        about = {"spec": run.config.dataset}
+    eps = runs.parse_fraction(FLAGS.eps, "eps") if FLAGS.eps else run.config.eps
     branches = ("adv", "clean") if FLAGS.branch == "both" else (FLAGS.branch,)
     details, leak = {}, _leak(run.config)
     evaluation = evaluate_network(run.network, x, y, eps, branches, FLAGS.attacks,
@@ -483,20 +444,22 @@ def _checkpoint(runs):
                                   FLAGS.progress, _log, FLAGS.restarts, leak)
     cfg = run.config
     checkpoint = os.path.basename(run.checkpoint.rstrip("/"))
-    label = {"source": checkpoint, "workdir": os.path.abspath(FLAGS.workdir),
+    source = checkpoint if not FLAGS.dataset else f"{checkpoint}-{records.slug(about['spec'])}"
+    label = {"source": source, "workdir": os.path.abspath(FLAGS.workdir),
              "checkpoint": os.path.relpath(run.checkpoint, FLAGS.workdir), "epoch": run.epoch,
-             "dataset": cfg["dataset"], "model": cfg["model"], "method": cfg["method"],
-             "test_images": f"the first {len(x)} of the test split", "eps": eps,
+             "dataset": about["spec"], "model": cfg.model, "method": cfg.method,
+             "test_images": f"the first {len(x)} of the test split of {about['spec']}",
+             "eps": eps,
              "norm": FLAGS.norm, "n_examples": len(x), "reference_noise_leak": leak}
-    return label, evaluation, details, run.epoch, (cfg["model"], cfg["method"],
-                                                   cfg["dataset"], "robustbench.json")
+    return label, evaluation, details, run.epoch, (cfg.model, cfg.method,
+                                                   cfg.dataset, "robustbench.json")
 
 
 def _leak(config):
     """--reference_noise_leak, or else what the run trained with."""
     if FLAGS.reference_noise_leak is not None:
         return bool(FLAGS.reference_noise_leak)
-    return bool(config.get("reference_noise_leak", False))
+    return bool(config.reference_noise_leak)
 
 
 def main(argv):

@@ -60,7 +60,7 @@ import time
 
 from absl import app, flags
 
-from keras_arat import records, runs
+from keras_arat import files, records, runs
 
 FLAGS = flags.FLAGS
 
@@ -294,10 +294,7 @@ class Grid:
                           seeds=self.seeds, attacks=self.attacks,
                           updated=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         os.makedirs(self.workdir, exist_ok=True)
-        tmp = self.state_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.state, f, indent=1)
-        os.replace(tmp, self.state_path)
+        files.write_json(self.state_path, self.state)
 
     def results(self, row, seed):
         path = os.path.join(self.cell_dir(row, seed), "results.json")
@@ -444,7 +441,7 @@ def run_cell(grid, row, seed, log):
         args = [f"--workdir={cell_dir}", f"--attacks=clean,pgd20,{','.join(missing)}",
                 "--branch=adv", f"--n_examples={results.get('n_examples')}",
                 f"--checkpoint={os.path.basename(results.get('checkpoint', 'latest'))}",
-                f"--seed={config['seed']}", f"--batch_size={config['eval_batch_size']}",
+                f"--seed={config.seed}", f"--batch_size={config.eval_batch_size}",
                 "--noprogress"]
         log(f"[{key}] evaluating {','.join(missing)}: python -m keras_arat.evaluate "
             + " ".join(args))

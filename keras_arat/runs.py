@@ -12,6 +12,8 @@ import sys
 import time
 
 from keras_arat import files
+from keras_arat.config import RunConfig
+from keras_arat.errors import UsageError  # noqa: F401 - runs.UsageError for callers
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 # The flagfiles: installed as keras_arat/configs (pyproject.toml maps configs/ there); in a
@@ -28,8 +30,6 @@ RESUMABLE_CHANGES = {"workdir", "resume", "overwrite", "verbose", "epochs", "eva
                      "strategy", "cpu_devices", "joint_pass"}
 
 
-class UsageError(ValueError):
-    """Bad input from the user: reported as one line, exit status 2."""
 
 
 def parse_fraction(text, name):
@@ -95,7 +95,7 @@ def precision_policy(cfg):
     the small CNN's PGD-AT step 4.8x slower in mixed_bfloat16 than in float32 on a CPU
     with AVX512_BF16 and AMX (BENCHMARKS.md), so bfloat16 is only used when asked for.
     """
-    choice = cfg.get("mixed_precision", "off")
+    choice = cfg.mixed_precision
     if choice == "off":
         return None
     if choice != "auto":
@@ -204,13 +204,30 @@ def define_train_flags(flags):
                   "(auto: progress bar on a terminal, a line per epoch otherwise).")
 
 
+def train_flag_values(argv=None):
+    """A fresh absl FlagValues holding keras_arat.train's flags (parsed from argv, a
+    command line with the program name first, when given) and their names."""
+    from absl import flags
+    values = flags.FlagValues()
+
+    class Definer:  # define_train_flags(flags) with every DEFINE_* going into `values`
+        def __getattr__(self, name):
+            define = getattr(flags, name)
+            return lambda *args, **kwargs: define(*args, flag_values=values, **kwargs)
+
+    define_train_flags(Definer())
+    if argv is not None:
+        values(argv)
+    return values, list(values)
+
+
 def _positive(cfg, name):
     if cfg[name] is not None and cfg[name] < 1:
         raise UsageError(f"--{name} must be >= 1, got {cfg[name]}")
 
 
 def config_from_flags(flag_values, names):
-    """Validated dict of every flag in `names`."""
+    """The validated RunConfig of the flags in `names` (keras_arat.train's)."""
     cfg = {n: flag_values[n].value for n in names}
     from keras_arat.models import MODEL_NAMES
     if cfg["model"] not in MODEL_NAMES:
@@ -261,21 +278,24 @@ def config_from_flags(flag_values, names):
                          "attack: it goes with --method=arat")
     if cfg["method"] != "arat":
         cfg["split_bn"] = False  # the baselines are single-BN networks
-    return cfg
+    unknown = set(cfg) - set(RunConfig.names())
+    if unknown:  # a flag the typed configuration does not know: a programming error
+        raise TypeError(f"flags missing from RunConfig: {sorted(unknown)}")
+    return RunConfig.from_dict(cfg)
 
 
 def model_kwargs(cfg):
-    if cfg["model"] == "wrn":
-        return {"depth": cfg["wrn_depth"], "width": cfg["wrn_width"]}
-    if cfg["model"] == "small_cnn":
-        return {"width": cfg["cnn_width"]}
+    if cfg.model == "wrn":
+        return {"depth": cfg.wrn_depth, "width": cfg.wrn_width}
+    if cfg.model == "small_cnn":
+        return {"width": cfg.cnn_width}
     return {}
 
 
 def build_network(cfg, num_classes, input_shape):
     from keras_arat.models import build_model
     try:
-        return build_model(cfg["model"], num_classes=num_classes, split_bn=cfg["split_bn"],
+        return build_model(cfg.model, num_classes=num_classes, split_bn=cfg.split_bn,
                            input_shape=tuple(input_shape), **model_kwargs(cfg))
     except ValueError as e:
         raise UsageError(str(e)) from None
@@ -285,38 +305,35 @@ def build_trainer(cfg, network, input_shape, steps_per_epoch=None):
     """The --method's trainer around `network`; steps_per_epoch sets the eps warm-up's
     length in steps (None: no warm-up, as for evaluating or exporting a run)."""
     from keras_arat.training import TRAINERS
-    warmup = cfg.get("eps_warmup_epochs", 0.0) or 0.0
+    warmup = cfg.eps_warmup_epochs or 0.0
     warmup_steps = max(1, round(warmup * steps_per_epoch)) if warmup and steps_per_epoch else 0
-    common = dict(eps=cfg["eps"], step_size=cfg["step_size"],
-                  attack_steps=cfg["attack_steps"], seed=cfg["seed"],
-                  nan_policy=cfg.get("nan_policy", "stop"), eps_warmup_steps=warmup_steps,
-                  attack_bn=cfg.get("attack_bn", "default"))
-    if cfg["method"] == "arat":
+    common = dict(eps=cfg.eps, step_size=cfg.step_size,
+                  attack_steps=cfg.attack_steps, seed=cfg.seed,
+                  nan_policy=cfg.nan_policy, eps_warmup_steps=warmup_steps,
+                  attack_bn=cfg.attack_bn)
+    if cfg.method == "arat":
         try:
-            return TRAINERS["arat"](network, taps=cfg["align_layers"] or None,
-                                    invariance_weight=cfg["invariance_weight"],
-                                    invariance=cfg["invariance"], predictor=cfg["predictor"],
+            return TRAINERS["arat"](network, taps=cfg.align_layers or None,
+                                    invariance_weight=cfg.invariance_weight,
+                                    invariance=cfg.invariance, predictor=cfg.predictor,
                                     input_shape=tuple(input_shape),
-                                    joint_pass=cfg.get("joint_pass", False),
-                                    reference_noise_leak=cfg.get("reference_noise_leak", False),
+                                    joint_pass=cfg.joint_pass,
+                                    reference_noise_leak=cfg.reference_noise_leak,
                                     **common)
         except ValueError as e:
             raise UsageError(str(e)) from None
-    if cfg["method"] in DEFAULT_BETA:
-        beta = cfg.get("beta")
-        beta = DEFAULT_BETA[cfg["method"]] if beta is None else beta
-        return TRAINERS[cfg["method"]](network, beta=beta, **common)
-    return TRAINERS[cfg["method"]](network, **common)
+    if cfg.method in DEFAULT_BETA:
+        beta = cfg.beta
+        beta = DEFAULT_BETA[cfg.method] if beta is None else beta
+        return TRAINERS[cfg.method](network, beta=beta, **common)
+    return TRAINERS[cfg.method](network, **common)
 
 
 def load_data(cfg):
-    from keras_arat.data import DataError, load_dataset
-    flip = None if cfg.get("flip", "auto") == "auto" else cfg["flip"] == "true"
-    try:
-        return load_dataset(cfg["dataset"], data_dir=cfg["data_dir"], download=cfg["download"],
-                            n_train=cfg["n_train"], n_test=cfg["n_test"], flip=flip)
-    except DataError as e:
-        raise UsageError(str(e)) from None
+    from keras_arat.data import load_dataset
+    flip = None if cfg.flip == "auto" else cfg.flip == "true"
+    return load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download,
+                        n_train=cfg.n_train, n_test=cfg.n_test, flip=flip)
 
 
 def checkpoint_objects(trainer, optimizer=None, swa_state=None):
@@ -351,7 +368,7 @@ def checkpoint_objects(trainer, optimizer=None, swa_state=None):
 
 @dataclasses.dataclass
 class Run:
-    config: dict
+    config: RunConfig
     data: object  # None when the data set is not on this machine (see load_run)
     network: object
     trainer: object
@@ -369,14 +386,21 @@ class Run:
 
 
 def read_config(workdir):
+    """The RunConfig of a training run's folder (its config.json)."""
     path = os.path.join(workdir, "config.json")
     try:
         with open(path) as f:
-            return json.load(f)
+            values = json.load(f)
     except FileNotFoundError:
         raise UsageError(f"{path} not found: is {workdir} a keras_arat training run?") from None
     except ValueError:
         raise UsageError(f"{path} is not valid JSON") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"{path} does not hold a run's settings")
+    try:
+        return RunConfig.from_dict(values)
+    except TypeError as e:
+        raise UsageError(f"{path}: {e}") from None
 
 
 def resolve_checkpoint(workdir, name=None):
@@ -426,10 +450,10 @@ def load_run(workdir, checkpoint=None):
         data = load_data(cfg)
         num_classes, image_shape = data.num_classes, data.image_shape
     except UsageError as e:
-        if "num_classes" not in cfg or "image_shape" not in cfg:
+        if cfg.num_classes is None or cfg.image_shape is None:
             raise
         data_error = str(e)
-        num_classes, image_shape = cfg["num_classes"], tuple(cfg["image_shape"])
+        num_classes, image_shape = cfg.num_classes, tuple(cfg.image_shape)
     network = build_network(cfg, num_classes, image_shape)
     trainer = build_trainer(cfg, network, image_shape)
     manager = CheckpointManager(os.path.join(workdir, "checkpoints"),
@@ -457,11 +481,11 @@ def update_results(workdir, run, evaluation, n_examples, attacks):
     """
     cfg = run.config
     adv, clean = evaluation.get("adv", {}), evaluation.get("clean", {})
-    results = {"dataset": cfg["dataset"], "model": cfg["model"], "method": cfg["method"],
-               "branch": "adv", "eps": cfg["eps"], "norm": "linf", "n_examples": n_examples,
+    results = {"dataset": cfg.dataset, "model": cfg.model, "method": cfg.method,
+               "branch": "adv", "eps": cfg.eps, "norm": "linf", "n_examples": n_examples,
                "test_images": f"the first {n_examples} of the test split",
                "epoch": run.epoch, "checkpoint": f"checkpoints/epoch-{run.epoch:04d}",
-               "reference_noise_leak": bool(cfg.get("reference_noise_leak", False)),
+               "reference_noise_leak": bool(cfg.reference_noise_leak),
                "attacks": attacks}
     for name, value in adv.items():
         if not name.endswith("_time_s"):

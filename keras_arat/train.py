@@ -18,7 +18,7 @@ import time
 
 from absl import app, flags, logging
 
-from keras_arat import runs
+from keras_arat import files, runs
 
 FLAGS = flags.FLAGS
 _BEFORE = set(FLAGS)
@@ -31,43 +31,38 @@ def prepare_workdir(cfg, write=True):
 
     write=False (a non-chief worker) only checks: it changes nothing on disk.
     """
-    path = os.path.join(cfg["workdir"], "config.json")
+    path = os.path.join(cfg.workdir, "config.json")
     if not write:
-        if cfg["overwrite"] or not os.path.exists(path):
+        if cfg.overwrite or not os.path.exists(path):
             return False
     else:
-        os.makedirs(cfg["workdir"], exist_ok=True)
-    ckpt_dir = os.path.join(cfg["workdir"], "checkpoints")
+        os.makedirs(cfg.workdir, exist_ok=True)
+    ckpt_dir = os.path.join(cfg.workdir, "checkpoints")
     has_checkpoints = os.path.isdir(ckpt_dir) and any(
         n.startswith("epoch-") for n in os.listdir(ckpt_dir))
-    if os.path.exists(path) and not cfg["overwrite"]:
-        old = runs.read_config(cfg["workdir"])
-        def value(config, k):  # a flag added since the run began counts at its default
-            return config.get(k, FLAGS[k].default if k in FLAGS else None)
-        diff = sorted(k for k in set(old) | set(cfg)
-                      if k not in runs.RESUMABLE_CHANGES and value(old, k) != value(cfg, k))
+    if os.path.exists(path) and not cfg.overwrite:
+        # A setting added since the run began reads at its default (RunConfig.from_dict).
+        old, new = runs.read_config(cfg.workdir).to_dict(), cfg.to_dict()
+        diff = sorted(k for k in new if k not in runs.RESUMABLE_CHANGES and old[k] != new[k])
         if diff and has_checkpoints:
             raise runs.UsageError(
-                f"{cfg['workdir']} holds a run with a different configuration ({', '.join(diff)}"
+                f"{cfg.workdir} holds a run with a different configuration ({', '.join(diff)}"
                 "): use another --workdir or pass --overwrite")
-        if has_checkpoints and not cfg["resume"]:
-            raise runs.UsageError(f"{cfg['workdir']} already has checkpoints: pass --resume "
+        if has_checkpoints and not cfg.resume:
+            raise runs.UsageError(f"{cfg.workdir} already has checkpoints: pass --resume "
                                   "to continue or --overwrite to start afresh")
     if not write:
-        return has_checkpoints and cfg["resume"]
-    if cfg["overwrite"]:
+        return has_checkpoints and cfg.resume
+    if cfg.overwrite:
         for name in ("checkpoints", "tensorboard", "metrics.jsonl", "results.json"):
-            target = os.path.join(cfg["workdir"], name)
+            target = os.path.join(cfg.workdir, name)
             if os.path.isdir(target):
                 shutil.rmtree(target)
             elif os.path.exists(target):
                 os.remove(target)
         has_checkpoints = False
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(cfg, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
-    return has_checkpoints and cfg["resume"]
+    files.write_json(path, cfg.to_dict(), sort_keys=True)
+    return has_checkpoints and cfg.resume
 
 
 def trim_metrics(workdir, epoch):
@@ -91,10 +86,10 @@ def split_holdout(cfg, data):
     --eval_during_training_on=test takes the first N test images (what the reference
     code evaluates on); holdout takes the last N training images and trains without them.
     """
-    if not cfg["eval_every_epochs"]:
+    if not cfg.eval_every_epochs:
         return data, None
-    n = cfg["eval_examples_during_training"]
-    if cfg["eval_during_training_on"] == "test":
+    n = cfg.eval_examples_during_training
+    if cfg.eval_during_training_on == "test":
         x, y = data.x_test[:n], data.y_test[:n]
         return data, (x.astype("float32") / 255.0, y)
     if n >= len(data.x_train):
@@ -105,31 +100,66 @@ def split_holdout(cfg, data):
     return data, (x.astype("float32") / 255.0, y)
 
 
-def train(cfg):
-    """Run training and the final evaluation; returns the results dict."""
+@dataclasses.dataclass
+class Training:
+    """A run ready to train (what build() returns; fit() and finish() take it)."""
+    cfg: runs.RunConfig  # for a non-chief worker, with its private workdir
+    shared_workdir: str  # the run's --workdir (the chief's)
+    data: object
+    network: object
+    trainer: object
+    optimizer: object
+    schedule: object
+    manager: object
+    swa_state: object
+    steps_per_epoch: int
+    initial_epoch: int
+    callbacks: list
+    stopper: object
+    evaluator: object
+    mixed_precision: bool
+
+    def batches(self, epochs, initial_epoch):
+        return training_batches(self.cfg, self.data, epochs, initial_epoch)
+
+
+def training_batches(cfg, data, epochs, initial_epoch=0):
+    """(tf.data of the training batches from `initial_epoch` to `epochs`, steps per epoch):
+    order and augmentation depend only on (seed, epoch), so a resumed run sees the same."""
+    from keras_arat.data import make_train_dataset
+    flip = None if cfg.flip == "auto" else cfg.flip == "true"
+    return make_train_dataset(data, cfg.batch_size, epochs, cfg.seed,
+                              initial_epoch=initial_epoch, crop_padding=cfg.crop_padding,
+                              flip=flip)
+
+
+def build(cfg):
+    """Everything a run needs before its first step: the workdir (config.json written or
+    checked), data, network, trainer, optimizer, checkpoints (restored when resuming) and
+    callbacks."""
     import keras
 
-    from keras_arat.data import a_prev_subset, make_train_dataset
+    from keras_arat.data import a_prev_subset
     from keras_arat.training import callbacks as cb
     from keras_arat.training.checkpoint import CheckpointManager
     from keras_arat.training.optim import EpochPiecewiseConstant, TorchSGD
-    from keras_arat.training.swa import SWACallback, SWAState, reestimate_bn
+    from keras_arat.training.swa import SWACallback, SWAState
 
     strategy = make_strategy(cfg)  # before anything starts the TensorFlow runtime
-    shared_workdir = cfg["workdir"]
+    shared_workdir = cfg.workdir
     if not is_chief(strategy):
         # Every worker runs the same steps (collectives need all of them); only the chief
         # writes --workdir. The others write to a private folder removed at the end and
         # resume from the chief's checkpoints.
         resume = prepare_workdir(cfg, write=False)
-        cfg = dict(cfg, workdir=tempfile.mkdtemp(prefix="keras_arat_worker_"))
-        atexit.register(shutil.rmtree, cfg["workdir"], True)
+        cfg = cfg.replace(workdir=tempfile.mkdtemp(prefix="keras_arat_worker_"))
+        atexit.register(shutil.rmtree, cfg.workdir, True)
         prepare_workdir(cfg)
     else:
         resume = prepare_workdir(cfg)
     data, eval_subset = split_holdout(cfg, runs.load_data(cfg))
-    keras.utils.set_random_seed(cfg["seed"])
-    if cfg["deterministic"]:
+    keras.utils.set_random_seed(cfg.seed)
+    if cfg.deterministic:
         import tensorflow as tf
         tf.config.experimental.enable_op_determinism()
     policy = runs.precision_policy(cfg)
@@ -137,105 +167,122 @@ def train(cfg):
         keras.mixed_precision.set_dtype_policy(policy)
         print(f"mixed precision: {policy} (float32 weights, logits and attack arithmetic)",
               flush=True)
-    scope = strategy.scope()
-    scope.__enter__()
-    network = runs.build_network(cfg, data.num_classes, data.image_shape)
-    flip = None if cfg["flip"] == "auto" else cfg["flip"] == "true"
-    _, steps_per_epoch = make_train_dataset(data, cfg["batch_size"], 1, cfg["seed"],
-                                            crop_padding=cfg["crop_padding"], flip=flip)
-    trainer = runs.build_trainer(cfg, network, data.image_shape, steps_per_epoch)
-    schedule = EpochPiecewiseConstant(steps_per_epoch, cfg["lr_boundaries"], cfg["lr_values"])
-    optimizer = TorchSGD(schedule, momentum=cfg["momentum"],
-                         l2_weight_decay=cfg["weight_decay"])
-    trainer.compile(optimizer=optimizer, jit_compile=cfg["jit_compile"])
-    optimizer.build(trainer.trainable_variables)
-    scope.__exit__(None, None, None)
+    with strategy.scope():
+        network = runs.build_network(cfg, data.num_classes, data.image_shape)
+        _, steps_per_epoch = training_batches(cfg, data, 1)
+        trainer = runs.build_trainer(cfg, network, data.image_shape, steps_per_epoch)
+        schedule = EpochPiecewiseConstant(steps_per_epoch, cfg.lr_boundaries, cfg.lr_values)
+        optimizer = TorchSGD(schedule, momentum=cfg.momentum,
+                             l2_weight_decay=cfg.weight_decay)
+        trainer.compile(optimizer=optimizer, jit_compile=cfg.jit_compile)
+        optimizer.build(trainer.trainable_variables)
 
-    swa_state = SWAState(network.trainable_variables) if cfg["swa"] else None
+    swa_state = SWAState(network.trainable_variables) if cfg.swa else None
     if swa_state is not None:
-        averaged_steps = (cfg["epochs"] - cfg["swa_start_epoch"] + 1) * steps_per_epoch
-        if averaged_steps < cfg["swa_every_steps"]:
+        averaged_steps = (cfg.epochs - cfg.swa_start_epoch + 1) * steps_per_epoch
+        if averaged_steps < cfg.swa_every_steps:
             raise runs.UsageError(
-                f"--swa_every_steps={cfg['swa_every_steps']} exceeds the {averaged_steps} steps "
-                f"from epoch {cfg['swa_start_epoch']} on: nothing would be averaged")
-    manager = CheckpointManager(os.path.join(cfg["workdir"], "checkpoints"),
-                                **runs.checkpoint_objects(trainer, optimizer, swa_state))
+                f"--swa_every_steps={cfg.swa_every_steps} exceeds the {averaged_steps} steps "
+                f"from epoch {cfg.swa_start_epoch} on: nothing would be averaged")
+    objects = runs.checkpoint_objects(trainer, optimizer, swa_state)
+    manager = CheckpointManager(os.path.join(cfg.workdir, "checkpoints"), **objects)
     initial_epoch = 0
     if resume:
         source = manager
-        if shared_workdir != cfg["workdir"]:  # a non-chief worker reads the chief's
-            source = CheckpointManager(os.path.join(shared_workdir, "checkpoints"),
-                                       **runs.checkpoint_objects(trainer, optimizer, swa_state))
+        if shared_workdir != cfg.workdir:  # a non-chief worker reads the chief's
+            source = CheckpointManager(os.path.join(shared_workdir, "checkpoints"), **objects)
         found = source.latest()
         if found is not None:
             initial_epoch, path = found
             source.restore(path)
             print(f"resuming {shared_workdir} from epoch {initial_epoch}", flush=True)
-    trim_metrics(cfg["workdir"], initial_epoch)
+    trim_metrics(cfg.workdir, initial_epoch)
     manager.discard_after(initial_epoch, "best")  # from after the checkpoint resumed from
 
     callbacks = []
-    if cfg["method"] == "arat":
-        x_sub, y_sub = a_prev_subset(data, cfg["a_prev_examples"], seed=cfg["seed"])
+    if cfg.method == "arat":  # ARATModel.fit would add it; given here with the run's seed
+        x_sub, y_sub = a_prev_subset(data, cfg.a_prev_examples, seed=cfg.seed)
         callbacks.append(cb.APrevCallback(x_sub, y_sub))
     if swa_state is not None:
-        callbacks.append(SWACallback(swa_state, network, cfg["swa_start_epoch"],
-                                     cfg["swa_every_steps"]))
-    stopper = cb.StopOnNonFinite(steps_per_epoch) if cfg["nan_policy"] == "stop" else None
+        callbacks.append(SWACallback(swa_state, network, cfg.swa_start_epoch,
+                                     cfg.swa_every_steps))
+    stopper = cb.StopOnNonFinite(steps_per_epoch) if cfg.nan_policy == "stop" else None
     evaluator = None
     if eval_subset is not None:
         evaluator = cb.PeriodicEvaluation(
-            lambda: evaluation_figures(cfg, network, *eval_subset), cfg["eval_every_epochs"],
-            cfg["epochs"], cfg["workdir"], manager, cfg["keep_best"],
-            label={"eps": cfg["eps"], "data": cfg["eval_during_training_on"],
+            lambda: evaluation_figures(cfg, network, *eval_subset), cfg.eval_every_epochs,
+            cfg.epochs, cfg.workdir, manager, cfg.keep_best,
+            label={"eps": cfg.eps, "data": cfg.eval_during_training_on,
                    "n_examples": len(eval_subset[1])})
     # Order matters: an epoch's figures (and a best checkpoint) come before its epoch
     # checkpoint, so a run killed in between redoes both when it resumes.
-    callbacks += [c for c in (stopper, cb.MetricsLogger(cfg["workdir"], schedule), evaluator,
-                              cb.CheckpointCallback(manager, {"method": cfg["method"]})) if c]
-    verbose = cfg["verbose"]
-    verbose = (1 if sys.stdout.isatty() else 2) if verbose == "auto" else int(verbose)
+    callbacks += [c for c in (stopper, cb.MetricsLogger(cfg.workdir, schedule), evaluator,
+                              cb.CheckpointCallback(manager, {"method": cfg.method})) if c]
+    return Training(cfg, shared_workdir, data, network, trainer, optimizer, schedule, manager,
+                    swa_state, steps_per_epoch, initial_epoch, callbacks, stopper, evaluator,
+                    mixed_precision=bool(policy))
 
-    if initial_epoch < cfg["epochs"]:
-        dataset, _ = make_train_dataset(data, cfg["batch_size"], cfg["epochs"], cfg["seed"],
-                                        initial_epoch=initial_epoch,
-                                        crop_padding=cfg["crop_padding"], flip=flip)
-        trainer.fit(dataset, epochs=cfg["epochs"], initial_epoch=initial_epoch,
-                    steps_per_epoch=steps_per_epoch, callbacks=callbacks, verbose=verbose,
-                    shuffle=False)  # order and augmentation come from (seed, epoch)
-    if stopper is not None and stopper.error:
-        raise cb.NonFiniteLossError(stopper.error)
 
-    final_epoch = max(initial_epoch, cfg["epochs"])
-    if policy:  # evaluate (and re-estimate SWA's BN) in float32, as keras_arat.evaluate does
+def fit(training):
+    """Train from the resumed epoch to --epochs (checkpoints each epoch); stops with
+    NonFiniteLossError under --nan_policy=stop. Returns the final epoch."""
+    from keras_arat.training import callbacks as cb
+    cfg = training.cfg
+    verbose = (1 if sys.stdout.isatty() else 2) if cfg.verbose == "auto" else int(cfg.verbose)
+    if training.initial_epoch < cfg.epochs:
+        dataset, _ = training.batches(cfg.epochs, training.initial_epoch)
+        training.trainer.fit(dataset, epochs=cfg.epochs, initial_epoch=training.initial_epoch,
+                             steps_per_epoch=training.steps_per_epoch,
+                             callbacks=training.callbacks, verbose=verbose,
+                             shuffle=False)  # order and augmentation come from (seed, epoch)
+    if training.stopper is not None and training.stopper.error:
+        raise cb.NonFiniteLossError(training.stopper.error)
+    return max(training.initial_epoch, cfg.epochs)
+
+
+def finish(training, final_epoch):
+    """The final evaluation (results.json), the best checkpoint's figures, and with --swa
+    the averaged model (BN re-estimated, saved, evaluated). Returns results.json's dict."""
+    import keras
+
+    from keras_arat.training.swa import reestimate_bn
+    cfg, network, trainer, swa_state = (training.cfg, training.network, training.trainer,
+                                        training.swa_state)
+    data = training.data
+    if training.mixed_precision:  # evaluate (and re-estimate SWA's BN) in float32
         keras.mixed_precision.set_dtype_policy("float32")
         trained = network
         network = runs.build_network(cfg, data.num_classes, data.image_shape)
         network.set_weights(trained.get_weights())
     run = runs.Run(cfg, data, network, trainer, final_epoch)
     final_evaluation(run, "final")
-    if evaluator is not None and cfg["keep_best"] != "none":
-        best = evaluator.best_record()
+    if training.evaluator is not None and cfg.keep_best != "none":
+        best = training.evaluator.best_record()
         if best is not None:
-            runs.merge_results(cfg["workdir"], {"best": best})
+            runs.merge_results(cfg.workdir, {"best": best})
     if swa_state is not None:
-        batches, _ = make_train_dataset(data, cfg["batch_size"], final_epoch + 1, cfg["seed"],
-                                        initial_epoch=final_epoch,
-                                        crop_padding=cfg["crop_padding"], flip=flip)
+        batches, _ = training.batches(final_epoch + 1, final_epoch)
         swa_state.copy_to(network.trainable_variables)
-        n_batches = reestimate_bn(network, batches, trainer.attack, "adv", cfg["seed"])
+        n_batches = reestimate_bn(network, batches, trainer.attack, "adv", cfg.seed)
         if trainer.network is not network:  # mixed precision: the checkpoint holds trainer's
             trainer.network.set_weights(network.get_weights())
         n_averaged = int(swa_state.count.numpy())
-        manager.save(final_epoch, {"swa": True, "n_averaged": n_averaged}, prefix="swa")
+        training.manager.save(final_epoch, {"swa": True, "n_averaged": n_averaged},
+                              prefix="swa")
         swa = final_evaluation(run, "final_swa")
-        runs.merge_results(cfg["workdir"], {
+        runs.merge_results(cfg.workdir, {
             "swa": {"clean_acc": swa["clean_acc"], "pgd20_acc": swa["pgd20_acc"],
                     "clean_acc_clean_branch": swa["clean_acc_clean_branch"],
                     "n_averaged": n_averaged, "bn_reestimation_batches": n_batches,
                     "checkpoint": f"checkpoints/swa-{final_epoch:04d}"}})
-    with open(os.path.join(cfg["workdir"], "results.json")) as f:
-        return json.load(f)
+    return files.read_json(os.path.join(cfg.workdir, "results.json"))
+
+
+def train(cfg):
+    """Train a run (a RunConfig) and evaluate it: build, fit, finish. Returns results.json's
+    dict."""
+    training = build(cfg)
+    return finish(training, fit(training))
 
 
 def is_chief(strategy):
@@ -275,8 +322,8 @@ def make_strategy(cfg):
     import tensorflow as tf
 
     from keras_arat.layers import split_batch_norm
-    if cfg["strategy"] == "multi_worker":
-        if cfg["cpu_devices"]:
+    if cfg.strategy == "multi_worker":
+        if cfg.cpu_devices:
             raise runs.UsageError("--cpu_devices goes with --strategy=mirrored; a multi-worker "
                                   "run uses each worker's GPUs, or its CPU")
         check_tf_config()
@@ -287,19 +334,19 @@ def make_strategy(cfg):
               f"{resolver.task_type} {resolver.task_id}"
               f"{' (chief)' if is_chief(strategy) else ''}", flush=True)
         return strategy
-    if cfg["cpu_devices"]:
+    if cfg.cpu_devices:
         cpus = tf.config.list_physical_devices("CPU")
         tf.config.set_logical_device_configuration(
-            cpus[0], [tf.config.LogicalDeviceConfiguration()] * cfg["cpu_devices"])
-    if cfg["strategy"] == "default":
+            cpus[0], [tf.config.LogicalDeviceConfiguration()] * cfg.cpu_devices)
+    if cfg.strategy == "default":
         return tf.distribute.get_strategy()
     devices = None
-    if cfg["cpu_devices"] and not tf.config.list_physical_devices("GPU"):
+    if cfg.cpu_devices and not tf.config.list_physical_devices("GPU"):
         devices = [d.name for d in tf.config.list_logical_devices("CPU")]
     strategy = tf.distribute.MirroredStrategy(devices=devices)
     if strategy.num_replicas_in_sync > 1:
         split_batch_norm.SYNCHRONIZED_DEFAULT = True  # N replicas train as one device
-    print(f"strategy {cfg['strategy']}: {strategy.num_replicas_in_sync} replicas", flush=True)
+    print(f"strategy {cfg.strategy}: {strategy.num_replicas_in_sync} replicas", flush=True)
     return strategy
 
 
@@ -307,10 +354,10 @@ def evaluation_figures(cfg, network, x, y):
     """Clean and PGD-20 accuracy of the adv branch on (x, y), at the run's full eps."""
     from keras_arat.evaluate import evaluate_network
     start = time.time()
-    accs = evaluate_network(network, x, y, cfg["eps"], ("adv",), ("clean", "pgd20"),
-                            cfg["eval_batch_size"], cfg["seed"])["adv"]
+    accs = evaluate_network(network, x, y, cfg.eps, ("adv",), ("clean", "pgd20"),
+                            cfg.eval_batch_size, cfg.seed)["adv"]
     return {"clean_acc": accs["clean"], "pgd20_acc": accs["pgd20"], "n_examples": len(x),
-            "eps": cfg["eps"], "eval_time_s": round(time.time() - start, 3)}
+            "eps": cfg.eps, "eval_time_s": round(time.time() - start, 3)}
 
 
 def final_evaluation(run, split):
@@ -325,27 +372,27 @@ def final_evaluation(run, split):
     from keras_arat.training import callbacks as cb
     cfg, network = run.config, run.network
     start = time.time()
-    x_test, y_test = run.test_arrays(cfg["eval_examples"])
-    leak = bool(cfg.get("reference_noise_leak", False))
-    evaluation = evaluate_network(network, x_test, y_test, cfg["eps"], ("adv",),
-                                  ("clean", "pgd20"), cfg["eval_batch_size"], cfg["seed"],
+    x_test, y_test = run.test_arrays(cfg.eval_examples)
+    leak = bool(cfg.reference_noise_leak)
+    evaluation = evaluate_network(network, x_test, y_test, cfg.eps, ("adv",),
+                                  ("clean", "pgd20"), cfg.eval_batch_size, cfg.seed,
                                   reference_noise_leak=leak)
-    if cfg["split_bn"]:
-        evaluation.update(evaluate_network(network, x_test, y_test, cfg["eps"], ("clean",),
-                                           ("clean",), cfg["eval_batch_size"], cfg["seed"]))
+    if cfg.split_bn:
+        evaluation.update(evaluate_network(network, x_test, y_test, cfg.eps, ("clean",),
+                                           ("clean",), cfg.eval_batch_size, cfg.seed))
     else:  # one BN: both branches are the same network
         evaluation["clean"] = {"clean": evaluation["adv"]["clean"]}
     figures = {"clean_acc": evaluation["adv"]["clean"], "pgd20_acc": evaluation["adv"]["pgd20"],
                "clean_acc_clean_branch": evaluation["clean"]["clean"], "n_examples": len(x_test),
-               "eps": cfg["eps"]}
+               "eps": cfg.eps}
     if split == "final":
-        runs.update_results(cfg["workdir"], run, evaluation, len(x_test), attacks={
-            "pgd20": attack_settings("pgd20", cfg["eps"], seed=cfg["seed"],
+        runs.update_results(cfg.workdir, run, evaluation, len(x_test), attacks={
+            "pgd20": attack_settings("pgd20", cfg.eps, seed=cfg.seed,
                                      reference_noise_leak=leak)})
-    cb.append_metrics(os.path.join(cfg["workdir"], "metrics.jsonl"),
+    cb.append_metrics(os.path.join(cfg.workdir, "metrics.jsonl"),
                       {"split": split, "epoch": run.epoch, **figures,
                        "eval_time_s": round(time.time() - start, 3)},
-                      tf.summary.create_file_writer(os.path.join(cfg["workdir"], "tensorboard")))
+                      tf.summary.create_file_writer(os.path.join(cfg.workdir, "tensorboard")))
     return figures
 
 
@@ -356,13 +403,11 @@ def main(argv):
               file=sys.stderr)
         sys.exit(2)
     from keras_arat.attacks import EvaluationError
-    from keras_arat.data import DataError
     from keras_arat.training.callbacks import NonFiniteLossError
-    from keras_arat.training.checkpoint import CheckpointError
     try:
         cfg = runs.config_from_flags(FLAGS, TRAIN_FLAGS)
         results = train(cfg)
-    except (runs.UsageError, DataError, CheckpointError) as e:
+    except runs.UsageError as e:  # flags, files, data, checkpoints
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except NonFiniteLossError as e:

@@ -156,10 +156,10 @@ def test_cli_saved_model_and_onnx(saved_model, tmp_path):
     assert {r["attack"]: r["acc"] for r in record["results"]} == accs
     assert os.path.exists(os.path.join(out, "robustbench_saved_model.json"))
     # In-process, the SavedModel agrees with the network it was exported from.
-    from keras_arat.evaluate import saved_model_fn
+    from keras_arat.deployed import SavedModelRunner
     x = helpers.tiny_data().test[0][:8]
     net = helpers.tiny_network(split_bn=False, trained=True)
-    np.testing.assert_allclose(saved_model_fn(saved_model)(x).numpy(),
+    np.testing.assert_allclose(SavedModelRunner(saved_model).predict(x),
                                net(x, training=False, branch="adv").numpy(), atol=1e-4)
 
     onnx_path = str(tmp_path / "model.onnx")

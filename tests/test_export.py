@@ -12,6 +12,7 @@ import keras
 import numpy as np
 import pytest
 
+from keras_arat.deployed import OnnxRunner
 from export import cli, convert, fold
 from keras_arat.layers.split_batch_norm import SplitBatchNormalization
 from tests.helpers import new_network
@@ -189,7 +190,7 @@ def test_onnx_graph_contract_and_dynamic_batch(exported, net_file):
     from tests.helpers import tiny_data
     x = tiny_data().test[0][:7]
     want = net_file[1](x, training=False, branch="adv").numpy()
-    ort = convert.OnnxRunner(path)
+    ort = OnnxRunner(path)
     np.testing.assert_allclose(ort(x), want, atol=ATOL, rtol=0)
     np.testing.assert_allclose(ort(x[:1]), want[:1], atol=ATOL, rtol=0)
     keras_model = keras.saving.load_model(os.path.join(out, "model.keras"))
@@ -205,7 +206,7 @@ def test_clean_branch_from_keras_file(run_dir, net_file, tmp_path):
     assert report["pgd20_accuracy"] is None
     assert sorted(os.listdir(tmp_path / "clean")) == ["export_report.json", "model.onnx"]
     x = np.random.default_rng(4).uniform(0, 1, (5, 32, 32, 3)).astype("float32")
-    np.testing.assert_allclose(convert.OnnxRunner(str(tmp_path / "clean" / "model.onnx"))(x),
+    np.testing.assert_allclose(OnnxRunner(str(tmp_path / "clean" / "model.onnx"))(x),
                                net_file[1](x, training=False, branch="clean").numpy(),
                                atol=ATOL, rtol=0)
 
@@ -227,7 +228,7 @@ def test_checkpoint_export_or_refusal(run_dir, tmp_path):
         run = runs.load_run(run_dir, checkpoint)
         x, _ = run.test_arrays(9)
         np.testing.assert_allclose(
-            convert.OnnxRunner(str(tmp_path / "ck" / "model.onnx"))(x),
+            OnnxRunner(str(tmp_path / "ck" / "model.onnx"))(x),
             run.network(x, training=False, branch="adv").numpy(), atol=ATOL, rtol=0)
 
 
@@ -291,3 +292,16 @@ def test_parity_failure_fails_loudly_and_keeps_old_output(run_dir, net_file, tmp
                log=lambda *_: None)
     assert sorted(os.listdir(out)) == ["export_report.json", "model.keras"]
     assert no_leftovers(str(out))
+
+
+def test_output_folder_parents_are_created_but_a_file_in_the_way_is_an_error(tmp_path):
+    from export.cli import UsageError, check_out
+    nested = str(tmp_path / "a" / "b" / "out")
+    assert check_out(nested, False) == nested
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(UsageError, match="exists; pass --overwrite"):
+        check_out(str(tmp_path / "taken"), False)
+    assert check_out(str(tmp_path / "taken"), True) == str(tmp_path / "taken")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UsageError, match="is a file, not a folder"):
+        check_out(str(tmp_path / "file" / "sub" / "out"), False)

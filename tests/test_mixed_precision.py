@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from keras_arat import runs
+from keras_arat.config import RunConfig
 from tests.test_cli import ROOT, TINY, run_cli
 
 # A global dtype policy must not leak into other tests: each check runs in its own process.
@@ -92,9 +93,9 @@ def test_auto_policy(monkeypatch):
     import tensorflow as tf
     monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])
     monkeypatch.setattr(runs, "cpu_has_bfloat16", lambda: True)
-    assert runs.precision_policy({"mixed_precision": "auto"}) is None  # float32 on a CPU
-    assert runs.precision_policy({"mixed_precision": "off"}) is None
-    assert runs.precision_policy({"mixed_precision": "bfloat16"}) == "mixed_bfloat16"
-    assert runs.precision_policy({"mixed_precision": "float16"}) == "mixed_float16"
+    assert runs.precision_policy(RunConfig(mixed_precision="auto")) is None  # float32 on a CPU
+    assert runs.precision_policy(RunConfig(mixed_precision="off")) is None
+    assert runs.precision_policy(RunConfig(mixed_precision="bfloat16")) == "mixed_bfloat16"
+    assert runs.precision_policy(RunConfig(mixed_precision="float16")) == "mixed_float16"
     monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: ["GPU:0"])
-    assert runs.precision_policy({"mixed_precision": "auto"}) == "mixed_float16"
+    assert runs.precision_policy(RunConfig(mixed_precision="auto")) == "mixed_float16"

@@ -13,6 +13,7 @@ import threading
 import numpy as np
 import pytest
 
+from keras_arat.deployed import OnnxRunner
 from export import convert, fold
 from export.client import GrpcClient, RestClient, ServingError
 from export.standin import StandIn
@@ -35,7 +36,7 @@ def exported(tmp_path_factory):
     convert.save_saved_model(folded, sm, (32, 32, 3))
     onnx_path = str(out / "model.onnx")
     convert.onnx_from_saved_model(sm, onnx_path, (32, 32, 3))
-    return str(out), convert.OnnxRunner(onnx_path)
+    return str(out), OnnxRunner(onnx_path)
 
 
 @pytest.fixture(scope="module")

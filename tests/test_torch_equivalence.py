@@ -97,7 +97,7 @@ def split64():
         s = Split()
     finally:
         keras.config.set_dtype_policy("float32")
-    assert s.network.linear.kernel.dtype == "float64"
+    assert s.network.graph.get_layer("linear").kernel.dtype == "float64"
     return s
 
 

@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import pytest
 
+from keras_arat.deployed import OnnxRunner, SavedModelRunner
 from export import convert, fold
 from keras_arat.layers.split_batch_norm import SplitBatchNormalization
 from keras_arat.network import SplitBNNetwork, to_split_bn
@@ -126,11 +127,11 @@ def test_fold_exports_every_user_model_within_the_tolerance(converted, tmp_path)
         np.testing.assert_allclose(folded(x).numpy(), want, atol=ATOL, rtol=0)
     sm = convert.saved_model_dir(str(tmp_path), name)
     convert.save_saved_model(folded, sm, (32, 32, 3))
-    np.testing.assert_allclose(convert.SavedModelRunner(sm)(x), want, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(SavedModelRunner(sm).predict(x), want, atol=ATOL, rtol=0)
     onnx_path = str(tmp_path / "model.onnx")
     convert.onnx_from_saved_model(sm, onnx_path, (32, 32, 3))
     assert convert.check_onnx(onnx_path) == []  # no BatchNormalization node, dynamic batch
-    np.testing.assert_allclose(convert.OnnxRunner(onnx_path)(x), want, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(OnnxRunner(onnx_path)(x), want, atol=ATOL, rtol=0)
 
 
 def test_a_subclassed_block_with_bn_inside_is_one_clear_error():
@@ -201,3 +202,96 @@ def test_the_output_model_takes_images_as_its_input():
     net = to_split_bn(sequential_cnn())
     folded = fold.fold_network(net, "adv")
     assert folded.input.name == "images" and os.path.basename(folded.name)
+
+
+# --- the command lines meet users' files ------------------------------------------------
+
+def run_cli(module, *args):
+    import subprocess
+    import sys
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="-1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def one_error(proc):
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, \
+        proc.stderr[-2000:]
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def user_files(tmp_path_factory):
+    """A user's Sequential model (.keras) and its Keras `model.export()` SavedModel, whose
+    serving input is named after the model's input layer, not "images"."""
+    folder = tmp_path_factory.mktemp("user")
+    keras.utils.set_random_seed(1)
+    model = randomize_statistics(sequential_cnn())
+    keras_file = str(folder / "user.keras")
+    model.save(keras_file)
+    exported = str(folder / "exported")
+    model.export(exported, format="tf_saved_model", verbose=False)
+    return model, keras_file, exported, folder
+
+
+def test_export_takes_any_keras_model_file(user_files, tmp_path):
+    import json
+    model, keras_file, _, _ = user_files
+    out = str(tmp_path / "out")
+    proc = run_cli("export", f"--keras_model={keras_file}", f"--out={out}", "--eps=0.1",
+                   "--n_examples=32", "--pgd_examples=16", "--formats=saved_model,onnx")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.load(open(os.path.join(out, "export_report.json")))
+    assert report["passed"] and report["onnx"]["checker"] == "passed"
+    assert "BatchNormalization" not in report["onnx"]["op_types"]
+    assert max(report["max_abs_logit_diff_vs_original"].values()) <= ATOL
+    assert report["network"]["class"] == "Sequential"
+
+
+def test_evaluate_takes_a_keras_export_and_users_test_images(user_files, tmp_path):
+    import json
+    from tests import helpers
+    model, _, exported, folder = user_files
+    x, y = helpers.tiny_data().test
+    x8 = np.round(x[:12] * 255).astype(np.uint8)
+    # an .npz with only the test split
+    npz = str(folder / "test_only.npz")
+    np.savez(npz, x_test=x8, y_test=y[:12])
+    # a folder with one sub-folder of PNG images per class
+    import tensorflow as tf
+    images = folder / "images"
+    for i, (image, label) in enumerate(zip(x8, y[:12])):
+        (images / f"class_{label}").mkdir(parents=True, exist_ok=True)
+        tf.io.write_file(str(images / f"class_{label}" / f"{i:03d}.png"),
+                         tf.io.encode_png(image))
+    want = model(x[:12], training=False).numpy()
+    accuracy = float(np.mean(np.argmax(want, -1) == y[:12]))
+    for spec, n in ((f"npz:{npz}", 12), (f"folder:{images}", 12)):
+        proc = run_cli("keras_arat.evaluate", f"--saved_model={exported}", f"--dataset={spec}",
+                       "--eps=0.1", "--attacks=clean,pgd20", "--noprogress")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (entry,) = json.loads(proc.stdout)["evaluated"]
+        assert entry["n_examples"] == n and entry["input_name"] != "images"
+        if spec.startswith("npz"):  # same images and labels as the model's own check
+            assert entry["accuracy"]["clean"] == pytest.approx(accuracy)
+        assert entry["accuracy"]["pgd20"] <= entry["accuracy"]["clean"]
+    proc = run_cli("keras_arat.evaluate", f"--saved_model={exported}", "--input_name=nope",
+                   "--attacks=clean")
+    assert "has no input 'nope'" in one_error(proc)
+
+
+def test_images_that_do_not_fit_the_model_are_one_error_line(user_files, tmp_path):
+    _, _, exported, _ = user_files
+    small = str(tmp_path / "small.npz")
+    np.savez(small, x_test=np.zeros((4, 28, 28, 1), np.uint8), y_test=np.zeros(4, np.int64))
+    proc = run_cli("keras_arat.evaluate", f"--saved_model={exported}", f"--dataset={small}",
+                   "--attacks=clean")
+    line = one_error(proc)
+    assert "the images are 28x28x1 but" in line and "takes 32x32x3" in line
+    empty = tmp_path / "no_classes"
+    empty.mkdir()
+    proc = run_cli("keras_arat.evaluate", f"--saved_model={exported}",
+                   f"--dataset=folder:{empty}", "--attacks=clean")
+    assert "has no sub-folders" in one_error(proc)

@@ -25,10 +25,13 @@ from typing import Optional
 
 import numpy as np
 
+from keras_arat.errors import UsageError
+
 __all__ = [
     "DataError",
     "Dataset",
     "load_dataset",
+    "load_test_images",
     "DATASET_NAMES",
     "TFDS_NAMES",
 ]
@@ -48,7 +51,7 @@ _NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 _DIGITS_FILE = "digits_5k.npz"
 
 
-class DataError(ValueError):
+class DataError(UsageError):
     """A data set is missing, malformed or incompatible with the request."""
 
     def __init__(self, message: str):
@@ -293,6 +296,87 @@ def _load_npz(name: str, n_train, n_test, flip) -> Dataset:
         num_classes=num_classes,
         flip=False if flip is None else flip,
     )
+
+
+# ------------------------------------------------------------ test images only
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+
+
+def load_test_images(spec, n: Optional[int] = None, data_dir=None):
+    """Labelled test images for evaluation: (x uint8 NHWC, y int64, description).
+
+    spec: a data set name of load_dataset; an .npz (``npz:PATH`` or a path ending in
+    .npz) holding at least x_test and y_test (training arrays are not needed); or a
+    folder of images with one sub-folder per class (``folder:PATH`` or a directory
+    path): classes are the sub-folders' names in sorted order, images PNG, JPEG, BMP or
+    GIF, all of one size. n keeps the first n images.
+    """
+    n = _check_count("n_examples", n)
+    spec = str(spec).strip()
+    folder = spec[len("folder:"):] if spec.startswith("folder:") else (
+        spec if os.path.isdir(os.path.expanduser(spec)) else None)
+    if folder is not None:
+        return _load_image_folder(os.path.expanduser(folder), n)
+    if spec.startswith("npz:") or spec.lower().endswith(".npz"):
+        path = os.path.expanduser(spec[len("npz:"):] if spec.startswith("npz:") else spec)
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                missing = [k for k in ("x_test", "y_test") if k not in f.files]
+                if missing:
+                    raise DataError(f"{path} has no {' or '.join(missing)} (found: "
+                                    f"{', '.join(f.files) or 'none'}): evaluation needs "
+                                    f"x_test and y_test")
+                x, y = np.asarray(f["x_test"]), np.asarray(f["y_test"])
+        except FileNotFoundError:
+            raise DataError(f"npz file not found: {path}") from None
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, AttributeError) as exc:
+            raise DataError(f"cannot read {path} as an .npz archive ({_first_line(exc)})") \
+                from None
+        x = _npz_images(path, "x_test", x)
+        y = _npz_labels(path, "y_test", y, len(x))
+        x, y = _subset(x, y, n)
+        return np.ascontiguousarray(x), y, {"kind": "npz", "path": os.path.abspath(path),
+                                            "split": "test"}
+    data = load_dataset(spec, data_dir=data_dir, n_train=1, n_test=n)
+    return data.x_test, data.y_test, {"kind": "dataset", "dataset": spec, "split": "test"}
+
+
+def _load_image_folder(root, n):
+    if not os.path.isdir(root):
+        raise DataError(f"image folder not found: {root}")
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    if not classes:
+        raise DataError(f"{root} has no sub-folders: put each class's images in a folder of "
+                        f"its own (e.g. {root}/0/*.png, {root}/1/*.png)")
+    import tensorflow as tf
+    images, labels, shape = [], [], None
+    for label, name in enumerate(classes):
+        folder = os.path.join(root, name)
+        files = sorted(f for f in os.listdir(folder) if f.lower().endswith(_IMAGE_SUFFIXES))
+        for file_name in files:
+            path = os.path.join(folder, file_name)
+            try:
+                image = tf.io.decode_image(tf.io.read_file(path), expand_animations=False)
+            except (tf.errors.OpError, ValueError) as exc:
+                raise DataError(f"cannot decode {path} as an image "
+                                f"({_first_line(exc)[:120]})") from None
+            image = image.numpy()
+            if image.dtype != np.uint8:
+                raise DataError(f"{path} has {image.dtype} pixels; 8-bit images are needed")
+            if shape is None:
+                shape = image.shape
+            elif image.shape != shape:
+                raise DataError(f"{path} is {image.shape[0]}x{image.shape[1]}x"
+                                f"{image.shape[2]} but the images before it are {shape[0]}x"
+                                f"{shape[1]}x{shape[2]}: all images need one size")
+            images.append(image)
+            labels.append(label)
+    if not images:
+        raise DataError(f"{root}'s class folders hold no images ({', '.join(_IMAGE_SUFFIXES)})")
+    x, y = np.stack(images), np.asarray(labels, np.int64)
+    x, y = _subset(x, y, n)
+    return x, y, {"kind": "folder", "path": os.path.abspath(root), "classes": classes}
 
 
 # ------------------------------------------------------------------- tfds

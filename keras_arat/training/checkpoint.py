@@ -17,13 +17,16 @@ import shutil
 import tensorflow as tf
 from absl import logging
 
+from keras_arat import files as file_io
+from keras_arat.errors import UsageError
+
 # Kinds of checkpoint folder: epoch-N (resumed from), best-N (--keep_best), swa-N (SWA).
 KINDS = ("epoch", "best", "swa")
 MANIFEST = "manifest.json"
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(UsageError):
+    """A checkpoint folder that is damaged, incomplete or of another run."""
 
 
 def _sha256(path):
@@ -126,10 +129,8 @@ class CheckpointManager:
             for name in files:
                 with open(os.path.join(tmp, name), "rb") as f:
                     os.fsync(f.fileno())
-            with open(os.path.join(tmp, MANIFEST), "w") as f:
-                json.dump({"epoch": epoch, "files": files, **(metadata or {})}, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
+            file_io.write_json(os.path.join(tmp, MANIFEST),
+                               {"epoch": epoch, "files": files, **(metadata or {})})
             if os.path.exists(final):
                 shutil.rmtree(final)
             os.rename(tmp, final)

@@ -1,0 +1,124 @@
+"""Running a deployed model: one SavedModel runner and one ONNX runner, used by
+keras_arat.evaluate (attacks need the SavedModel's gradients) and by export's parity
+checks. Both take float32 NHWC images in [0, 1] and return logits [N, K].
+
+A SavedModel may have any single-input serving signature (export writes "images" ->
+"logits"; a Keras `model.export()` folder names its input after the model's input layer):
+the input is found by itself, or named with input_name. The output is "logits" when the
+signature has it, else its only output.
+"""
+
+import numpy as np
+
+from keras_arat.errors import UsageError
+
+SIGNATURE = "serving_default"
+LOGITS = "logits"
+
+
+class SavedModelRunner:
+    """images -> logits through a SavedModel's serving signature, with gradients.
+
+    Called on a tf.Tensor it returns a tf.Tensor (usable inside tf.function and under a
+    GradientTape: the attacks run on it); `predict(numpy)` returns numpy.
+    """
+
+    def __init__(self, path, input_name=None, signature=SIGNATURE):
+        import tensorflow as tf
+        try:
+            self.loaded = tf.saved_model.load(path)
+        except Exception as e:  # noqa: BLE001 - a damaged or foreign folder
+            raise UsageError(f"cannot load SavedModel {path}: "
+                             f"{str(e).strip().splitlines()[0][:200]}") from None
+        if signature not in self.loaded.signatures:
+            raise UsageError(f"{path} has no {signature} signature (it has "
+                             f"{sorted(self.loaded.signatures) or 'none'})")
+        self.signature = self.loaded.signatures[signature]
+        inputs = self.signature.structured_input_signature[1]
+        if input_name is None:
+            if len(inputs) != 1:
+                raise UsageError(f"{path}: the {signature} signature takes {len(inputs)} inputs "
+                                 f"{sorted(inputs)}; pass --input_name to choose the images")
+            input_name = next(iter(inputs))
+        elif input_name not in inputs:
+            raise UsageError(f"{path}: the {signature} signature has no input {input_name!r} "
+                             f"(it takes {sorted(inputs)})")
+        self.input_name = input_name
+        spec = inputs[input_name]
+        self.input_shape = tuple(spec.shape[1:]) if spec.shape.rank else None
+        outputs = self.signature.structured_outputs
+        if LOGITS in outputs:
+            self.output_name = LOGITS
+        elif len(outputs) == 1:
+            self.output_name = next(iter(outputs))
+        else:
+            raise UsageError(f"{path}: the {signature} signature returns {sorted(outputs)}; "
+                             f"one of them must be named '{LOGITS}'")
+        self.path = path
+
+    def __call__(self, images):
+        import tensorflow as tf
+        out = self.signature(**{self.input_name: tf.cast(images, tf.float32)})
+        return out[self.output_name]
+
+    def predict(self, images):
+        return np.asarray(self(np.asarray(images, np.float32)))
+
+
+class OnnxRunner:
+    """images -> logits with onnxruntime (CPU unless other providers are given). No
+    gradients: `as_tf()` wraps it for gradient-free attacks (Square) in tf.function."""
+
+    def __init__(self, path, providers=("CPUExecutionProvider",), input_name=None):
+        import onnxruntime as ort
+        try:
+            self.session = ort.InferenceSession(path, providers=list(providers))
+        except Exception as e:  # noqa: BLE001 - onnxruntime's own errors
+            raise UsageError(f"cannot load ONNX model {path}: "
+                             f"{str(e).strip().splitlines()[0][:200]}") from None
+        names = [i.name for i in self.session.get_inputs()]
+        if input_name is None:
+            if len(names) != 1:
+                raise UsageError(f"{path} takes {len(names)} inputs {names}; pass "
+                                 "--input_name to choose the images")
+            input_name = names[0]
+        elif input_name not in names:
+            raise UsageError(f"{path} has no input {input_name!r} (it takes {names})")
+        self.input_name = input_name
+        shape = next(i.shape for i in self.session.get_inputs() if i.name == input_name)
+        self.input_shape = tuple(d if isinstance(d, int) else None for d in shape[1:])
+        outputs = [o.name for o in self.session.get_outputs()]
+        self.output_name = LOGITS if LOGITS in outputs else next(
+            (o for o in outputs if LOGITS in o), outputs[0])
+
+    def __call__(self, images):
+        return self.session.run([self.output_name],
+                                {self.input_name: np.asarray(images, np.float32)})[0]
+
+    predict = __call__
+
+    def as_tf(self):
+        """images -> logits usable inside tf.function (through tf.numpy_function)."""
+        import tensorflow as tf
+
+        def model_fn(z):
+            out = tf.numpy_function(lambda a: self(a).astype(np.float32),
+                                    [tf.cast(z, tf.float32)], tf.float32, stateful=False)
+            out.set_shape([None, None])
+            return out
+
+        model_fn.keep_alive = self
+        return model_fn
+
+
+def check_image_shape(images_shape, model_shape, what="the model"):
+    """One UsageError when images of shape [N, H, W, C] do not fit what the model takes
+    (a None dimension fits anything)."""
+    if model_shape is None:
+        return
+    got, want = tuple(images_shape[1:]), tuple(model_shape)
+    if len(got) != len(want) or any(w is not None and int(g) != int(w)
+                                    for g, w in zip(got, want)):
+        shown = "x".join("?" if w is None else str(w) for w in want)
+        raise UsageError(f"the images are {'x'.join(str(g) for g in got)} but {what} takes "
+                         f"{shown} (height x width x channels)")

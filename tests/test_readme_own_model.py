@@ -1,0 +1,41 @@
+"""README.md's "Your own model" code, run exactly as printed there, in a fresh folder."""
+
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def readme_code():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    section = text.split("## Your own model", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 1, "the section shows one python block"
+    return blocks[0]
+
+
+def test_readme_own_model_runs_as_printed(tmp_path):
+    script = tmp_path / "own_model.py"
+    script.write_text(readme_code())
+    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    accuracy, diffs = eval(lines[-2]), eval(lines[-1])  # the two printed dicts
+    print(proc.stdout[-2000:])
+    # Accuracies are fractions of the 40 test images, each attack at most the one before.
+    assert set(accuracy) == {"clean", "pgd20", "autoattack"}
+    assert 1.0 >= accuracy["clean"] >= accuracy["pgd20"] >= accuracy["autoattack"] >= 0.0
+    assert accuracy["clean"] >= 0.75 and accuracy["pgd20"] >= 0.2  # it learned, robustly
+    for value in accuracy.values():
+        assert abs(value * 40 - round(value * 40)) < 1e-9
+    # The folded model, the SavedModel and onnxruntime agree with the split-BN network.
+    assert set(diffs) >= {"folded_keras", "saved_model", "onnxruntime", "keras_file"}
+    assert max(diffs.values()) <= 1e-4
+    out = tmp_path / "exports" / "my_model"
+    assert (out / "saved_model" / "model" / "1" / "saved_model.pb").exists()
+    assert (out / "model.onnx").exists()
