@@ -52,6 +52,8 @@ def define_flags(flags):
                      "0 skips the attack).")
     f.DEFINE_integer("batch_size", 256, "Batch size of the checks.")
     f.DEFINE_integer("seed", 0, "Seed of PGD's random start (same for both models).")
+    f.DEFINE_bool("verbose", False, "Show TensorFlow's start-up and C++ log lines "
+                  "(hidden by default; also KERAS_ARAT_VERBOSE=1).")
 
 
 def default_args(**overrides):
@@ -60,7 +62,7 @@ def default_args(**overrides):
     args = dict(workdir=None, out=None, branch="adv", name=None, formats=list(FORMATS),
                 checkpoint=None, keras_model=None, dataset="digits", eps=None,
                 overwrite=False, opset=17, atol=DEFAULT_ATOL, n_examples=1000,
-                pgd_examples=None, batch_size=256, seed=0)
+                pgd_examples=None, batch_size=256, seed=0, verbose=False)
     unknown = set(overrides) - set(args)
     if unknown:
         raise TypeError(f"unknown export arguments {sorted(unknown)}")
@@ -93,9 +95,27 @@ def _check_args(a):
     out = os.path.abspath(a.out)
     if os.path.lexists(out) and not a.overwrite:
         raise UsageError(f"{out} exists; pass --overwrite to replace it")
-    if not os.path.isdir(os.path.dirname(out)):
-        raise UsageError(f"parent folder of {out} does not exist")
+    from keras_arat import preflight, runs
+    try:  # before TensorFlow loads: the output's place, the run, the .keras file
+        preflight.check_new_folder(out, "out")
+        if a.workdir:
+            preflight.check_run(a.workdir)
+        if a.keras_model:
+            preflight.check_keras_file(a.keras_model)
+    except runs.UsageError as e:
+        raise UsageError(str(e)) from None
     return out
+
+
+def make_parents(path):
+    """Create the missing folders above `path`; returns them, outermost first."""
+    made, parent = [], os.path.dirname(path)
+    while not os.path.isdir(parent):
+        made.insert(0, parent)
+        parent = os.path.dirname(parent)
+    for folder in made:
+        os.mkdir(folder)
+    return made
 
 
 def _default_name(a):
@@ -184,12 +204,14 @@ def load_keras_network(path):
     return model
 
 
-def pgd20_accuracy(model_fn, x, y, eps, batch_size, seed):
+def pgd20_accuracy(model_fn, x, y, eps, batch_size, seed, desc=None):
     """Accuracy under PGD-20 (L-inf, step eps/4, uniform start seeded [seed, batch]), the
-    protocol of keras_arat.evaluate, through its attack runner (budget-checked batches)."""
+    protocol of keras_arat.evaluate, through its attack runner (budget-checked batches).
+    desc: show progress lines under that name."""
     from keras_arat.attacks.autoattack import run_attack
     from keras_arat.evaluate import make_attack
-    _, correct = run_attack(make_attack("pgd20", eps), model_fn, x, y, batch_size, seed)
+    _, correct = run_attack(make_attack("pgd20", eps), model_fn, x, y, batch_size, seed,
+                            progress=desc is not None, desc=desc)
     return float(correct.mean())
 
 
@@ -210,6 +232,9 @@ def export(a, log=print):
     name = a.name or _default_name(a)
     started = time.time()
 
+    from keras_arat import quiet
+    from keras_arat.progress import log as progress
+    quiet.import_tensorflow(getattr(a, "verbose", False))
     import keras
     import numpy as np
     import tensorflow as tf
@@ -217,6 +242,8 @@ def export(a, log=print):
     from export import convert, fold
 
     network, x, y, eps, source = load_source(a)
+    progress(f"export: folding the {a.branch} branch, then {', '.join(a.formats)} with "
+             f"parity checks on {len(x)} test images")
     try:
         input_shape = fold.network_input_shape(network)
         folded = fold.fold_network(network, a.branch, input_shape)
@@ -233,11 +260,13 @@ def export(a, log=print):
               "folded_keras": _batched(folded_fn, x, a.batch_size)}
 
     parent = os.path.dirname(out)
+    made = make_parents(out)  # removed again if the export fails
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.export-", dir=parent)
     try:
         files = []
         sm_path = None
         if "saved_model" in a.formats:
+            progress("export: writing and checking the SavedModel")
             sm_path = convert.saved_model_dir(tmp, name)
             convert.save_saved_model(folded, sm_path, input_shape)
             logits["saved_model"] = _batched(convert.SavedModelRunner(sm_path), x,
@@ -245,6 +274,7 @@ def export(a, log=print):
             files.append(os.path.relpath(sm_path, tmp) + "/")
         onnx_info = None
         if "onnx" in a.formats:
+            progress("export: converting to ONNX and checking it with onnxruntime")
             onnx_path = os.path.join(tmp, "model.onnx")
             if sm_path:
                 proto = convert.onnx_from_saved_model(sm_path, onnx_path, input_shape,
@@ -261,6 +291,7 @@ def export(a, log=print):
                          "op_types": convert.op_types(proto)}
             files.append("model.onnx")
         if "keras" in a.formats:
+            progress("export: writing and checking model.keras")
             keras_path = os.path.join(tmp, "model.keras")
             folded.save(keras_path)
             reloaded = keras.saving.load_model(keras_path, compile=False)
@@ -289,7 +320,7 @@ def export(a, log=print):
                     ("original", lambda z: network(z, training=False, branch=a.branch)),
                     ("folded_keras", lambda z: folded(z, training=False))):
                 pgd[key] = pgd20_accuracy(model_fn, x[:n_pgd], y[:n_pgd], eps,
-                                          a.batch_size, a.seed)
+                                          a.batch_size, a.seed, desc=f"PGD-20, {key}")
             log(f"PGD-20 accuracy: original {pgd['original']:.4f}, "
                 f"folded {pgd['folded_keras']:.4f}")
 
@@ -332,6 +363,9 @@ def export(a, log=print):
         _move_into_place(tmp, out, a.overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in reversed(made):
+            if not os.listdir(folder):
+                os.rmdir(folder)
         raise
     log("max abs logit difference vs the split-BN model: "
         + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()) + f" (atol {a.atol:g})")

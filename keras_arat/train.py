@@ -3,7 +3,8 @@
     python -m keras_arat.train --flagfile=configs/quickstart.flags --workdir=runs/quickstart
 
 Writes RUN/config.json, metrics.jsonl, tensorboard/, checkpoints/ and results.json
-(see DESIGN.md). Re-running the same command resumes from the last complete checkpoint.
+(see README.md). Re-running the same command resumes from the last complete checkpoint.
+All flags: python -m keras_arat.train --helpfull
 """
 
 import atexit
@@ -116,6 +117,8 @@ def train(cfg):
     from keras_arat.training.swa import SWACallback, SWAState, reestimate_bn
 
     strategy = make_strategy(cfg)  # before anything starts the TensorFlow runtime
+    # The data before the workdir: a data set that cannot be used leaves nothing behind.
+    data, eval_subset = split_holdout(cfg, runs.load_data(cfg))
     shared_workdir = cfg["workdir"]
     if not is_chief(strategy):
         # Every worker runs the same steps (collectives need all of them); only the chief
@@ -127,7 +130,6 @@ def train(cfg):
         prepare_workdir(cfg)
     else:
         resume = prepare_workdir(cfg)
-    data, eval_subset = split_holdout(cfg, runs.load_data(cfg))
     keras.utils.set_random_seed(cfg["seed"])
     if cfg["deterministic"]:
         import tensorflow as tf
@@ -143,6 +145,8 @@ def train(cfg):
     flip = None if cfg["flip"] == "auto" else cfg["flip"] == "true"
     _, steps_per_epoch = make_train_dataset(data, cfg["batch_size"], 1, cfg["seed"],
                                             crop_padding=cfg["crop_padding"], flip=flip)
+    if is_chief(strategy):
+        print(start_line(cfg, data, steps_per_epoch), flush=True)
     trainer = runs.build_trainer(cfg, network, data.image_shape, steps_per_epoch)
     schedule = EpochPiecewiseConstant(steps_per_epoch, cfg["lr_boundaries"], cfg["lr_values"])
     optimizer = TorchSGD(schedule, momentum=cfg["momentum"],
@@ -191,10 +195,15 @@ def train(cfg):
                    "n_examples": len(eval_subset[1])})
     # Order matters: an epoch's figures (and a best checkpoint) come before its epoch
     # checkpoint, so a run killed in between redoes both when it resumes.
-    callbacks += [c for c in (stopper, cb.MetricsLogger(cfg["workdir"], schedule), evaluator,
+    logger = cb.MetricsLogger(cfg["workdir"], schedule,
+                              every_steps=cfg.get("tensorboard_every_steps", 0),
+                              steps_per_epoch=steps_per_epoch)
+    callbacks += [c for c in (stopper, logger, evaluator,
                               cb.CheckpointCallback(manager, {"method": cfg["method"]})) if c]
     verbose = cfg["verbose"]
     verbose = (1 if sys.stdout.isatty() else 2) if verbose == "auto" else int(verbose)
+    if verbose == 2:  # a log: Keras prints a line per epoch; ours come in between
+        callbacks.append(cb.ProgressLines(steps_per_epoch, cfg["epochs"]))
 
     if initial_epoch < cfg["epochs"]:
         dataset, _ = make_train_dataset(data, cfg["batch_size"], cfg["epochs"], cfg["seed"],
@@ -326,8 +335,13 @@ def final_evaluation(run, split):
     cfg, network = run.config, run.network
     start = time.time()
     x_test, y_test = run.test_arrays(cfg["eval_examples"])
+    from keras_arat.progress import log
+    log(f"{'final' if split == 'final' else 'SWA'} evaluation on the first {len(x_test)} test "
+        f"images, eps {cfg['eps']:.4g}: clean and PGD-20 accuracy of the adv branch"
+        + (", clean accuracy of the clean branch" if cfg["split_bn"] else ""))
     evaluation = evaluate_network(network, x_test, y_test, cfg["eps"], ("adv",),
-                                  ("clean", "pgd20"), cfg["eval_batch_size"], cfg["seed"])
+                                  ("clean", "pgd20"), cfg["eval_batch_size"], cfg["seed"],
+                                  progress=True)
     if cfg["split_bn"]:
         evaluation.update(evaluate_network(network, x_test, y_test, cfg["eps"], ("clean",),
                                            ("clean",), cfg["eval_batch_size"], cfg["seed"]))
@@ -346,18 +360,43 @@ def final_evaluation(run, split):
     return figures
 
 
+def start_line(cfg, data, steps_per_epoch):
+    """What is about to be trained, where, on what: one line."""
+    shape = "x".join(map(str, data.image_shape))
+    model = cfg["model"] + (" (split BN)" if cfg["split_bn"] else "")
+    return (f"training {cfg['method']} in {cfg['workdir']}: data {cfg['dataset']} "
+            f"({len(data.x_train)} train / {len(data.x_test)} test images, {shape}, "
+            f"{data.num_classes} classes), model {model}, {cfg['epochs']} epochs of "
+            f"{steps_per_epoch} steps (batch {cfg['batch_size']}), eps {cfg['eps']:.4g}")
+
+
+def check_before_tensorflow(cfg):
+    """Data set and workdir, checked before TensorFlow loads (keras_arat.preflight)."""
+    from keras_arat import preflight
+    preflight.check_new_folder(cfg["workdir"], "workdir")
+    preflight.check_data(cfg["dataset"], cfg["data_dir"], cfg["n_train"], cfg["n_test"])
+
+
 def main(argv):
     logging.set_verbosity(logging.WARNING)
     if len(argv) > 1:
         print(f"error: unexpected arguments {argv[1:]} (flags are --name=value)",
               file=sys.stderr)
         sys.exit(2)
+    from keras_arat import quiet
+    try:
+        cfg = runs.config_from_flags(FLAGS, TRAIN_FLAGS, model=False)
+        check_before_tensorflow(cfg)
+    except runs.UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    quiet.import_tensorflow()
     from keras_arat.attacks import EvaluationError
     from keras_arat.data import DataError
     from keras_arat.training.callbacks import NonFiniteLossError
     from keras_arat.training.checkpoint import CheckpointError
     try:
-        cfg = runs.config_from_flags(FLAGS, TRAIN_FLAGS)
+        runs.check_model(cfg)
         results = train(cfg)
     except (runs.UsageError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -376,7 +415,7 @@ def main(argv):
         print(f"error: {e.strerror or e} ({getattr(e, 'filename', '') or ''}){hint}",
               file=sys.stderr)
         sys.exit(1)
-    print(json.dumps(results, indent=1))
+    print(json.dumps(results, indent=1), flush=True)
 
 
 def run_main():
