@@ -115,6 +115,8 @@ def main():
     parser.add_argument("--train", action="store_true",
                         help="train the quickstart in-process instead of loading --workdir")
     args = parser.parse_args()
+    from keras_arat import quiet
+    quiet.import_tensorflow()  # without its start-up log (KERAS_ARAT_VERBOSE=1 shows it)
 
     import tensorflow as tf
     from keras_arat.attacks import AutoAttack

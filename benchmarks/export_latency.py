@@ -48,6 +48,8 @@ def main():
     parser.add_argument("--repeats_b1", type=int, default=200)
     parser.add_argument("--repeats_b128", type=int, default=30)
     args = parser.parse_args()
+    from keras_arat import quiet
+    quiet.import_tensorflow()  # without its start-up log (KERAS_ARAT_VERBOSE=1 shows it)
 
     import numpy as np
     import onnxruntime as ort

@@ -1,9 +1,12 @@
 """Run the quickstart end to end, timed, and check it meets its targets.
 
     python benchmarks/quickstart.py [--workdir=runs/quickstart_bench] [--max_seconds=300]
+        [--any keras_arat.train flag, e.g. --epochs=2]
 
 Prints wall time, the accuracies from results.json and PASS/FAIL against the
 targets (adv-branch clean >= 0.90, PGD-20 >= 0.70, at most 5 minutes); exits 1 on FAIL.
+Other flags go to keras_arat.train after the flagfile's (the tests run it that way on a
+test-size model).
 """
 
 import argparse
@@ -23,12 +26,14 @@ def main():
     parser.add_argument("--max_seconds", type=float, default=300)
     parser.add_argument("--min_clean", type=float, default=0.90)
     parser.add_argument("--min_pgd20", type=float, default=0.70)
-    args = parser.parse_args()
+    args, train_flags = parser.parse_known_args()
+    if any(not a.startswith("--") for a in train_flags):
+        parser.error(f"unexpected arguments {train_flags}: train flags are --name=value")
     shutil.rmtree(args.workdir, ignore_errors=True)
     start = time.time()
     subprocess.run([sys.executable, "-m", "keras_arat.train",
                     "--flagfile=configs/quickstart.flags", f"--workdir={args.workdir}",
-                    "--verbose=2"], cwd=ROOT, check=True)
+                    "--verbose=2", *train_flags], cwd=ROOT, check=True)
     seconds = time.time() - start
     with open(os.path.join(args.workdir, "results.json")) as f:
         results = json.load(f)

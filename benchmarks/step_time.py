@@ -52,6 +52,8 @@ def main():
     parser.add_argument("--image_shape", default="",
                         help="e.g. 32,32,3: time on random images of this shape")
     args = parser.parse_args()
+    from keras_arat import quiet
+    quiet.import_tensorflow()  # without its start-up log (KERAS_ARAT_VERBOSE=1 shows it)
 
     import keras
     import tensorflow as tf

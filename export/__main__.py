@@ -1,10 +1,6 @@
 """`python -m export`: see export/cli.py (flags: --helpfull)."""
 
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from . import cli  # noqa: E402
+from . import cli
 
 __doc__ = cli.__doc__ + "\nAll flags: python -m export --helpfull\n"  # shown by --help
 

@@ -53,6 +53,8 @@ def define_flags(flags):
                      "0 skips the attack).")
     f.DEFINE_integer("batch_size", 256, "Batch size of the checks.")
     f.DEFINE_integer("seed", 0, "Seed of PGD's random start (same for both models).")
+    f.DEFINE_bool("verbose", False, "Show TensorFlow's start-up and C++ log lines "
+                  "(hidden by default; also KERAS_ARAT_VERBOSE=1).")
 
 
 def default_args(**overrides):
@@ -61,7 +63,7 @@ def default_args(**overrides):
     args = dict(workdir=None, out=None, branch="adv", name=None, formats=list(FORMATS),
                 checkpoint=None, keras_model=None, dataset=None, eps=None,
                 overwrite=False, opset=17, atol=DEFAULT_ATOL, n_examples=1000,
-                pgd_examples=None, batch_size=256, seed=0)
+                pgd_examples=None, batch_size=256, seed=0, verbose=False)
     unknown = set(overrides) - set(args)
     if unknown:
         raise TypeError(f"unknown export arguments {sorted(unknown)}")
@@ -91,21 +93,35 @@ def _check_args(a):
         raise UsageError("--atol must be > 0")
     if a.n_examples < 1 or a.batch_size < 1:
         raise UsageError("--n_examples and --batch_size must be >= 1")
-    return check_out(a.out, a.overwrite)
+    out = check_out(a.out, a.overwrite)  # before TensorFlow loads, as are the next two
+    from keras_arat import preflight
+    if a.workdir:
+        preflight.check_run(a.workdir)
+    if a.keras_model:
+        preflight.check_keras_file(a.keras_model)
+    return out
 
 
 def check_out(out, overwrite):
     """The absolute output folder; an existing one needs overwrite. Missing parent folders
     are created when the export is written (the folder itself appears only complete)."""
+    from keras_arat import preflight
     out = os.path.abspath(out)
     if os.path.lexists(out) and not overwrite:
         raise UsageError(f"{out} exists; pass --overwrite to replace it")
-    parent = os.path.dirname(out)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise UsageError(f"{parent} is a file, not a folder: cannot write {out}")
+    preflight.check_new_folder(out, "out")
     return out
+
+
+def make_parents(path):
+    """Create the missing folders above `path`; returns them, outermost first."""
+    made, parent = [], os.path.dirname(path)
+    while not os.path.isdir(parent):
+        made.insert(0, parent)
+        parent = os.path.dirname(parent)
+    for folder in made:
+        os.mkdir(folder)
+    return made
 
 
 def _default_name(a):
@@ -241,6 +257,8 @@ def export(a, log=print):
     """Run the export the flags describe; returns the report dict. Raises UsageError /
     ExportCheckError."""
     out = _check_args(a)
+    from keras_arat import quiet
+    quiet.import_tensorflow(getattr(a, "verbose", False))
     network, x, y, eps, source = load_source(a)
     return export_network(network, out, x=x, y=y, eps=eps, branch=a.branch,
                           name=a.name or _default_name(a), formats=a.formats,
@@ -264,6 +282,7 @@ def export_network(network, out, x=None, y=None, eps=None, branch="adv", name="m
 
     from keras_arat.deployed import OnnxRunner, SavedModelRunner, check_image_shape
     from keras_arat.evaluate import as_model_fn
+    from keras_arat.progress import log as progress
 
     from . import convert, fold
 
@@ -283,6 +302,8 @@ def export_network(network, out, x=None, y=None, eps=None, branch="adv", name="m
     x = np.asarray(x, np.float32)
     check_image_shape(x.shape, input_shape, "the network")
     log(f"folded {type(network).__name__} ({branch} branch): {len(folded.layers)} layers")
+    progress(f"export: {', '.join(formats)}, each checked against the network on {len(x)} "
+             "images")
 
     original = as_model_fn(network, branch)
     original_fn = tf.function(lambda z: original(z))
@@ -291,12 +312,13 @@ def export_network(network, out, x=None, y=None, eps=None, branch="adv", name="m
               "folded_keras": _batched(folded_fn, x, batch_size)}
 
     parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
+    made = make_parents(out)  # removed again if the export fails
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.export-", dir=parent)
     try:
         files = []
         sm_path = None
         if "saved_model" in formats:
+            progress("export: writing and checking the SavedModel")
             sm_path = convert.saved_model_dir(tmp, name)
             convert.save_saved_model(folded, sm_path, input_shape)
             logits["saved_model"] = _batched(SavedModelRunner(sm_path).predict, x,
@@ -304,6 +326,7 @@ def export_network(network, out, x=None, y=None, eps=None, branch="adv", name="m
             files.append(os.path.relpath(sm_path, tmp) + "/")
         onnx_info = None
         if "onnx" in formats:
+            progress("export: converting to ONNX and checking it with onnxruntime")
             onnx_path = os.path.join(tmp, "model.onnx")
             if sm_path:
                 proto = convert.onnx_from_saved_model(sm_path, onnx_path, input_shape, opset)
@@ -318,6 +341,7 @@ def export_network(network, out, x=None, y=None, eps=None, branch="adv", name="m
                          "op_types": convert.op_types(proto)}
             files.append("model.onnx")
         if "keras" in formats:
+            progress("export: writing and checking model.keras")
             keras_path = os.path.join(tmp, "model.keras")
             folded.save(keras_path)
             reloaded = keras.saving.load_model(keras_path, compile=False)
@@ -395,6 +419,9 @@ def export_network(network, out, x=None, y=None, eps=None, branch="adv", name="m
         _move_into_place(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in reversed(made):
+            if not os.listdir(folder):
+                os.rmdir(folder)
         raise
     log("max abs logit difference vs the split-BN model: "
         + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()) + f" (atol {atol:g})")

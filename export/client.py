@@ -6,6 +6,11 @@
     grpc_client = GrpcClient("localhost:8500", "NAME")
     logits = grpc_client.predict(images)
 
+Images are float32 [N, H, W, C] in [0, 1] at the model's input size, the network's own
+input scaling: predict() refuses integer images (uint8 0-255: divide by 255 first) and
+values outside [0, 1] instead of sending them, since a server would answer on the wrong
+scale without complaint.
+
 Command line (prints status, then predicted classes of the first N test images of a run
 or of an .npy file of float32 [N,H,W,C] images in [0,1]):
 
@@ -24,6 +29,31 @@ SIGNATURE = "serving_default"
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 GRPC_MAX_MESSAGE = 256 << 20
+
+
+class ClientInputError(ValueError):
+    """Images the model cannot take: refused before anything is sent."""
+
+
+def check_images(images):
+    """float32 [N, H, W, C] array in [0, 1], or ClientInputError saying what is wrong."""
+    arr = np.asarray(images)
+    if arr.dtype.kind not in "f":
+        hint = (" (0-255 pixels? send x.astype('float32') / 255)" if arr.dtype.kind in "iub"
+                else "")
+        raise ClientInputError(f"images must be float32 in [0, 1], got dtype {arr.dtype}{hint}")
+    if arr.ndim != 4 or not arr.shape[0]:
+        raise ClientInputError(f"images must be a batch [N, H, W, C], got shape "
+                               f"{list(arr.shape)}")
+    arr = arr.astype(np.float32)
+    if not np.all(np.isfinite(arr)):
+        raise ClientInputError("images hold NaN or Inf values")
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo < 0.0 or hi > 1.0:
+        hint = " (0-255 pixels? divide by 255)" if hi > 1.0 else ""
+        raise ClientInputError(f"image values must be in [0, 1], got [{lo:.4g}, {hi:.4g}]"
+                               f"{hint}")
+    return arr
 
 
 class ServingError(RuntimeError):
@@ -83,7 +113,7 @@ class RestClient:
         row_format=True sends {"instances": [...]} and reads "predictions";
         False sends {"inputs": {"images": [...]}} and reads "outputs".
         """
-        values = np.asarray(images, np.float32).tolist()
+        values = check_images(images).tolist()
         body = ({"instances": values} if row_format
                 else {"inputs": {INPUT_NAME: values}})
         if signature_name:
@@ -100,6 +130,9 @@ class GrpcClient:
 
     def __init__(self, target, model_name, version=None, timeout=30.0):
         import grpc
+
+        from keras_arat import quiet
+        quiet.import_tensorflow()  # the serving API imports it; without its start-up log
         from tensorflow_serving.apis import prediction_service_pb2_grpc
         self.model_name = model_name
         self.version = version
@@ -126,7 +159,7 @@ class GrpcClient:
     def predict(self, images):
         """Logits [N, K] for float32 images [N, H, W, C] in [0, 1]."""
         import tensorflow as tf
-        return self.predict_tensor(tf.make_tensor_proto(np.asarray(images, np.float32)))
+        return self.predict_tensor(tf.make_tensor_proto(check_images(images)))
 
     def predict_tensor(self, tensor_proto):
         """Predict with a ready TensorProto as input "images" (any dtype / shape)."""
@@ -159,34 +192,66 @@ class GrpcClient:
         self.close()
 
 
+def load_npy(path, n):
+    """The first n images of an .npy file, checked (ClientInputError otherwise)."""
+    import os
+    import zipfile
+    if not os.path.isfile(path):
+        raise ClientInputError(f"--npy={path} is not a file")
+    try:
+        loaded = np.load(path, allow_pickle=False, mmap_mode="r")
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ClientInputError(f"cannot read {path} as an .npy file "
+                               f"({' '.join(str(e).split())[:150]})") from None
+    if not isinstance(loaded, np.ndarray):  # an .npz archive: several arrays
+        names = ", ".join(loaded.files)
+        loaded.close()
+        raise ClientInputError(f"--npy={path} is an .npz archive ({names}), not an .npy "
+                               "array: save the images with np.save(path, x), or give "
+                               "--workdir")
+    if loaded.ndim != 4:  # before slicing, which would cut a single image's rows
+        raise ClientInputError(f"images must be a batch [N, H, W, C], got shape "
+                               f"{list(loaded.shape)}")
+    return check_images(np.array(loaded[:n]))
+
+
 def main(argv=None):
-    import argparse
-    parser = argparse.ArgumentParser(description="Query a TF Serving model.")
+    from keras_arat import preflight, runs
+    parser = preflight.argument_parser(description="Query a TF Serving model.")
     parser.add_argument("--rest", help="e.g. http://localhost:8501")
     parser.add_argument("--grpc", help="e.g. localhost:8500")
     parser.add_argument("--model", required=True, help="model name")
     parser.add_argument("--npy", help=".npy file of float32 images [N,H,W,C] in [0,1]")
     parser.add_argument("--workdir", help="take test images from this training run")
     parser.add_argument("--n", type=int, default=8, help="how many images")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show TensorFlow's start-up log (gRPC)")
     args = parser.parse_args(argv)
     if bool(args.rest) == bool(args.grpc):
         parser.error("give exactly one of --rest or --grpc")
-    if args.npy:
-        images = np.load(args.npy)[:args.n]
-        labels = None
-    elif args.workdir:
-        from keras_arat import runs
-        cfg = runs.read_config(args.workdir)
-        data = runs.load_data(cfg)
-        images = data.x_test[:args.n].astype(np.float32) / 255.0
-        labels = data.y_test[:args.n]
-    else:
-        parser.error("give --npy or --workdir")
+    if bool(args.npy) == bool(args.workdir):
+        parser.error("give exactly one of --npy or --workdir")
+    if args.n < 1:
+        parser.error("--n must be >= 1")
+    try:
+        if args.npy:
+            images, labels = load_npy(args.npy, args.n), None
+        else:
+            cfg = preflight.check_run(args.workdir)
+            data = runs.load_data(dict(cfg, n_train=1, n_test=args.n))
+            images = data.x_test[:args.n].astype(np.float32) / 255.0
+            labels = data.y_test[:args.n]
+    except (ClientInputError, runs.UsageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     try:
         if args.rest:
             client = RestClient(args.rest, args.model)
             print(json.dumps(client.status()))
         else:
+            if args.verbose:
+                from keras_arat import quiet
+                quiet.import_tensorflow(verbose=True)
             client = GrpcClient(args.grpc, args.model)
         logits = client.predict(images)
     except (ServingError, OSError) as e:

@@ -381,16 +381,23 @@ class StandIn:
 
 
 def main(argv=None):
-    import argparse
     import signal
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+
+    from keras_arat import preflight, quiet
+    parser = preflight.argument_parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model_base_path", required=True,
                         help="OUT/saved_model/NAME (holds version folders 1/, 2/, ...)")
     parser.add_argument("--model_name", default=None, help="default: the folder name")
     parser.add_argument("--rest_port", type=int, default=0)
     parser.add_argument("--grpc_port", type=int, default=0)
     parser.add_argument("--max_batch", type=int, default=DEFAULT_MAX_BATCH)
+    parser.add_argument("--verbose", action="store_true",
+                        help="show TensorFlow's start-up log")
     args = parser.parse_args(argv)
+    if not os.path.isdir(args.model_base_path):
+        parser.error(f"--model_base_path={args.model_base_path} is not a folder (give "
+                     "OUT/saved_model/NAME, which holds the version folders 1/, 2/, ...)")
+    quiet.import_tensorflow(args.verbose)
     try:
         server = StandIn(args.model_base_path, args.model_name, args.rest_port,
                          args.grpc_port, args.max_batch).start()
@@ -407,5 +414,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     main()

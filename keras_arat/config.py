@@ -72,6 +72,7 @@ class RunConfig:
     nan_policy: str = "stop"
     deterministic: bool = False
     verbose: str = "auto"
+    tensorboard_every_steps: int = 10
     # a run converted from PyTorch weights (keras_arat.convert_torch): what the network
     # is without its data set, and where the weights came from
     num_classes: Optional[int] = None

@@ -38,7 +38,8 @@ Files written into --output_dir (default: --workdir; nothing without either):
                           when it was measured and, for AutoAttack, the per-stage breakdown.
                           A figure is only ever replaced by the same measurement repeated.
   tensorboard/            the same figures as scalars evaluate/<branch>/<attack>/<eps, n>
-  robustbench.json        RobustBench-style entry when AutoAttack ran on the adv branch
+  robustbench.json        the figures in RobustBench's model_info format (percent strings,
+                          eps "8/255", ...) when AutoAttack ran on the adv branch
                           (robustbench_<saved_model|onnx>.json for a deployed model)
 RUN/results.json holds training's own final evaluation and is never changed here. The
 printed JSON holds only what this call computed, with its labels.
@@ -56,6 +57,10 @@ import json
 import os
 import sys
 import time
+
+if __name__ == "__main__":  # bad paths fail before TensorFlow loads (4-6 s); it loads quietly
+    from keras_arat import preflight, quiet
+    quiet.import_tensorflow(preflight.exit_on_error(preflight.evaluate_argv, sys.argv[1:]))
 
 import numpy as np
 import tensorflow as tf
@@ -158,7 +163,6 @@ def evaluate_model_fn(model_fn, x, y, eps, attacks=("clean", "pgd20"), batch_siz
         accs[name] = float(mask.mean()) if len(mask) else 0.0
         accs[f"{name}_time_s"] = elapsed
         details["masks"][name] = mask
-        log(f"{name}: accuracy {accs[name]:.4f} ({elapsed:.1f} s)")
     for w in details["warnings"]:
         log(f"WARNING: {w}")
     return accs, details
@@ -218,8 +222,6 @@ def evaluate_model(model, x, y, eps, attacks=("clean", "pgd20"), branch="adv",
         out["autoattack"] = details["autoattack"]
     return out
 
-
-# ----------------------------------------------------------------------------- models
 
 # ------------------------------------------------------------------------------ files
 
@@ -286,17 +288,21 @@ def record_evaluation(out_dir, label, accs, details, restarts, seed, epoch=0):
 
 
 def robustbench_entry(accs, details, eps, n_examples, model, method, dataset, norm="linf"):
+    """The evaluation as a RobustBench model_info entry (keras_arat.robustbench); `model`
+    is the architecture's name. Clean accuracy is AutoAttack's own when clean did not run
+    as an attack of its own."""
+    from keras_arat import robustbench
     breakdown = details.get("autoattack", {})
-    return {"name": f"keras_arat {method} {model}", "model": model, "method": method,
-            "dataset": dataset, "threat_model": {"linf": "Linf", "l2": "L2"}[norm],
-            "eps": eps, "n_examples": n_examples, "clean_acc": accs.get("clean"),
-            "autoattack_acc": accs.get("autoattack"), "pgd20_acc": accs.get("pgd20"),
-            "additional_data": False, "unreliable": bool(details.get("warnings")),
-            "evaluation": "AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square 5000) - "
-                          "keras_arat TensorFlow implementation, worst case over the "
-                          "attacks run in the same evaluation",
-            "autoattack_stages": breakdown.get("stages"),
-            "warnings": details.get("warnings", [])}
+    clean = accs["clean"] if "clean" in accs else breakdown.get("clean_acc")
+    ran = [a for a in accs if not a.endswith("_time_s")]
+    footnote = (f"keras_arat (TensorFlow) AutoAttack, standard version (APGD-CE, APGD-T, "
+                f"FAB-T, Square with 5,000 queries), {norm} eps {eps:.6g}, on the first "
+                f"{n_examples} test images; per example the worst case over "
+                f"{', '.join(ran)}.")
+    if details.get("warnings"):
+        footnote += " Warnings: " + " ".join(details["warnings"])
+    return robustbench.model_info(clean, accs["autoattack"], eps, model, dataset, method,
+                                  unreliable=bool(details.get("warnings")), footnote=footnote)
 
 
 def write_outputs(out_dir, label, evaluation, details, restarts, seed, epoch, robustbench):
@@ -356,10 +362,14 @@ def define_flags():
     flags.DEFINE_integer("batch_size", 256, "Evaluation batch size.")
     flags.DEFINE_integer("restarts", 1, "Random restarts of pgd20 and cw (worst case kept).")
     flags.DEFINE_integer("seed", 0, "Seed of the attacks' randomness.")
-    flags.DEFINE_bool("progress", True, "Progress bars on stderr (tqdm).")
+    flags.DEFINE_bool("progress", True, "Progress of every attack on stderr: done/total, "
+                      "elapsed time, ETA (in a log, a line every KERAS_ARAT_PROGRESS_SECONDS, "
+                      "default 10).")
     flags.DEFINE_bool("reference_noise_leak", None, "PGD-20 with the official AR-AT code's "
                       "in-place random start (ball centred on x + U(-eps, eps)); default: as "
                       "the run was trained (its config.json), off for deployed models.")
+    flags.DEFINE_bool("verbose", False, "Show TensorFlow's start-up and C++ log lines "
+                      "(hidden by default; also KERAS_ARAT_VERBOSE=1).")
 
 
 def _log(msg):
@@ -406,6 +416,8 @@ def _deployed(runs):
         model_fn = runner.as_tf()
     x, y, about = _test_images(cfg.dataset)
     check_image_shape(x.shape, runner.input_shape, f"{source}")
+    _log(f"evaluating {source} on the first {len(x)} test images of {about['spec']}, eps "
+         f"{eps:.4g} ({FLAGS.norm}): {', '.join(FLAGS.attacks)}")
     if kind == "onnx":
         _log("note: ONNX model: onnxruntime gives no gradients, so only clean accuracy and "
              "Square (gradient-free, 5,000 queries) run; the result is an upper bound on "
@@ -438,6 +450,9 @@ def _checkpoint(runs):
         about = {"spec": run.config.dataset}
     eps = runs.parse_fraction(FLAGS.eps, "eps") if FLAGS.eps else run.config.eps
     branches = ("adv", "clean") if FLAGS.branch == "both" else (FLAGS.branch,)
+    _log(f"evaluating {os.path.relpath(run.checkpoint, FLAGS.workdir)} of {FLAGS.workdir} "
+         f"({' and '.join(branches)} branch) on the first {len(x)} test images, eps {eps:.4g} "
+         f"({FLAGS.norm}): {', '.join(FLAGS.attacks)}")
     details, leak = {}, _leak(run.config)
     evaluation = evaluate_network(run.network, x, y, eps, branches, FLAGS.attacks,
                                   FLAGS.batch_size, FLAGS.seed, details, FLAGS.norm,
@@ -451,7 +466,8 @@ def _checkpoint(runs):
              "test_images": f"the first {len(x)} of the test split of {about['spec']}",
              "eps": eps,
              "norm": FLAGS.norm, "n_examples": len(x), "reference_noise_leak": leak}
-    return label, evaluation, details, run.epoch, (cfg.model, cfg.method,
+    from keras_arat import robustbench
+    return label, evaluation, details, run.epoch, (robustbench.architecture(cfg), cfg.method,
                                                    cfg.dataset, "robustbench.json")
 
 

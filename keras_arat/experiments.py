@@ -224,7 +224,9 @@ def resolve_attacks(names, log):
     extra = [n for n in names if n not in BUILTIN_ATTACKS]
     if not extra:
         return list(BUILTIN_ATTACKS)
-    from keras_arat import evaluate  # imports tensorflow: only when extra attacks are asked
+    from keras_arat import quiet
+    quiet.import_tensorflow()  # evaluate imports it: only when extra attacks are asked
+    from keras_arat import evaluate
     available = tuple(getattr(evaluate, "ATTACKS", ()))
     kept = []
     for name in extra:

@@ -27,7 +27,7 @@ DEFAULT_BETA = {"trades": 6.0, "mart": 5.0}
 # Settings that may differ when a run is resumed; every other key must match.
 RESUMABLE_CHANGES = {"workdir", "resume", "overwrite", "verbose", "epochs", "eval_examples",
                      "eval_batch_size", "jit_compile", "nan_policy", "deterministic",
-                     "strategy", "cpu_devices", "joint_pass"}
+                     "strategy", "cpu_devices", "joint_pass", "tensorboard_every_steps"}
 
 
 
@@ -71,6 +71,9 @@ def parse_flags(argv):
     from absl import flags
     try:
         return flags.FLAGS(argv)
+    except SystemExit as e:  # absl exits 1 after printing --help: asked for, not an error
+        help_flags = {"--help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml"}
+        sys.exit(0 if e.code == 1 and help_flags & set(argv) else e.code)
     except flags.Error as e:
         files = [a.split("=", 1)[1] for a in argv if a.startswith("--flagfile=")]
         where = f" (flags from {', '.join(files)} and the command line)" if files else ""
@@ -201,7 +204,12 @@ def define_train_flags(flags):
     f.DEFINE_bool("deterministic", False, "TensorFlow op determinism: a resumed run ends "
                   "with the same weights as an uninterrupted one (somewhat slower).")
     f.DEFINE_enum("verbose", "auto", ["auto", "0", "1", "2"], "Keras fit verbosity "
-                  "(auto: progress bar on a terminal, a line per epoch otherwise).")
+                  "(auto: progress bar on a terminal; otherwise a line per epoch, and "
+                  "between them a progress line with ETA every KERAS_ARAT_PROGRESS_SECONDS, "
+                  "default 10). TensorFlow's start-up log: KERAS_ARAT_VERBOSE=1.")
+    f.DEFINE_integer("tensorboard_every_steps", 10, "Also write the training figures to "
+                     "TensorBoard (train_steps/) every N optimiser steps, each the mean over "
+                     "those N steps; 0: per epoch only.")
 
 
 def train_flag_values(argv=None):
@@ -226,12 +234,19 @@ def _positive(cfg, name):
         raise UsageError(f"--{name} must be >= 1, got {cfg[name]}")
 
 
-def config_from_flags(flag_values, names):
-    """The validated RunConfig of the flags in `names` (keras_arat.train's)."""
-    cfg = {n: flag_values[n].value for n in names}
+def check_model(name):
+    """--model names a model family (imports Keras, so TensorFlow loads here)."""
     from keras_arat.models import MODEL_NAMES
-    if cfg["model"] not in MODEL_NAMES:
-        raise UsageError(f"unknown --model={cfg['model']}; choose from {list(MODEL_NAMES)}")
+    if name not in MODEL_NAMES:
+        raise UsageError(f"unknown --model={name}; choose from {list(MODEL_NAMES)}")
+
+
+def config_from_flags(flag_values, names, model=True):
+    """The validated RunConfig of the flags in `names` (keras_arat.train's); model=False
+    leaves out check_model, the one check that needs TensorFlow."""
+    cfg = {n: flag_values[n].value for n in names}
+    if model:
+        check_model(cfg["model"])
     cfg["eps"] = parse_fraction(cfg["eps"], "eps")
     cfg["step_size"] = parse_fraction(cfg["step_size"], "step_size")
     for name in ("epochs", "batch_size", "attack_steps", "n_train", "n_test", "eval_examples",
@@ -263,6 +278,8 @@ def config_from_flags(flag_values, names):
     if not 0 <= cfg["eps_warmup_epochs"] <= cfg["epochs"]:
         raise UsageError(f"--eps_warmup_epochs must be in [0, --epochs={cfg['epochs']}], got "
                          f"{cfg['eps_warmup_epochs']}")
+    if cfg.get("tensorboard_every_steps", 0) < 0:
+        raise UsageError("--tensorboard_every_steps must be >= 0 (0: per epoch only)")
     if cfg["eval_every_epochs"] < 0:
         raise UsageError("--eval_every_epochs must be >= 0 (0: no evaluation during training)")
     if cfg["keep_best"] != "none" and not cfg["eval_every_epochs"]:
@@ -492,7 +509,10 @@ def update_results(workdir, run, evaluation, n_examples, attacks):
             results[f"{name}_acc"] = value
     if "clean" in clean:
         results["clean_acc_clean_branch"] = clean["clean"]
-    results["per_branch"] = evaluation
+    # Each figure once: the accuracies are above, their times here.
+    results["time_s"] = {branch: {name[:-len("_time_s")]: value
+                                  for name, value in accs.items() if name.endswith("_time_s")}
+                         for branch, accs in evaluation.items()}
     results["evaluated_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     old = files.read_json(os.path.join(workdir, "results.json"), {})
     for key in ("swa", "best"):  # written at other moments of the same run

@@ -3,7 +3,8 @@
     python -m keras_arat.train --flagfile=configs/quickstart.flags --workdir=runs/quickstart
 
 Writes RUN/config.json, metrics.jsonl, tensorboard/, checkpoints/ and results.json
-(see DESIGN.md). Re-running the same command resumes from the last complete checkpoint.
+(see README.md). Re-running the same command resumes from the last complete checkpoint.
+All flags: python -m keras_arat.train --helpfull
 """
 
 import atexit
@@ -146,6 +147,8 @@ def build(cfg):
     from keras_arat.training.swa import SWACallback, SWAState
 
     strategy = make_strategy(cfg)  # before anything starts the TensorFlow runtime
+    # The data before the workdir: a data set that cannot be used leaves nothing behind.
+    data, eval_subset = split_holdout(cfg, runs.load_data(cfg))
     shared_workdir = cfg.workdir
     if not is_chief(strategy):
         # Every worker runs the same steps (collectives need all of them); only the chief
@@ -157,7 +160,6 @@ def build(cfg):
         prepare_workdir(cfg)
     else:
         resume = prepare_workdir(cfg)
-    data, eval_subset = split_holdout(cfg, runs.load_data(cfg))
     keras.utils.set_random_seed(cfg.seed)
     if cfg.deterministic:
         import tensorflow as tf
@@ -170,6 +172,8 @@ def build(cfg):
     with strategy.scope():
         network = runs.build_network(cfg, data.num_classes, data.image_shape)
         _, steps_per_epoch = training_batches(cfg, data, 1)
+        if is_chief(strategy):
+            print(start_line(cfg, data, steps_per_epoch), flush=True)
         trainer = runs.build_trainer(cfg, network, data.image_shape, steps_per_epoch)
         schedule = EpochPiecewiseConstant(steps_per_epoch, cfg.lr_boundaries, cfg.lr_values)
         optimizer = TorchSGD(schedule, momentum=cfg.momentum,
@@ -216,11 +220,21 @@ def build(cfg):
                    "n_examples": len(eval_subset[1])})
     # Order matters: an epoch's figures (and a best checkpoint) come before its epoch
     # checkpoint, so a run killed in between redoes both when it resumes.
-    callbacks += [c for c in (stopper, cb.MetricsLogger(cfg.workdir, schedule), evaluator,
+    logger = cb.MetricsLogger(cfg.workdir, schedule, every_steps=cfg.tensorboard_every_steps,
+                              steps_per_epoch=steps_per_epoch)
+    callbacks += [c for c in (stopper, logger, evaluator,
                               cb.CheckpointCallback(manager, {"method": cfg.method})) if c]
+    if fit_verbosity(cfg) == 2:  # a log: Keras prints a line per epoch; ours come in between
+        callbacks.append(cb.ProgressLines(steps_per_epoch, cfg.epochs))
     return Training(cfg, shared_workdir, data, network, trainer, optimizer, schedule, manager,
                     swa_state, steps_per_epoch, initial_epoch, callbacks, stopper, evaluator,
                     mixed_precision=bool(policy))
+
+
+def fit_verbosity(cfg):
+    """Keras fit's verbose: --verbose, or with auto a progress bar on a terminal and a line
+    per epoch in a piped log."""
+    return (1 if sys.stdout.isatty() else 2) if cfg.verbose == "auto" else int(cfg.verbose)
 
 
 def fit(training):
@@ -228,7 +242,7 @@ def fit(training):
     NonFiniteLossError under --nan_policy=stop. Returns the final epoch."""
     from keras_arat.training import callbacks as cb
     cfg = training.cfg
-    verbose = (1 if sys.stdout.isatty() else 2) if cfg.verbose == "auto" else int(cfg.verbose)
+    verbose = fit_verbosity(cfg)
     if training.initial_epoch < cfg.epochs:
         dataset, _ = training.batches(cfg.epochs, training.initial_epoch)
         training.trainer.fit(dataset, epochs=cfg.epochs, initial_epoch=training.initial_epoch,
@@ -373,10 +387,14 @@ def final_evaluation(run, split):
     cfg, network = run.config, run.network
     start = time.time()
     x_test, y_test = run.test_arrays(cfg.eval_examples)
+    from keras_arat.progress import log
+    log(f"{'final' if split == 'final' else 'SWA'} evaluation on the first {len(x_test)} test "
+        f"images, eps {cfg.eps:.4g}: clean and PGD-20 accuracy of the adv branch"
+        + (", clean accuracy of the clean branch" if cfg.split_bn else ""))
     leak = bool(cfg.reference_noise_leak)
     evaluation = evaluate_network(network, x_test, y_test, cfg.eps, ("adv",),
                                   ("clean", "pgd20"), cfg.eval_batch_size, cfg.seed,
-                                  reference_noise_leak=leak)
+                                  progress=True, reference_noise_leak=leak)
     if cfg.split_bn:
         evaluation.update(evaluate_network(network, x_test, y_test, cfg.eps, ("clean",),
                                            ("clean",), cfg.eval_batch_size, cfg.seed))
@@ -396,16 +414,41 @@ def final_evaluation(run, split):
     return figures
 
 
+def start_line(cfg, data, steps_per_epoch):
+    """What is about to be trained, where, on what: one line."""
+    shape = "x".join(map(str, data.image_shape))
+    model = cfg.model + (" (split BN)" if cfg.split_bn else "")
+    return (f"training {cfg.method} in {cfg.workdir}: data {cfg.dataset} "
+            f"({len(data.x_train)} train / {len(data.x_test)} test images, {shape}, "
+            f"{data.num_classes} classes), model {model}, {cfg.epochs} epochs of "
+            f"{steps_per_epoch} steps (batch {cfg.batch_size}), eps {cfg.eps:.4g}")
+
+
+def check_before_tensorflow(cfg):
+    """Data set and workdir, checked before TensorFlow loads (keras_arat.preflight)."""
+    from keras_arat import preflight
+    preflight.check_new_folder(cfg.workdir, "workdir")
+    preflight.check_data(cfg.dataset, cfg.data_dir, cfg.n_train, cfg.n_test)
+
+
 def main(argv):
     logging.set_verbosity(logging.WARNING)
     if len(argv) > 1:
         print(f"error: unexpected arguments {argv[1:]} (flags are --name=value)",
               file=sys.stderr)
         sys.exit(2)
+    from keras_arat import quiet
+    try:
+        cfg = runs.config_from_flags(FLAGS, TRAIN_FLAGS, model=False)
+        check_before_tensorflow(cfg)
+    except runs.UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    quiet.import_tensorflow()
     from keras_arat.attacks import EvaluationError
     from keras_arat.training.callbacks import NonFiniteLossError
     try:
-        cfg = runs.config_from_flags(FLAGS, TRAIN_FLAGS)
+        runs.check_model(cfg.model)
         results = train(cfg)
     except runs.UsageError as e:  # flags, files, data, checkpoints
         print(f"error: {e}", file=sys.stderr)
@@ -424,7 +467,7 @@ def main(argv):
         print(f"error: {e.strerror or e} ({getattr(e, 'filename', '') or ''}){hint}",
               file=sys.stderr)
         sys.exit(1)
-    print(json.dumps(results, indent=1))
+    print(json.dumps(results, indent=1), flush=True)
 
 
 def run_main():

@@ -106,6 +106,7 @@ def test_pooled_feature_is_relu_then_gap():
                                np.maximum(t.numpy(), 0).mean(axis=(1, 2)))
 
 
+@pytest.mark.slow
 def test_train_step_moves_only_the_branches_it_uses():
     trainer = make_trainer()
     net = trainer.network
@@ -121,6 +122,7 @@ def test_train_step_moves_only_the_branches_it_uses():
                          "train_acc_clean"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model,kwargs", [("resnet18", {}), ("wrn", {"depth": 10, "width": 1})])
 def test_dry_run_step_big_models(model, kwargs):
     net = helpers.new_network(model=model, **kwargs)
@@ -149,6 +151,7 @@ def test_unknown_tap_is_rejected():
         ARATModel(helpers.new_network(), taps=["nope"])
 
 
+@pytest.mark.slow
 def test_ablation_switches_change_what_they_name():
     x, y = batch(16)
     # --predictor=false: no predictor heads; the adversarial feature is compared directly.

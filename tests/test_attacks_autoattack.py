@@ -40,6 +40,7 @@ def norms(x_adv, x, norm):
     return np.abs(d).max(1) if norm == "linf" else np.linalg.norm(d, axis=1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 1.0)])
 def test_every_attack_stays_in_ball_and_box(setup, norm, eps):
     f, x, y = setup
@@ -56,6 +57,7 @@ def test_every_attack_stays_in_ball_and_box(setup, norm, eps):
     assert result.x_adv.min() >= 0.0 and result.x_adv.max() <= 1.0
 
 
+@pytest.mark.slow
 def test_large_eps_breaks_undefended_cnn_and_worst_case_is_monotone(setup):
     f, x, y = setup
     eps = 0.3
@@ -82,6 +84,7 @@ def test_large_eps_breaks_undefended_cnn_and_worst_case_is_monotone(setup):
     assert accs_along[-1] == accs["autoattack"]
 
 
+@pytest.mark.slow
 def test_apgd_at_least_as_strong_as_pgd_on_arat_model():
     from keras_arat.training import ARATModel, TorchSGD
     net = helpers.new_network(split_bn=True, seed=1)
@@ -108,6 +111,7 @@ def _quantise(z):
     return tf.round(z * 4.0) / 4.0, grad
 
 
+@pytest.mark.slow
 def test_gradient_masking_defeats_gradient_attacks_not_square(setup):
     f, x, y = setup
     masked = lambda z: f(_quantise(z))  # noqa: E731 - zero input gradient everywhere
@@ -126,6 +130,7 @@ def test_gradient_masking_defeats_gradient_attacks_not_square(setup):
     assert pgd_ok.mean() - result.robust_accuracy >= 0.25
 
 
+@pytest.mark.slow
 def test_same_seed_same_adversarial_examples(setup):
     f, x, y = setup
     x, y = x[:16], y[:16]

@@ -75,6 +75,7 @@ def test_trades_attack_maximises_kl_in_inference_mode():
     assert np.abs(x_adv.numpy() - x.numpy()).max() <= 0.3 + 1e-6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls", [TRADESModel, MARTModel, PGDATModel])
 def test_baseline_train_step_lowers_loss(cls):
     trainer, x, y = setup(cls)
@@ -84,6 +85,7 @@ def test_baseline_train_step_lowers_loss(cls):
     assert np.isfinite(first) and last < first
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["arat", "pgd_at", "trades", "mart"])
 def test_eps_warmup_grows_the_training_attack_per_step_without_retracing(method):
     from keras_arat.training import TRAINERS

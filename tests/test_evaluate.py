@@ -1,27 +1,19 @@
 """keras_arat.evaluate's CLI: checkpoint runs, SavedModels, ONNX, and its refusals."""
 
+import functools
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests import helpers
+from tests import cli, helpers
+from tests.cli import assert_error
+from tests.test_robustbench import check_model_info
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="-1", PYTHONPATH=ROOT)
 
-
-def run_module(module, *args, check=True):
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{module} {args} failed ({proc.returncode}):\n"
-                             f"{proc.stderr[-3000:]}")
-    return proc
+run_module = functools.partial(cli.run_cli, check=True)
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +54,7 @@ def read_record(out_dir, record):
         return json.load(f)
 
 
+@pytest.mark.slow
 def test_cli_checkpoint_writes_every_file(workdir):
     with open(os.path.join(workdir, "results.json")) as f:
         training = json.load(f)
@@ -100,11 +93,14 @@ def test_cli_checkpoint_writes_every_file(workdir):
     with open(os.path.join(workdir, "robustbench.json")) as f:
         rb = json.load(f)
     adv = printed["evaluated"][0]["accuracy"]
-    assert rb["threat_model"] == "Linf" and rb["n_examples"] == 8
-    assert rb["autoattack_acc"] == adv["autoattack"] and rb["clean_acc"] == adv["clean"]
-    assert {"model", "method", "dataset", "eps"} <= set(rb)
+    check_model_info(rb)  # RobustBench's model_info format, percent strings
+    assert rb["autoattack_acc"] == f"{100 * adv['autoattack']:.2f}"
+    assert rb["clean_acc"] == f"{100 * adv['clean']:.2f}"
+    assert rb["eps"] == "0.3" and rb["dataset"] == "digits"
+    assert rb["architecture"] == "SmallCNN-8" and "first 8 test images" in rb["footnote"]
 
 
+@pytest.mark.slow
 def test_evaluation_at_another_eps_and_n_keeps_training_figures_and_labels_its_own(
         workdir, tmp_path):
     with open(os.path.join(workdir, "results.json")) as f:
@@ -142,7 +138,16 @@ def test_evaluation_at_another_eps_and_n_keeps_training_figures_and_labels_its_o
     assert tags == {"evaluate/adv/clean/linf_eps=0.3_n=8"}
 
 
-def test_cli_saved_model_and_onnx(saved_model, tmp_path):
+@pytest.fixture(scope="module")
+def onnx_model(saved_model, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("onnx") / "model.onnx")
+    run_module("tf2onnx.convert", "--saved-model", saved_model, "--output", path,
+               "--opset", "17")
+    return path
+
+
+@pytest.mark.slow
+def test_cli_saved_model_and_onnx(saved_model, onnx_model, tmp_path):
     out = str(tmp_path / "out")
     proc = run_module("keras_arat.evaluate", f"--saved_model={saved_model}",
                       "--dataset=digits", "--eps=0.3", "--n_examples=8", "--batch_size=8",
@@ -154,7 +159,11 @@ def test_cli_saved_model_and_onnx(saved_model, tmp_path):
     assert entry["kind"] == "saved_model" and entry["dataset"] == "digits"
     record = read_record(out, entry["record"])
     assert {r["attack"]: r["acc"] for r in record["results"]} == accs
-    assert os.path.exists(os.path.join(out, "robustbench_saved_model.json"))
+    with open(os.path.join(out, "robustbench_saved_model.json")) as f:
+        rb = json.load(f)
+    check_model_info(rb)
+    assert rb["clean_acc"] == f"{100 * accs['clean']:.2f}"
+    assert rb["autoattack_acc"] == f"{100 * accs['autoattack']:.2f}"
     # In-process, the SavedModel agrees with the network it was exported from.
     from keras_arat.deployed import SavedModelRunner
     x = helpers.tiny_data().test[0][:8]
@@ -162,10 +171,7 @@ def test_cli_saved_model_and_onnx(saved_model, tmp_path):
     np.testing.assert_allclose(SavedModelRunner(saved_model).predict(x),
                                net(x, training=False, branch="adv").numpy(), atol=1e-4)
 
-    onnx_path = str(tmp_path / "model.onnx")
-    run_module("tf2onnx.convert", "--saved-model", saved_model, "--output", onnx_path,
-               "--opset", "17")
-    proc = run_module("keras_arat.evaluate", f"--onnx={onnx_path}", "--dataset=digits",
+    proc = run_module("keras_arat.evaluate", f"--onnx={onnx_model}", "--dataset=digits",
                       "--eps=0.3", "--n_examples=8", "--batch_size=8",
                       "--attacks=clean,pgd20,autoattack", f"--output_dir={out}", "--noprogress")
     assert "no gradients" in proc.stderr
@@ -179,10 +185,103 @@ def test_cli_saved_model_and_onnx(saved_model, tmp_path):
     assert any("no gradients" in n for n in onnx["notes"])
 
 
+@pytest.mark.slow
+def test_autoattack_alone_reports_its_own_clean_accuracy(saved_model, tmp_path):
+    out = str(tmp_path / "out")
+    proc = run_module("keras_arat.evaluate", f"--saved_model={saved_model}", "--eps=0.3",
+                      "--n_examples=8", "--batch_size=8", "--attacks=autoattack",
+                      f"--output_dir={out}", "--noprogress")
+    (entry,) = json.loads(proc.stdout)["evaluated"]
+    assert list(entry["accuracy"]) == ["autoattack"]
+    (result,) = read_record(out, entry["record"])["results"]
+    clean = result["breakdown"]["clean_acc"]
+    assert 0.5 <= clean <= 1.0 and clean >= entry["accuracy"]["autoattack"]
+    with open(os.path.join(out, "robustbench_saved_model.json")) as f:
+        rb = json.load(f)
+    check_model_info(rb)
+    assert rb["clean_acc"] == f"{100 * clean:.2f}"  # not null: AutoAttack measured it
+    assert rb["autoattack_acc"] == f"{100 * entry['accuracy']['autoattack']:.2f}"
+
+
+@pytest.mark.slow
 def test_cli_refuses_probability_outputs(tmp_path):
     path = save_model(str(tmp_path / "probs"), softmax=True)
     proc = run_module("keras_arat.evaluate", f"--saved_model={path}", "--dataset=digits",
                       "--n_examples=8", "--attacks=clean", check=False)
-    assert proc.returncode == 2
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "probabilities" in errors[0]
+    assert_error(proc, "probabilities", alone=False)  # after the evaluation's start line
+
+
+def bad_files(tmp_path):
+    """Files of the wrong kind and shape; {sm} and {onnx} stand-ins (the checks before
+    TensorFlow loads look at the files, not at the models in them)."""
+    x = np.zeros((8, 28, 28, 1), np.uint8)  # MNIST-shaped, the models take 32x32x3
+    y = np.arange(8) % 2
+    np.savez(tmp_path / "mnist28.npz", x_train=x, y_train=y, x_test=x, y_test=y)
+    np.save(tmp_path / "images.npy", np.zeros((8, 32, 32, 3), np.uint8))
+    for folder in (tmp_path / "sm", tmp_path / "export" / "saved_model" / "m" / "1"):
+        folder.mkdir(parents=True)
+        (folder / "saved_model.pb").write_bytes(b"\x08\x01")
+    (tmp_path / "model.onnx").write_bytes(b"\x08\x08\x12\x07tf2onnx")
+    with open(tmp_path / "net.keras", "wb") as f:
+        np.savez(f, w=np.zeros(3))  # a zip archive, as .keras files are
+    (tmp_path / "not_a_run").mkdir()
+    (tmp_path / "file.txt").write_text("x")
+    return {"{tmp}": str(tmp_path), "{sm}": str(tmp_path / "sm"),
+            "{onnx}": str(tmp_path / "model.onnx")}
+
+
+def fill(args, message, paths):
+    for key, value in paths.items():
+        args = [a.replace(key, value) for a in args]
+        message = message.replace(key, value)
+    return args, message
+
+
+# Checked before TensorFlow loads, and reported with TensorFlow unimportable
+# (tests/cli.without_tensorflow), which proves they come first.
+BAD_INPUT_BEFORE_TENSORFLOW = [
+    (["--workdir={tmp}/absent"], "is not a folder"),
+    (["--workdir={tmp}/not_a_run"], "config.json not found"),
+    (["--saved_model={onnx}"], "is a file (an ONNX model? pass --onnx)"),
+    (["--saved_model={tmp}/export"], "did you mean --saved_model={tmp}/export/saved_model/m/1"),
+    (["--saved_model={tmp}/absent"], "not found"),
+    (["--onnx={sm}"], "is a folder (a SavedModel? pass --saved_model)"),
+    (["--onnx={tmp}/net.keras"], "is a zip archive"),
+    (["--saved_model={sm}", "--dataset=npz:{tmp}/images.npy"], "not an .npz archive"),
+    (["--saved_model={sm}", "--dataset=npz:{tmp}/absent.npz"], "npz file not found"),
+    (["--saved_model={sm}", "--eps=9"], "--eps=9 must be in (0, 1]"),
+    (["--saved_model={sm}", "--output_dir={tmp}/file.txt"], "is a file, not a folder"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_INPUT_BEFORE_TENSORFLOW,
+                         ids=[m for _, m in BAD_INPUT_BEFORE_TENSORFLOW])
+def test_bad_input_is_one_error_line_before_tensorflow_loads(tmp_path, args, message):
+    args, message = fill(args, message, bad_files(tmp_path))
+    proc = run_module("keras_arat.evaluate", *args, "--n_examples=8", check=False,
+                      env=cli.without_tensorflow(str(tmp_path)))
+    assert_error(proc, message)  # and nothing else on stderr, nothing on stdout
+    assert proc.stdout == "" and proc.seconds < 15
+
+
+# Found once the model is loaded: one error line all the same, and no TensorFlow log.
+BAD_INPUT_AFTER_TENSORFLOW = [
+    (["--saved_model={sm}", "--dataset=npz:{tmp}/mnist28.npz"],
+     "are 28x28x1 images but {sm} takes 32x32x3"),
+    (["--onnx={onnx}", "--dataset=npz:{tmp}/mnist28.npz"],
+     "are 28x28x1 images but {onnx} takes 32x32x3"),
+    (["--saved_model={sm}", "--attacks=clean,fgsm"], "unknown attack(s) ['fgsm']"),
+    (["--saved_model={sm}", "--onnx={onnx}"], "give --saved_model or --onnx, not both"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args,message", BAD_INPUT_AFTER_TENSORFLOW,
+                         ids=[m for _, m in BAD_INPUT_AFTER_TENSORFLOW])
+def test_bad_input_is_one_error_line_after_tensorflow_loads(saved_model, onnx_model, tmp_path,
+                                                            args, message):
+    paths = {**bad_files(tmp_path), "{sm}": saved_model, "{onnx}": onnx_model}
+    args, message = fill(args, message, paths)
+    proc = run_module("keras_arat.evaluate", *args, "--n_examples=8", check=False)
+    assert_error(proc, message)
+    assert proc.stdout == ""

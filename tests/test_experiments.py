@@ -5,13 +5,13 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
-import sys
-import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.cli import ROOT, run_cli
+
+pytestmark = pytest.mark.slow  # every test runs the grid runner in a subprocess
+
 TINY = ("dataset=digits,n_train=128,n_test=64,batch_size=64,cnn_width=8,attack_steps=1,"
         "epochs=1,eps=0.3,step_size=0.1,lr_values=0.05,lr_boundaries=,a_prev_examples=64")
 ROWS = ["arat:method=arat", "pgd_at:method=pgd_at",
@@ -22,11 +22,8 @@ GOOD = [("arat", 0), ("arat", 1), ("pgd_at", 0), ("pgd_at", 1)]
 
 
 def run_grid(*args, timeout=400):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="-1")
-    start = time.time()
-    proc = subprocess.run([sys.executable, "-m", "keras_arat.experiments", *args], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=timeout)
-    return proc, time.time() - start
+    proc = run_cli("keras_arat.experiments", *args, timeout=timeout)
+    return proc, proc.seconds
 
 
 def read(path, mode="r"):

@@ -4,8 +4,6 @@ import glob
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 
 import keras
@@ -15,9 +13,9 @@ import pytest
 from keras_arat.deployed import OnnxRunner
 from export import cli, convert, fold
 from keras_arat.layers.split_batch_norm import SplitBatchNormalization
+from tests.cli import assert_error, run_cli, without_tensorflow
 from tests.helpers import new_network
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ATOL = 1e-4
 TINY = ["--dataset=digits", "--n_train=256", "--n_test=128", "--batch_size=64",
         "--cnn_width=8", "--attack_steps=2", "--eps=0.3", "--step_size=0.1",
@@ -25,17 +23,6 @@ TINY = ["--dataset=digits", "--n_train=256", "--n_test=128", "--batch_size=64",
         "--verbose=2"]
 FAMILIES = [("small_cnn", {"width": 8}), ("resnet18", {}),
             ("wrn", {"depth": 10, "width": 1}), ("preact_resnet18", {})]
-
-
-def run_cli(module, *args, timeout=300):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="-1")
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def last_line(text):
-    lines = [l for l in text.strip().splitlines() if l.strip()]
-    return lines[-1] if lines else ""
 
 
 def randomize_bn(network, seed=0):
@@ -51,7 +38,9 @@ def randomize_bn(network, seed=0):
                 bn.moving_variance.assign(rng.uniform(0.5, 2.0, c).astype("float32"))
 
 
-@pytest.mark.parametrize("family,kwargs", FAMILIES, ids=[f for f, _ in FAMILIES])
+@pytest.mark.parametrize("family,kwargs", [  # the two 18-layer families take longest
+    pytest.param(f, k, id=f, marks=pytest.mark.slow if f.endswith("18") else ())
+    for f, k in FAMILIES])
 def test_fold_parity_every_family_both_branches(family, kwargs):
     net = new_network(model=family, input_shape=(16, 16, 3), **kwargs)
     randomize_bn(net)
@@ -116,7 +105,7 @@ def net_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exported(run_dir, net_file, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("exported") / "out")
+    out = str(tmp_path_factory.mktemp("exported") / "new" / "out")  # parent made too
     start = time.time()
     proc = run_cli("export", f"--keras_model={net_file[0]}", f"--workdir={run_dir}",
                    f"--out={out}", "--name=tiny", "--pgd_examples=64")
@@ -129,6 +118,7 @@ def no_leftovers(out):
     return [p for p in os.listdir(parent) if ".export-" in p or ".old-" in p] == []
 
 
+@pytest.mark.slow
 def test_cli_writes_every_file(exported):
     out, proc, _ = exported
     assert sorted(os.listdir(out)) == ["export_report.json", "model.keras", "model.onnx",
@@ -138,8 +128,17 @@ def test_cli_writes_every_file(exported):
     assert os.path.isdir(os.path.join(sm, "variables"))
     assert no_leftovers(out)
     assert "wrote" in proc.stdout
+    # stderr: what the export is doing, and nothing from TensorFlow's start-up.
+    steps = proc.stderr.splitlines()
+    assert steps[:2] == ["export: folding the adv branch, then saved_model, onnx, keras with "
+                         "parity checks on 128 test images",
+                         "export: writing and checking the SavedModel"], proc.stderr
+    assert all(s.startswith(("export: ", "PGD-20, original: ", "PGD-20, folded_keras: "))
+               for s in steps), proc.stderr
+    assert steps[-1].startswith("PGD-20, folded_keras: 64/64 images in ")
 
 
+@pytest.mark.slow
 def test_report_proves_parity(exported):
     out, _, _ = exported
     report = json.load(open(os.path.join(out, "export_report.json")))
@@ -159,15 +158,12 @@ def test_report_proves_parity(exported):
     assert "BatchNormalization" not in report["onnx"]["op_types"]
 
 
+@pytest.mark.slow
 def test_saved_model_cli_shows_the_signature(exported):
     out, _, _ = exported
-    cli_bin = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
-    cmd = ([cli_bin] if os.path.exists(cli_bin)
-           else [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli"])
-    proc = subprocess.run(cmd + ["show", "--dir", os.path.join(out, "saved_model", "tiny", "1"),
-                                 "--tag_set", "serve", "--signature_def", "serving_default"],
-                          capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    proc = run_cli("tensorflow.python.tools.saved_model_cli", "show", "--dir",
+                   os.path.join(out, "saved_model", "tiny", "1"), "--tag_set", "serve",
+                   "--signature_def", "serving_default", timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     text = proc.stdout
     assert "inputs['images'] tensor_info" in text
@@ -176,6 +172,7 @@ def test_saved_model_cli_shows_the_signature(exported):
     assert "Method name is: tensorflow/serving/predict" in text
 
 
+@pytest.mark.slow
 def test_onnx_graph_contract_and_dynamic_batch(exported, net_file):
     import onnx
     out, _, _ = exported
@@ -197,6 +194,7 @@ def test_onnx_graph_contract_and_dynamic_batch(exported, net_file):
     np.testing.assert_allclose(keras_model(x).numpy(), want, atol=ATOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_clean_branch_from_keras_file(run_dir, net_file, tmp_path):
     report = cli.export(cli.default_args(
         keras_model=net_file[0], workdir=run_dir, out=str(tmp_path / "clean"),
@@ -211,6 +209,7 @@ def test_clean_branch_from_keras_file(run_dir, net_file, tmp_path):
                                atol=ATOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_checkpoint_export_or_refusal(run_dir, tmp_path):
     """Export from the last and from a named checkpoint, checked against load_run."""
     from keras_arat import runs
@@ -234,7 +233,8 @@ def test_checkpoint_export_or_refusal(run_dir, tmp_path):
 
 # --- errors: one line, non-zero exit, nothing written -----------------------------------
 
-def test_errors_are_one_line_and_write_nothing(run_dir, tmp_path):
+@pytest.mark.slow
+def test_errors_are_one_line_and_write_nothing(run_dir, net_file, tmp_path):
     empty = tmp_path / "empty_run"
     empty.mkdir()
     shutil.copy(os.path.join(run_dir, "config.json"), empty / "config.json")
@@ -266,17 +266,35 @@ def test_errors_are_one_line_and_write_nothing(run_dir, tmp_path):
         assert not os.path.exists(tmp_path / "out"), overrides
         assert no_leftovers(str(tmp_path / "out"))
     assert os.listdir(existing) == []
-    # Through the command line: exit status 2 and a single "error:" line.
-    for args in ([f"--workdir={other}", f"--out={tmp_path / 'out'}"],
-                 [f"--workdir={run_dir}", f"--out={existing}"],
-                 [f"--workdir={run_dir}", f"--out={tmp_path / 'out'}", "--branch=mixed"]):
-        proc = run_cli("export", *args)
-        assert proc.returncode == 2, proc.stderr[-2000:]
-        errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
-        assert len(errors) == 1 and last_line(proc.stderr) == errors[0], proc.stderr[-2000:]
-        assert not os.path.exists(tmp_path / "out")
+    # Through the command line: one "error:" line and nothing else on stderr (no
+    # TensorFlow log, no traceback). Errors found before TensorFlow loads are reported
+    # with TensorFlow unimportable, which proves they came first.
+    (tmp_path / "file.txt").write_text("not a model")
+    out = str(tmp_path / "out")
+    for args, message, before_tensorflow in [
+            ([f"--workdir={other}", f"--out={out}"], "cannot restore checkpoint", False),
+            ([f"--workdir={run_dir}", f"--out={existing}"], "exists; pass --overwrite", True),
+            ([f"--workdir={run_dir}", f"--out={out}", "--branch=mixed"], "unknown --branch",
+             True),
+            ([f"--workdir={tmp_path / 'absent'}", f"--out={out}"], "is not a folder", True),
+            ([f"--workdir={tmp_path / 'file.txt'}", f"--out={out}"], "is not a folder", True),
+            ([f"--keras_model={tmp_path / 'file.txt'}", "--eps=0.3", f"--out={out}"],
+             "is not a .keras file", True),
+            ([f"--workdir={run_dir}", f"--out={tmp_path / 'file.txt' / 'out'}"],
+             "is a file, not a folder", True)]:
+        env = without_tensorflow(str(tmp_path)) if before_tensorflow else None
+        proc = run_cli("export", *args, env=env)
+        assert_error(proc, message)
+        assert not os.path.exists(out)
+    # Folders missing above --out are made for the export and removed when it fails.
+    proc = run_cli("export", f"--keras_model={net_file[0]}", f"--workdir={run_dir}",
+                   f"--out={tmp_path / 'new' / 'deeper' / 'out'}", "--atol=1e-15",
+                   "--formats=keras", "--pgd_examples=0", "--n_examples=32")
+    assert_error(proc, "export check failed: logits differ by", status=1, alone=False)
+    assert not os.path.exists(tmp_path / "new")
 
 
+@pytest.mark.slow
 def test_parity_failure_fails_loudly_and_keeps_old_output(run_dir, net_file, tmp_path):
     out = tmp_path / "out"
     out.mkdir()

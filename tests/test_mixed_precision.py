@@ -2,14 +2,13 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 from keras_arat import runs
 from keras_arat.config import RunConfig
-from tests.test_cli import ROOT, TINY, run_cli
+from tests.cli import run_cli
+from tests.test_cli import TINY
 
 # A global dtype policy must not leak into other tests: each check runs in its own process.
 SCRIPT = r'''
@@ -44,11 +43,10 @@ print("MIXED-OK", compute, type(trainer.optimizer).__name__)
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
 def test_mixed_policy_keeps_float32_weights_logits_and_attack(policy):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="-1", PYTHONPATH=ROOT)
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, policy], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = run_cli("-c", SCRIPT, policy, timeout=300)
     assert "MIXED-OK" in proc.stdout, proc.stderr[-3000:]
     compute = policy.split("_")[1]
     assert f"MIXED-OK {compute}" in proc.stdout
@@ -58,10 +56,11 @@ def test_mixed_policy_keeps_float32_weights_logits_and_attack(policy):
         assert "LossScaleOptimizer" not in proc.stdout
 
 
+@pytest.mark.slow
 def test_cli_bfloat16_run_trains_and_evaluates_in_float32(tmp_path):
     import numpy as np
     workdir = str(tmp_path / "bf16")
-    proc, _ = run_cli("keras_arat.train", *TINY, "--epochs=2", "--mixed_precision=bfloat16",
+    proc = run_cli("keras_arat.train", *TINY, "--epochs=2", "--mixed_precision=bfloat16",
                       "--swa", "--swa_start_epoch=2", "--swa_every_steps=1",
                       "--eval_examples=64", f"--workdir={workdir}")
     assert proc.returncode == 0, proc.stderr[-3000:]

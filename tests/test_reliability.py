@@ -5,7 +5,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -13,7 +12,8 @@ import pytest
 import tensorflow as tf
 
 from keras_arat.training.checkpoint import CheckpointManager, verify
-from tests.test_cli import ROOT, TINY, read_jsonl, run_cli
+from tests.cli import run_cli, start_cli
+from tests.test_cli import TINY, read_jsonl
 
 
 def small_state():
@@ -81,9 +81,10 @@ def test_best_checkpoints_survive_a_kill_between_best_and_epoch(tmp_path):
                                             "epoch-0003"]
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path):
     workdir = str(tmp_path / "nan")
-    proc, _ = run_cli("keras_arat.train", *TINY, "--epochs=2", "--lr_values=1e30,1e30",
+    proc = run_cli("keras_arat.train", *TINY, "--epochs=2", "--lr_values=1e30,1e30",
                       f"--workdir={workdir}")
     assert proc.returncode == 1, proc.stderr[-2000:]
     error = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
@@ -92,10 +93,11 @@ def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path):
     assert not os.path.exists(os.path.join(workdir, "results.json"))
 
 
+@pytest.mark.slow
 def test_nan_in_a_later_epoch_keeps_the_previous_checkpoint_intact(tmp_path):
     # Epoch 1 trains at a sane rate; from epoch 2 on the rate diverges (4 steps an epoch).
     workdir = str(tmp_path / "late_nan")
-    proc, _ = run_cli("keras_arat.train", *TINY, "--epochs=3", "--lr_values=0.05,1e30",
+    proc = run_cli("keras_arat.train", *TINY, "--epochs=3", "--lr_values=0.05,1e30",
                       "--lr_boundaries=1", f"--workdir={workdir}")
     assert proc.returncode == 1, proc.stderr[-2000:]
     error = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
@@ -112,9 +114,10 @@ def test_nan_in_a_later_epoch_keeps_the_previous_checkpoint_intact(tmp_path):
     assert not os.path.exists(os.path.join(workdir, "results.json"))
 
 
+@pytest.mark.slow
 def test_nan_policy_skip_batch_counts_and_continues(tmp_path):
     workdir = str(tmp_path / "skip")
-    proc, _ = run_cli("keras_arat.train", *TINY, "--epochs=2", "--lr_values=1e30,1e30",
+    proc = run_cli("keras_arat.train", *TINY, "--epochs=2", "--lr_values=1e30,1e30",
                       "--nan_policy=skip_batch", f"--workdir={workdir}")
     lines = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
     assert [ln["epoch"] for ln in lines] == [1, 2]  # trained on past the bad batches
@@ -137,6 +140,7 @@ def final_weights(workdir, epoch, kind="epoch"):
     return {n: reader.get_tensor(n) for n in names}
 
 
+@pytest.mark.slow
 def test_kill_9_mid_epoch_then_resume_ends_with_the_same_weights(tmp_path):
     # SWA from epoch 2: the run is killed in epoch 3, so the checkpoint it resumes from
     # carries a non-empty average that must be continued, not restarted.
@@ -147,14 +151,12 @@ def test_kill_9_mid_epoch_then_resume_ends_with_the_same_weights(tmp_path):
             "--eval_every_epochs=1", "--eval_examples_during_training=32",
             "--keep_best=pgd20"]
     straight = str(tmp_path / "straight")
-    proc, _ = run_cli("keras_arat.train", *args, f"--workdir={straight}")
+    proc = run_cli("keras_arat.train", *args, f"--workdir={straight}")
     assert proc.returncode == 0, proc.stderr[-2000:]
 
     killed = str(tmp_path / "killed")
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="-1")
-    child = subprocess.Popen([sys.executable, "-m", "keras_arat.train", *args,
-                              f"--workdir={killed}"], cwd=ROOT, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = start_cli("keras_arat.train", *args, f"--workdir={killed}",
+                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = os.path.join(killed, "checkpoints", "epoch-0002")
     deadline = time.time() + 240
     while not os.path.exists(first) and child.poll() is None and time.time() < deadline:
@@ -169,7 +171,7 @@ def test_kill_9_mid_epoch_then_resume_ends_with_the_same_weights(tmp_path):
     reader = tf.train.load_checkpoint(os.path.join(killed, "checkpoints", done[-1], "ckpt"))
     assert any(n.startswith("swa") for n in reader.get_variable_to_shape_map())
 
-    proc, _ = run_cli("keras_arat.train", *args, f"--workdir={killed}")
+    proc = run_cli("keras_arat.train", *args, f"--workdir={killed}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"from epoch {int(done[-1][-4:])}" in proc.stdout
     a, b = final_weights(straight, 4), final_weights(killed, 4)
@@ -212,6 +214,7 @@ def test_kill_9_mid_epoch_then_resume_ends_with_the_same_weights(tmp_path):
                                        atol=1e-6, err_msg=name)
 
 
+@pytest.mark.slow
 def test_full_disk_is_one_line_and_the_same_command_completes_once_freed(tmp_path):
     disk = tmp_path / "small_disk"
     disk.mkdir()
@@ -222,7 +225,7 @@ def test_full_disk_is_one_line_and_the_same_command_completes_once_freed(tmp_pat
     try:
         workdir = str(disk / "run")
         args = [*TINY, "--epochs=2", "--eval_examples=32", f"--workdir={workdir}"]
-        proc, seconds = run_cli("keras_arat.train", *args)
+        proc = run_cli("keras_arat.train", *args)
         assert proc.returncode == 1
         last = proc.stderr.strip().splitlines()[-1]
         assert last.startswith("error: No space left on device (")
@@ -233,7 +236,7 @@ def test_full_disk_is_one_line_and_the_same_command_completes_once_freed(tmp_pat
         assert json.load(open(os.path.join(workdir, "config.json")))["epochs"] == 2
 
         subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
-        proc, _ = run_cli("keras_arat.train", *args)
+        proc = run_cli("keras_arat.train", *args)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == \
             ["epoch-0001", "epoch-0002"]

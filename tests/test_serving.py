@@ -6,8 +6,6 @@ Loopback only (127.0.0.1, ports picked free); every request loop is bounded.
 import http.client
 import json
 import os
-import subprocess
-import sys
 import threading
 
 import numpy as np
@@ -15,12 +13,12 @@ import pytest
 
 from keras_arat.deployed import OnnxRunner
 from export import convert, fold
-from export.client import GrpcClient, RestClient, ServingError
+from export.client import ClientInputError, GrpcClient, RestClient, ServingError
 from export.standin import StandIn
+from tests.cli import assert_error, run_cli, start_cli, without_tensorflow
 from tests.helpers import new_network, tiny_data
 from tests.test_export import randomize_bn
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ATOL = 1e-4
 NAME = "digits"
 
@@ -190,13 +188,11 @@ def test_bounded_load_without_errors(server, exported, images):
     assert failures == [] and sum(counts) == threads * per_thread
 
 
+@pytest.mark.slow
 def test_standin_and_client_command_lines(exported, images, tmp_path):
     out, ort = exported
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="-1")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "export.standin",
-         f"--model_base_path={os.path.join(out, 'saved_model', NAME)}"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = start_cli("export.standin",
+                     f"--model_base_path={os.path.join(out, 'saved_model', NAME)}")
     try:
         line = {}
         reader = threading.Thread(target=lambda: line.update(json.loads(proc.stdout.readline())))
@@ -205,13 +201,68 @@ def test_standin_and_client_command_lines(exported, images, tmp_path):
         assert line.get("model") == NAME, "stand-in did not start"
         npy = tmp_path / "x.npy"
         np.save(npy, images[:3])
-        client = subprocess.run(
-            [sys.executable, "-m", "export.client", f"--rest={line['rest']}",
-             f"--model={NAME}", f"--npy={npy}"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        client = run_cli("export.client", f"--rest={line['rest']}", f"--model={NAME}",
+                         f"--npy={npy}", timeout=120)
         assert client.returncode == 0, client.stderr[-2000:]
+        assert client.stderr == ""
         answer = json.loads(client.stdout.strip().splitlines()[-1])
         assert answer["predicted"] == np.argmax(ort(images[:3]), -1).tolist()
+        # Images of another size reach the server, which refuses them: one line, exit 1.
+        np.save(tmp_path / "small.npy", images[:3, :28, :28, :1])
+        client = run_cli("export.client", f"--grpc={line['grpc']}", f"--model={NAME}",
+                         f"--npy={tmp_path / 'small.npy'}", timeout=120)
+        assert_error(client, "INVALID_ARGUMENT: input 'images' must have shape [N, 32, 32, 3], "
+                             "got [3, 28, 28, 1]", status=1)
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        stderr = proc.communicate(timeout=30)[1]
+    assert stderr == ""  # quiet: no TensorFlow start-up log
+    # A version folder instead of the model's base folder (which holds 1/, 2/, ...).
+    version = os.path.join(out, "saved_model", NAME, "1")
+    assert_error(run_cli("export.standin", f"--model_base_path={version}"),
+                 "no numeric version folder")
+
+
+def test_client_refuses_images_it_cannot_send(images):
+    # Nothing listens on port 9: a request that was sent would fail with a connection
+    # error, so ClientInputError shows the images were refused before sending.
+    bad = [(np.round(images * 255).astype(np.uint8), "got dtype uint8 (0-255 pixels?"),
+           (images * 255, "in [0, 1], got [0, 255] (0-255 pixels? divide by 255)"),
+           (images - 0.5, "in [0, 1], got [-0.5"),
+           (np.full((1, 32, 32, 3), np.nan, np.float32), "NaN or Inf"),
+           (images[0], "a batch [N, H, W, C], got shape [32, 32, 3]"),
+           (images[:0], "a batch [N, H, W, C], got shape [0, 32, 32, 3]")]
+    rest = RestClient("http://127.0.0.1:9", NAME, timeout=5)
+    with GrpcClient("127.0.0.1:9", NAME, timeout=5) as grpc_client:
+        for values, message in bad:
+            for client in (rest, grpc_client):
+                with pytest.raises(ClientInputError) as err:
+                    client.predict(values)
+                assert message in str(err.value)
+
+
+def test_client_and_standin_command_line_errors(images, tmp_path):
+    np.savez(tmp_path / "x.npz", images=images[:2])
+    np.save(tmp_path / "uint8.npy", np.round(images[:2] * 255).astype(np.uint8))
+    np.save(tmp_path / "x255.npy", images[:2] * 255)
+    np.save(tmp_path / "one.npy", images[0])
+    (tmp_path / "notes.npy").write_text("not an array")
+    rest = ["--rest=http://127.0.0.1:9", f"--model={NAME}"]
+    cases = [
+        ([*rest, f"--npy={tmp_path / 'x.npz'}"], "is an .npz archive (images), not an .npy"),
+        ([*rest, f"--npy={tmp_path / 'uint8.npy'}"], "got dtype uint8 (0-255 pixels?"),
+        ([*rest, f"--npy={tmp_path / 'x255.npy'}"], "must be in [0, 1], got [0, 255]"),
+        ([*rest, f"--npy={tmp_path / 'one.npy'}"], "a batch [N, H, W, C], got shape [32, 32"),
+        ([*rest, f"--npy={tmp_path / 'notes.npy'}"], "cannot read"),
+        ([*rest, f"--npy={tmp_path / 'absent.npy'}"], "is not a file"),
+        ([*rest, f"--workdir={tmp_path / 'absent'}"], "is not a folder"),
+        ([*rest], "give exactly one of --npy or --workdir"),
+        ([*rest, "--grpc=127.0.0.1:9", f"--npy={tmp_path / 'x.npz'}"],
+         "give exactly one of --rest or --grpc"),
+        ([*rest, f"--npy={tmp_path / 'x.npz'}", "--n=0"], "--n must be >= 1"),
+    ]
+    env = without_tensorflow(str(tmp_path))  # all before TensorFlow (and any request)
+    for args, message in cases:
+        assert_error(run_cli("export.client", *args, env=env), message)
+    assert_error(run_cli("export.standin", f"--model_base_path={tmp_path / 'absent'}",
+                         env=env), "is not a folder")

@@ -4,12 +4,14 @@ import json
 import os
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from keras_arat.attacks import PGD
 from keras_arat.training.swa import SWAState, branch_batch_norms, reestimate_bn
 from tests import helpers
-from tests.test_cli import TINY, run_cli
+from tests.cli import run_cli
+from tests.test_cli import TINY
 
 
 def test_average_equals_mean_of_snapshots():
@@ -64,9 +66,10 @@ def test_reestimation_changes_only_adv_statistics_and_averages_batches():
                                rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_swa_cli_writes_its_checkpoint_and_results(tmp_path):
     workdir = str(tmp_path / "swa")
-    proc, _ = run_cli("keras_arat.train", *TINY, "--epochs=2", "--swa", "--swa_start_epoch=2",
+    proc = run_cli("keras_arat.train", *TINY, "--epochs=2", "--swa", "--swa_start_epoch=2",
                       "--swa_every_steps=2", f"--workdir={workdir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.load(open(os.path.join(workdir, "results.json")))
@@ -76,6 +79,6 @@ def test_swa_cli_writes_its_checkpoint_and_results(tmp_path):
     for key in ("clean_acc", "pgd20_acc", "clean_acc_clean_branch"):
         assert 0.0 <= swa[key] <= 1.0
     assert os.path.isdir(os.path.join(workdir, swa["checkpoint"]))
-    proc, _ = run_cli("keras_arat.train", *TINY, "--epochs=2", "--swa", "--swa_start_epoch=3",
+    proc = run_cli("keras_arat.train", *TINY, "--epochs=2", "--swa", "--swa_start_epoch=3",
                       f"--workdir={tmp_path}/bad")
     assert proc.returncode == 2 and "nothing would be averaged" in proc.stderr

@@ -18,7 +18,6 @@ of gradient masking, as in the reference's check), and zero input gradients.
 """
 
 import dataclasses
-import sys
 import time
 
 import numpy as np
@@ -156,24 +155,10 @@ class Restarts:
         return tf.stop_gradient(best)
 
 
-class _Progress:
-    def __init__(self, total, desc, enabled):
-        self.bar = None
-        if enabled:
-            try:
-                from tqdm import tqdm
-                self.bar = tqdm(total=total, desc=desc, unit="img", file=sys.stderr,
-                                leave=False, mininterval=2.0, dynamic_ncols=True)
-            except ImportError:
-                self.bar = None
-
-    def update(self, n):
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
+def _Progress(total, desc, enabled):
+    """Lines with done/total, elapsed time and ETA on stderr (keras_arat.progress)."""
+    from keras_arat.progress import Progress
+    return Progress(total, desc, "images", enabled=enabled)
 
 
 def compile_attack(attack, model_fn, image_shape=None):
@@ -328,8 +313,9 @@ class AutoAttack:
                      "n_broken": int(broken.sum()), "time_s": round(time.time() - t0, 3)}
             stages.append(stage)
             if log:
-                log(f"{name}: robust accuracy {stage['robust_acc']:.4f} "
-                    f"({stage['n_broken']} broken, {stage['time_s']:.1f} s)")
+                # The accuracies are in the result; the log says what happened.
+                log(f"{name}: broke {stage['n_broken']}, {int(robust.sum())} of {len(x)} left "
+                    f"({stage['time_s']:.1f} s)")
             if name in GRADIENT_FREE and i > 0:
                 n_free = int(broken.sum())
                 if n_free > SQUARE_WARNING_FRACTION * len(x):
@@ -339,7 +325,7 @@ class AutoAttack:
                         f"({n_free / len(x):.2%} of robust accuracy); this evaluation may "
                         f"overestimate robustness")
         check_adversarial(x_adv, x, float(self.eps), self.norm, "AutoAttack")
-        if check and any(not getattr(a, "name", "") in GRADIENT_FREE for a in self.attacks):
+        if check and any(getattr(a, "name", "") not in GRADIENT_FREE for a in self.attacks):
             zero = zero_gradient_fraction(model_fn, x, y)
             if zero > 0:
                 warnings.append(f"{zero:.0%} of the first 64 points have an exactly zero input "

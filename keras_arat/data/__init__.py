@@ -8,7 +8,18 @@ pipelines of float32 images in [0, 1]. Every data problem raises
 
 from .datasets import (DATASET_NAMES, TFDS_NAMES, DataError, Dataset, load_dataset,
                        load_test_images)
-from .pipeline import a_prev_subset, epoch_order, make_eval_dataset, make_train_dataset
+
+# The pipelines need TensorFlow; loading data does not. They are imported on first use,
+# so a command can check its data set before TensorFlow loads (4-6 s).
+_PIPELINE = ("a_prev_subset", "epoch_order", "make_eval_dataset", "make_train_dataset")
+
+
+def __getattr__(name):
+    if name in _PIPELINE:
+        from . import pipeline
+        return getattr(pipeline, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DATASET_NAMES",

@@ -63,18 +63,45 @@ class StopOnNonFinite(keras.callbacks.Callback):
 
 
 class MetricsLogger(keras.callbacks.Callback):
-    """Appends one JSON line per epoch to metrics.jsonl and mirrors it to TensorBoard."""
+    """Appends one JSON line per epoch to metrics.jsonl and mirrors it to TensorBoard.
 
-    def __init__(self, workdir, lr_schedule, extra=None):
+    every_steps=N also writes TensorBoard scalars train_steps/<figure> at every N-th
+    optimiser step: each the mean over the steps since the previous such point of the
+    same epoch (at most N), from the running epoch means Keras passes to each batch.
+    """
+
+    def __init__(self, workdir, lr_schedule, extra=None, every_steps=0, steps_per_epoch=None):
         super().__init__()
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
         self.lr_schedule = lr_schedule
         self.extra = extra or {}
         self.start = None
+        self.every_steps, self.steps_per_epoch = int(every_steps or 0), steps_per_epoch
+        self.epoch, self.mark = 0, (0, {})
 
     def on_epoch_begin(self, epoch, logs=None):
         self.start = time.time()
+        self.epoch, self.mark = epoch, (0, {})
+
+    def on_train_batch_end(self, batch, logs=None):
+        if not self.every_steps or not self.steps_per_epoch:
+            return
+        step = self.epoch * self.steps_per_epoch + batch + 1
+        if step % self.every_steps:
+            return
+        n = batch + 1
+        done, before = self.mark
+        now = {k: float(np.asarray(v).reshape(-1)[0]) for k, v in (logs or {}).items()}
+        self.mark = (n, now)
+        with self.writer.as_default():
+            for key, value in now.items():
+                if key == "skipped_batches":  # a running sum, not a mean
+                    window = value - before.get(key, 0.0)
+                else:  # the mean of batches done+1..n from the means over 1..done and 1..n
+                    window = (n * value - done * before.get(key, 0.0)) / (n - done)
+                tf.summary.scalar(f"train_steps/{key}", window, step=step)
+        self.writer.flush()
 
     def on_epoch_end(self, epoch, logs=None):
         record = {"epoch": epoch + 1, "step": int(self.model.optimizer.iterations.numpy()),
@@ -98,6 +125,26 @@ def append_metrics(path, record, writer=None):
                 if key not in ("epoch", "split") and isinstance(value, (int, float)):
                     tf.summary.scalar(f"{prefix}/{key}", value, step=step)
         writer.flush()
+
+
+class ProgressLines(keras.callbacks.Callback):
+    """For logs: between Keras' end-of-epoch lines (fit's verbose=2), a line with the
+    epoch's steps done, elapsed time and ETA every KERAS_ARAT_PROGRESS_SECONDS."""
+
+    def __init__(self, steps_per_epoch, epochs):
+        super().__init__()
+        self.steps_per_epoch, self.epochs = steps_per_epoch, epochs
+        self.bar = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        from keras_arat.progress import Progress
+        self.bar = Progress(self.steps_per_epoch, f"epoch {epoch + 1}/{self.epochs}", "steps")
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.bar.update(1)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.bar.close(line=False)  # Keras prints the epoch's line
 
 
 class PeriodicEvaluation(keras.callbacks.Callback):
