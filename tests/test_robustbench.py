@@ -12,6 +12,7 @@ import re
 import pytest
 
 from keras_arat import robustbench
+from keras_arat.config import RunConfig
 from keras_arat.evaluate import robustbench_entry
 
 THEIR_FIELDS = {"link", "name", "authors", "additional_data", "number_forward_passes",
@@ -59,7 +60,7 @@ def test_entry_of_an_evaluation():
     accs = {"clean": 0.8534, "clean_time_s": 1.0, "pgd20": 0.55, "pgd20_time_s": 3.0,
             "autoattack": 0.5248, "autoattack_time_s": 30.0}
     details = {"autoattack": {"clean_acc": 0.8534}, "warnings": []}
-    arch = robustbench.architecture({"model": "resnet18"})
+    arch = robustbench.architecture(RunConfig(model="resnet18"))
     entry = robustbench_entry(accs, details, 8 / 255, 1000, arch, "arat", "cifar10")
     check_model_info(entry)
     assert set(entry) == set(robustbench.FIELDS) and entry["footnote"]
@@ -88,7 +89,7 @@ def test_autoattack_alone_fills_clean_accuracy_from_autoattack():
     ({"model": "wrn", "wrn_depth": 10, "wrn_width": 1}, "WideResNet-10-1"),
     ({"model": "small_cnn", "cnn_width": 16}, "SmallCNN-16")])
 def test_architecture_names(config, text):
-    assert robustbench.architecture(config) == text
+    assert robustbench.architecture(RunConfig(**config)) == text
 
 
 @pytest.mark.parametrize("eps,text", [(8 / 255, "8/255"), (4 / 255, "4/255"), (0.5, "0.5"),
