@@ -47,7 +47,7 @@ _API = {
     "fold_bn": "keras_arat.export_api",
     "export_model": "keras_arat.export_api",
 }
-__all__ = sorted(_API)
+__all__ = sorted(_API)  # noqa: PLE0605 - the public names are _API's keys
 
 
 def __getattr__(name):

@@ -75,7 +75,8 @@ for dtype, loss_rtol, tols in (("float64", 1e-6, (1e-10, 1e-10)),
         gaps[dtype, name] = rel
         print(f"same adversarial batch, {dtype}: {name} gradients differ by {rel:.1e} of "
               f"their norm ({tol:.0e} allowed)")
-print(f"float64 shrinks the network gradients' gap {gaps['float32', 'network'] / max(gaps['float64', 'network'], 1e-300):.0e} times")
+shrink = gaps['float32', 'network'] / max(gaps['float64', 'network'], 1e-300)
+print(f"float64 shrinks the network gradients' gap {shrink:.0e} times")
 moving = [(a, b) for a, b in zip(one.weights, two.weights) if "moving" in a.path]
 assert moving
 for a, b in moving:  # synchronized BN statistics: those of the global batch

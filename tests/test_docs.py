@@ -138,8 +138,6 @@ COVERAGE = {
     QUICKSTART_BENCH: ("run", ["--min_clean=0", "--min_pgd20=0", "--max_seconds=3600",
                                *TINY_TRAIN]),
     "python benchmarks/export_latency.py --workdir=runs/quickstart_bench": ("run", TINY_LATENCY),
-    "python benchmarks/eval_throughput.py --workdir=runs/quickstart_bench --n_examples=100":
-        ("run", TINY_EVAL),
     f"{STEP_TIME} --methods=pgd_at,arat,arat_two_pass,trades --steps=20": ("run", TINY_STEP_TIME),
     f"{STEP_TIME} --model=resnet18 --batch_size=32 --methods=pgd_at,arat,arat_two_pass,trades "
     "--steps=6": ("run", TINY_STEP_TIME),
@@ -150,6 +148,43 @@ COVERAGE = {
         "run", TINY_STEP_TIME),
     f"{STEP_TIME} --model=wrn --batch_size=128 --methods=pgd_at,arat,arat_two_pass,trades": (
         "run", TINY_STEP_TIME),
+    # Installing the package (BUILD.md).
+    "pip install .": ("elsewhere", "tests/test_install.py builds the wheel of this tree and "
+                      "installs it (offline, --no-deps: requirements.txt's set is the env's)"),
+    "pip install '.[serving]'": ("elsewhere", "the extra's packages are requirements.txt's "
+                                 "(installed in CI); tests/test_install.py installs the wheel"),
+    "python -m keras_arat.train": ("elsewhere", "tests/test_install.py runs it from the "
+                                   "installed wheel, outside the checkout"),
+    "python -m keras_arat.export": ("elsewhere", "tests/test_install.py runs it from the "
+                                    "installed wheel, outside the checkout"),
+    # The official PyTorch code (README.md, BUILD.md): a side environment, never CI's.
+    "python3 -m venv /tmp/torchref": ("elsewhere", "torch stays out of CI; the fixtures it "
+                                      "made are committed (tests/fixtures/)"),
+    "/tmp/torchref/bin/pip install torch numpy==2.4.6": ("elsewhere", "as above"),
+    "pip install torch": ("elsewhere", "reading .pt files; tests/test_convert_torch.py covers "
+                          "the torch-free formats and the refusal without torch"),
+    "python tests/fixtures/make_torch_reference.py AR_AT_DIR --trades=TRADES_DIR "
+    "--mart=MART_DIR": ("elsewhere", "needs torch and the official repositories; its output "
+                        "is the committed fixture tests/test_torch_equivalence.py reads"),
+    "python -m pytest -s tests/test_torch_equivalence.py": ("elsewhere", "a test file of this "
+                                                            "suite, run by CI"),
+    "python -m keras_arat.convert_torch --checkpoint=last.safetensors --model=resnet18 "
+    "--num_classes=10 --workdir=runs/arat_official": (
+        "elsewhere", "tests/test_convert_torch.py runs it on a checkpoint written from the "
+        "official code's seeded weights (the published file is not downloadable here)"),
+    "python -m export --workdir=runs/arat_official --out=exports/arat_official": (
+        "elsewhere", "tests/test_convert_torch.py exports the converted run the same way"),
+    # BENCHMARKS.md's evaluation throughput: tests/test_eval_throughput.py runs the same
+    # commands on test-size models and budgets.
+    "python benchmarks/eval_throughput.py --saved_model=exports/quickstart/saved_model/"
+    "quickstart/1 --eps=0.25 --n_examples=200 --attacks=autoattack": (
+        "elsewhere", "tests/test_eval_throughput.py::test_saved_model"),
+    "python benchmarks/eval_throughput.py --saved_model=exports/quickstart/saved_model/"
+    "quickstart/1 --eps=0.25 --n_examples=200 --attacks=pgd20,cw": (
+        "elsewhere", "tests/test_eval_throughput.py::test_saved_model"),
+    "python benchmarks/eval_throughput.py --model=resnet18 --eps=0.0001 --n_examples=2 "
+    "--batch_size=2 --n_iter=10 --n_queries=200 --attacks=autoattack": (
+        "elsewhere", "tests/test_eval_throughput.py::test_random_weight_model"),
     "python -m pytest -s -q tests/test_distribute.py -k two_logical": (
         "elsewhere", "a test of this suite (test_benchmarks_pytest_command_selects_a_test)"),
 }
@@ -178,7 +213,8 @@ def test_every_documented_command_is_covered():
     stale = sorted(t for t in COVERAGE if t not in texts)
     assert not stale, f"COVERAGE lists commands no document has any more: {stale}"
     # Each document's Python snippets are run by test_documented_commands_run.
-    assert [s.doc for s in docs.documented_snippets()] == ["BUILD.md", "BUILD.md"]
+    # README.md's "Your own model" block runs in tests/test_readme_own_model.py.
+    assert [s.doc for s in docs.documented_snippets()] == ["README.md", "BUILD.md", "BUILD.md"]
 
 
 def test_the_parser_reads_continued_lines_and_drops_comments(tmp_path):
@@ -386,6 +422,8 @@ def test_readme_and_build_commands_run(quickstart, workspace):
             del COVERAGE[body]
         assert np.asarray(predictions).shape == (1, 10)
         for snippet in docs.documented_snippets():
+            if snippet.doc != "BUILD.md":  # README.md's: tests/test_readme_own_model.py
+                continue
             code = snippet.text
             for documented_port, port in ports.items():
                 code = code.replace(documented_port, port)

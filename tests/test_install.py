@@ -62,6 +62,13 @@ def test_wheel_holds_the_package_its_flagfiles_and_data(tmp_path):
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert proc.returncode == 2 and errors == ["error: --epochs must be >= 1, got 0"], \
         proc.stderr[-2000:]
+    # The export command ships inside the package: python -m keras_arat.export.
+    proc = python("import runpy; sys.argv = ['export'] + sys.argv[1:]; "
+                  "runpy.run_module('keras_arat.export', run_name='__main__')",
+                  site_dir, str(away), "--out=exports/x")
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert proc.returncode == 2 and errors == ["error: --workdir (or --keras_model) is "
+                                               "required"], proc.stderr[-2000:]
 
 
 def test_editable_install_imports_from_any_folder(tmp_path):
