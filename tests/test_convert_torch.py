@@ -12,6 +12,8 @@ import pytest
 from keras_arat import convert_torch as ct
 from tests.test_torch_equivalence import REF, seeded_state
 
+pytestmark = pytest.mark.slow  # end to end: subprocesses, training, export
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -9,6 +9,10 @@ import tensorflow as tf
 
 from tests import helpers
 
+import pytest
+
+pytestmark = pytest.mark.slow  # end to end: subprocesses, training, export
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="-1", PYTHONPATH=ROOT)
 TINY_BUDGET = ["--n_examples=6", "--batch_size=4", "--n_iter=2", "--n_queries=20",

@@ -17,6 +17,8 @@ from keras_arat.training import ARATModel, TorchSGD
 from tests import helpers
 from tests.test_cli import TINY, run_cli
 
+pytestmark = pytest.mark.slow  # end to end: subprocesses, training, export
+
 EPS = 0.1
 
 

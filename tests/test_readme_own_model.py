@@ -2,10 +2,12 @@
 
 import os
 import re
-import subprocess
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import pytest
+
+from tests.cli import ROOT, run_cli
+
+pytestmark = pytest.mark.slow  # end to end: subprocesses, training, export
 
 
 def readme_code():
@@ -20,9 +22,7 @@ def readme_code():
 def test_readme_own_model_runs_as_printed(tmp_path):
     script = tmp_path / "own_model.py"
     script.write_text(readme_code())
-    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=900)
+    proc = run_cli(str(script), cwd=str(tmp_path), env={"PYTHONPATH": ROOT}, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     accuracy, diffs = eval(lines[-2]), eval(lines[-1])  # the two printed dicts

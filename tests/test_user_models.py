@@ -12,6 +12,9 @@ from keras_arat.deployed import OnnxRunner, SavedModelRunner
 from export import convert, fold
 from keras_arat.layers.split_batch_norm import SplitBatchNormalization
 from keras_arat.network import SplitBNNetwork, to_split_bn
+from tests.cli import assert_error, error_lines, run_cli
+
+pytestmark = pytest.mark.slow  # end to end: subprocesses, training, export
 
 ATOL = 1e-4  # the export contract's logit tolerance
 
@@ -206,22 +209,6 @@ def test_the_output_model_takes_images_as_its_input():
 
 # --- the command lines meet users' files ------------------------------------------------
 
-def run_cli(module, *args):
-    import subprocess
-    import sys
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="-1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=600)
-
-
-def one_error(proc):
-    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
-    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, \
-        proc.stderr[-2000:]
-    return errors[0]
-
-
 @pytest.fixture(scope="module")
 def user_files(tmp_path_factory):
     """A user's Sequential model (.keras) and its Keras `model.export()` SavedModel, whose
@@ -279,7 +266,7 @@ def test_evaluate_takes_a_keras_export_and_users_test_images(user_files, tmp_pat
         assert entry["accuracy"]["pgd20"] <= entry["accuracy"]["clean"]
     proc = run_cli("keras_arat.evaluate", f"--saved_model={exported}", "--input_name=nope",
                    "--attacks=clean")
-    assert "has no input 'nope'" in one_error(proc)
+    assert_error(proc, "has no input 'nope'")
 
 
 def test_images_that_do_not_fit_the_model_are_one_error_line(user_files, tmp_path):
@@ -288,10 +275,10 @@ def test_images_that_do_not_fit_the_model_are_one_error_line(user_files, tmp_pat
     np.savez(small, x_test=np.zeros((4, 28, 28, 1), np.uint8), y_test=np.zeros(4, np.int64))
     proc = run_cli("keras_arat.evaluate", f"--saved_model={exported}", f"--dataset={small}",
                    "--attacks=clean")
-    line = one_error(proc)
-    assert "the images are 28x28x1 but" in line and "takes 32x32x3" in line
+    assert_error(proc, "the images are 28x28x1 but")
+    assert "takes 32x32x3" in error_lines(proc)[0]
     empty = tmp_path / "no_classes"
     empty.mkdir()
     proc = run_cli("keras_arat.evaluate", f"--saved_model={exported}",
                    f"--dataset=folder:{empty}", "--attacks=clean")
-    assert "has no sub-folders" in one_error(proc)
+    assert_error(proc, "has no sub-folders")
