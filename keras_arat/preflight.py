@@ -57,8 +57,9 @@ def check_run(workdir, data=True):
         raise UsageError(f"--workdir={workdir} is not a folder: give a training run's "
                          "folder (the --workdir of keras_arat.train)")
     cfg = runs.read_config(workdir)
-    if data:
-        check_data(cfg.get("dataset", "digits"), cfg.get("data_dir"), n_train=1, n_test=1)
+    # A converted run (keras_arat.convert_torch) records its shapes and loads without data.
+    if data and (cfg.num_classes is None or cfg.image_shape is None):
+        check_data(cfg.dataset, cfg.data_dir, n_train=1, n_test=1)
     return cfg
 
 
