@@ -430,7 +430,7 @@ def test_wrn34_10_logits_features_and_arat_loss():
     """The official WRN-34-10 (split BN, and the plain one) on 16x16 inputs: logits of
     both branches in both modes, the 11 tapped features, and the ARAT loss (gamma 100)."""
     state = seeded_state("wrns_")
-    network, info = ct.build_network(state, "wrn")
+    network, info = ct.build_network(state, "wrn", input_shape=(16, 16, 3))
     assert info == {"split_bn": True, "num_classes": 10, "wrn_depth": 34, "wrn_width": 10}
     del state
     x, x_adv = REF["wrn_x"], REF["wrn_x_adv"]
@@ -465,7 +465,7 @@ def test_wrn34_10_logits_features_and_arat_loss():
         print(f"WRN-34-10 ARAT {name}: {float(got):.6f} vs official {want:.6f}")
         assert abs(float(got) - want) <= 1e-5 * abs(want), name
     del network, trainer
-    plain, info = ct.build_network(seeded_state("wrnp_"), "wrn")
+    plain, info = ct.build_network(seeded_state("wrnp_"), "wrn", input_shape=(16, 16, 3))
     assert not info["split_bn"]
     err = rel_max(plain(x, training=False), REF["wrnp_logits_eval"])
     print(f"plain WRN-34-10 eval logits differ by {err:.1e}")

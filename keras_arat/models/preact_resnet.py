@@ -2,8 +2,8 @@
 
 import keras
 
-from keras_arat.models.resnet import (bn_layer, float32_classifier, positive_num_classes,
-                                      stage_blocks, torch_conv)
+from keras_arat.models.resnet import (bn_layer, float32_classifier, input_dtype,
+                                      positive_num_classes, stage_blocks, torch_conv)
 from keras_arat.network import SplitBNNetwork
 
 
@@ -49,7 +49,7 @@ class PreActResNet18(SplitBNNetwork):
         image_shape = tuple(int(d) for d in input_shape)
         split = bool(split_bn)
         with keras.name_scope(name):  # weight paths "<name>/<layer>/..."
-            images = keras.Input(image_shape, name="images")
+            images = keras.Input(image_shape, name="images", dtype=input_dtype())
             x = torch_conv(64, 3, 1, 1, "conv1")(images)
             in_planes = 64
             for layer, _, planes, stride in stage_blocks(self.planes, self.strides,

@@ -101,6 +101,12 @@ def positive_num_classes(num_classes):
     return int(num_classes)
 
 
+def input_dtype():
+    """The images' dtype: float32 (also under mixed precision, the layers cast), float64
+    under a float64 policy (a float32 Input would round the images)."""
+    return logits_dtype()
+
+
 def logits_dtype():
     """The classifier's dtype: float32 (also under mixed precision: attacks and losses
     need float32 logits), float64 under a float64 policy."""
@@ -178,7 +184,7 @@ class ResNet18(SplitBNNetwork):
         image_shape = tuple(int(d) for d in input_shape)
         split = bool(split_bn)
         with keras.name_scope(name):  # weight paths "<name>/<layer>/..."
-            images = keras.Input(image_shape, name="images")
+            images = keras.Input(image_shape, name="images", dtype=input_dtype())
             x = torch_conv(64, 3, 1, 1, "conv1")(images)
             x = keras.layers.ReLU(name="relu")(bn_layer(split, "bn1")(x))
             in_planes = 64

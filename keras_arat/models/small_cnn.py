@@ -3,7 +3,7 @@
 import keras
 
 from keras_arat.layers.split_batch_norm import SplitBatchNormalization
-from keras_arat.models.resnet import logits_dtype
+from keras_arat.models.resnet import input_dtype, logits_dtype
 from keras_arat.network import SplitBNNetwork
 
 
@@ -38,7 +38,7 @@ class SmallCNN(SplitBNNetwork):
         image_shape = tuple(int(d) for d in input_shape)
         filters = (width, width, 2 * width, 2 * width)
         with keras.name_scope(name):  # weight paths "<name>/<layer>/..."
-            images = keras.Input(image_shape, name="images")
+            images = keras.Input(image_shape, name="images", dtype=input_dtype())
             x = images
             for i, (f, stride) in enumerate(zip(filters, (1, 2, 1, 2)), 1):
                 x = keras.layers.Conv2D(f, 3, strides=stride, padding="same", use_bias=False,

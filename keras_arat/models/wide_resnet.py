@@ -4,8 +4,8 @@ import math
 
 import keras
 
-from keras_arat.models.resnet import (bn_layer, float32_classifier, positive_num_classes,
-                                      stage_blocks, torch_conv)
+from keras_arat.models.resnet import (bn_layer, float32_classifier, input_dtype,
+                                      positive_num_classes, stage_blocks, torch_conv)
 from keras_arat.network import SplitBNNetwork
 
 
@@ -75,7 +75,7 @@ class WideResNet(SplitBNNetwork):
         channels = (16, 16 * width, 32 * width, 64 * width)
         features = {}
         with keras.name_scope(name):  # weight paths "<name>/<layer>/..."
-            images = keras.Input(image_shape, name="images")
+            images = keras.Input(image_shape, name="images", dtype=input_dtype())
             x = _wrn_conv(channels[0], 3, 1, 1, "conv1")(images)
             in_planes = channels[0]
             for layer, feature, planes, stride in stage_blocks(channels[1:], (1, 2, 2),

@@ -55,8 +55,10 @@ class SWACallback(keras.callbacks.Callback):
 
 
 def branch_batch_norms(network, branch):
-    """The keras BatchNormalization layers serving `branch`, in model order."""
-    return [layer.branch_layer(branch) for layer in network._flatten_layers()  # noqa: SLF001
+    """The keras BatchNormalization layers serving `branch`, in graph order (a
+    SplitBNNetwork's functional graph lists its layers from input to output)."""
+    model = getattr(network, "graph", network)
+    return [layer.branch_layer(branch) for layer in model._flatten_layers()  # noqa: SLF001
             if isinstance(layer, SplitBatchNormalization)]
 
 
