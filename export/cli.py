@@ -99,6 +99,8 @@ def _check_args(a):
         preflight.check_run(a.workdir)
     if a.keras_model:
         preflight.check_keras_file(a.keras_model)
+    if a.dataset:
+        preflight.check_test_images(a.dataset)
     return out
 
 
@@ -143,20 +145,18 @@ def load_source(a):
     if a.keras_model:
         network = load_keras_network(a.keras_model)
         source["keras_model"] = os.path.abspath(a.keras_model)
-        if a.workdir:
+        if a.workdir:  # the run's eps and test images
             cfg = runs.read_config(a.workdir)
             data, eps = runs.load_data(cfg), cfg.eps
+            x, y = data.x_test.astype("float32") / 255.0, data.y_test
             source["workdir"] = os.path.abspath(a.workdir)
+            source["parity_data"] = {"kind": "dataset", "dataset": cfg.dataset,
+                                     "split": "test"}
         else:
             if not a.eps:
                 raise UsageError("--keras_model without --workdir needs --eps")
             eps = runs.parse_fraction(a.eps, "eps")
-            data = runs.load_data({"dataset": a.dataset or "digits", "data_dir": None,
-                                   "download": False, "n_train": 1, "n_test": None})
-        x, y = data.x_test, data.y_test
-        x = x.astype("float32") / 255.0
-        source["parity_data"] = {"kind": "dataset", "dataset": a.dataset or "digits",
-                                 "split": "test"}
+            x, y, source["parity_data"] = test_images(a.dataset or "digits", a.n_examples)
     else:
         run = runs.load_run(a.workdir, a.checkpoint)
         network, eps = run.network, run.config.eps
@@ -170,18 +170,23 @@ def load_source(a):
     return network, x[:a.n_examples], y, float(eps), source
 
 
+def test_images(spec, n):
+    """(x float32 in [0, 1], y, description) of the first n test images of `spec`: a data
+    set name, an .npz holding x_test/y_test, or a folder of class folders."""
+    from keras_arat.data import load_test_images
+    x, y, _ = load_test_images(spec, n, None)
+    return x.astype("float32") / 255.0, y, {"kind": "dataset", "dataset": spec,
+                                            "split": "test"}
+
+
 def parity_images(a, run):
     """(x, y, description) for the checks of a run: --dataset's test images when given,
     else the run's, else (its data set is not on this machine) random images in [0,1],
     which have no labels (y None)."""
     import numpy as np
 
-    from keras_arat import runs
     if a.dataset:
-        data = runs.load_data({"dataset": a.dataset, "data_dir": None, "download": False,
-                               "n_train": 1, "n_test": a.n_examples})
-        x, y = data.x_test.astype("float32") / 255.0, data.y_test
-        return x, y, {"kind": "dataset", "dataset": a.dataset, "split": "test"}
+        return test_images(a.dataset, a.n_examples)
     if run.data is not None:
         x, y = run.test_arrays()
         return x, y, {"kind": "dataset", "dataset": run.config.dataset, "split": "test"}
@@ -233,12 +238,14 @@ def load_keras_network(path):
     return model
 
 
-def pgd20_accuracy(model_fn, x, y, eps, batch_size, seed):
+def pgd20_accuracy(model_fn, x, y, eps, batch_size, seed, desc=None):
     """Accuracy under PGD-20 (L-inf, step eps/4, uniform start seeded [seed, batch]), the
-    protocol of keras_arat.evaluate, through its attack runner (budget-checked batches)."""
+    protocol of keras_arat.evaluate, through its attack runner (budget-checked batches).
+    desc: show progress lines under that name."""
     from keras_arat.attacks.autoattack import run_attack
     from keras_arat.evaluate import make_attack
-    _, correct = run_attack(make_attack("pgd20", eps), model_fn, x, y, batch_size, seed)
+    _, correct = run_attack(make_attack("pgd20", eps), model_fn, x, y, batch_size, seed,
+                            progress=desc is not None, desc=desc)
     return float(correct.mean())
 
 
@@ -292,7 +299,6 @@ def export_network(network, out, x=None, y=None, eps=None, branch="adv", name="m
         raise UsageError(f"unknown formats {unknown}; choose from {list(FORMATS)}")
     out = check_out(out, overwrite)
     input_shape = fold.network_input_shape(network)
-    folded = fold.fold_network(network, branch, input_shape)
     source = dict(source or {})
     if x is None:
         x = np.random.default_rng(seed).random((100, *input_shape), dtype=np.float32)
@@ -301,9 +307,11 @@ def export_network(network, out, x=None, y=None, eps=None, branch="adv", name="m
                                           "seed": seed})
     x = np.asarray(x, np.float32)
     check_image_shape(x.shape, input_shape, "the network")
+    kind = "test images" if source.get("parity_data", {}).get("kind") == "dataset" else "images"
+    progress(f"export: folding the {branch} branch, then {', '.join(formats)} with parity "
+             f"checks on {len(x)} {kind}")
+    folded = fold.fold_network(network, branch, input_shape)
     log(f"folded {type(network).__name__} ({branch} branch): {len(folded.layers)} layers")
-    progress(f"export: {', '.join(formats)}, each checked against the network on {len(x)} "
-             "images")
 
     original = as_model_fn(network, branch)
     original_fn = tf.function(lambda z: original(z))
@@ -376,7 +384,7 @@ def export_network(network, out, x=None, y=None, eps=None, branch="adv", name="m
                     ("original", original),
                     ("folded_keras", lambda z: folded(z, training=False))):
                 pgd[key] = pgd20_accuracy(model_fn, x[:n_pgd], y[:n_pgd], eps,
-                                          batch_size, seed)
+                                          batch_size, seed, desc=f"PGD-20, {key}")
             log(f"PGD-20 accuracy: original {pgd['original']:.4f}, "
                 f"folded {pgd['folded_keras']:.4f}")
 

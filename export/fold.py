@@ -194,7 +194,9 @@ def fold_network(network, branch="adv", input_shape=None):
 
     images = keras.Input(shape=input_shape, dtype="float32", name=INPUT_NAME)
     try:
-        folded = keras.models.clone_model(graph, input_tensors=images, clone_function=clone,
+        # A graph rebuilt from a loaded Sequential holds its input as a one-tensor list.
+        inputs = [images] if isinstance(graph.input, (list, tuple)) else images
+        folded = keras.models.clone_model(graph, input_tensors=inputs, clone_function=clone,
                                           call_function=call, recursive=True)
     except FoldError:
         raise

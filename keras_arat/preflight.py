@@ -37,6 +37,19 @@ def check_data(dataset, data_dir=None, n_train=None, n_test=None):
         raise UsageError(str(e)) from None
 
 
+def check_test_images(spec, data_dir=None):
+    """--dataset of evaluate and export: a data set name, an .npz with x_test/y_test or a
+    folder of class folders (its first image read; TFDS names are checked later)."""
+    from keras_arat.data import DataError, datasets
+    key = datasets._ALIASES.get(str(spec).lower(), str(spec).lower())  # noqa: SLF001
+    if key in datasets.TFDS_NAMES:
+        return
+    try:
+        datasets.load_test_images(spec, 1, data_dir)
+    except DataError as e:
+        raise UsageError(str(e)) from None
+
+
 def check_new_folder(path, flag):
     """A folder a command will create or fill: not an existing file, parent writable."""
     path = os.path.abspath(path)
@@ -131,7 +144,7 @@ def evaluate_argv(argv):
     flags.DEFINE_string("workdir", None, "", flag_values=values)
     flags.DEFINE_string("saved_model", None, "", flag_values=values)
     flags.DEFINE_string("onnx", None, "", flag_values=values)
-    flags.DEFINE_string("dataset", "digits", "", flag_values=values)
+    flags.DEFINE_string("dataset", None, "", flag_values=values)
     flags.DEFINE_string("data_dir", None, "", flag_values=values)
     flags.DEFINE_string("output_dir", None, "", flag_values=values)
     flags.DEFINE_string("eps", None, "", flag_values=values)
@@ -147,9 +160,9 @@ def evaluate_argv(argv):
     if values.onnx:
         check_onnx(values.onnx)
     if values.workdir:
-        check_run(values.workdir)
-    elif values.saved_model or values.onnx:
-        check_data(values.dataset, values.data_dir, n_train=1, n_test=1)
+        check_run(values.workdir, data=not values.dataset)
+    if values.dataset:
+        check_test_images(values.dataset, values.data_dir)
     if values.output_dir:
         check_new_folder(values.output_dir, "output_dir")
     return values.verbose

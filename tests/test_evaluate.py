@@ -76,7 +76,7 @@ def test_cli_checkpoint_writes_every_file(workdir):
         record = read_record(workdir, entry["record"])
         assert entry["record"] == (f"evals/epoch-0001-{entry['branch']}-linf-eps0.3-n8.json")
         assert record["branch"] == entry["branch"] and record["n_examples"] == 8
-        assert record["test_images"] == "the first 8 of the test split"
+        assert record["test_images"] == "the first 8 of the test split of digits"
         by_attack = {r["attack"]: r for r in record["results"]}
         assert {a: r["acc"] for a, r in by_attack.items()} == accs
         assert by_attack["pgd20"]["settings"] == {
@@ -267,9 +267,9 @@ def test_bad_input_is_one_error_line_before_tensorflow_loads(tmp_path, args, mes
 # Found once the model is loaded: one error line all the same, and no TensorFlow log.
 BAD_INPUT_AFTER_TENSORFLOW = [
     (["--saved_model={sm}", "--dataset=npz:{tmp}/mnist28.npz"],
-     "are 28x28x1 images but {sm} takes 32x32x3"),
+     "the images are 28x28x1 but {sm} takes 32x32x3"),
     (["--onnx={onnx}", "--dataset=npz:{tmp}/mnist28.npz"],
-     "are 28x28x1 images but {onnx} takes 32x32x3"),
+     "the images are 28x28x1 but {onnx} takes 32x32x3"),
     (["--saved_model={sm}", "--attacks=clean,fgsm"], "unknown attack(s) ['fgsm']"),
     (["--saved_model={sm}", "--onnx={onnx}"], "give --saved_model or --onnx, not both"),
 ]

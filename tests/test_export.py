@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_arat.deployed import OnnxRunner
+from keras_arat.deployed import OnnxRunner, SavedModelRunner
 from export import cli, convert, fold
 from keras_arat.layers.split_batch_norm import SplitBatchNormalization
 from tests.cli import assert_error, run_cli, without_tensorflow
@@ -41,7 +41,7 @@ def randomize_bn(network, seed=0):
 @pytest.mark.parametrize("family,kwargs", [  # the two 18-layer families take longest
     pytest.param(f, k, id=f, marks=pytest.mark.slow if f.endswith("18") else ())
     for f, k in FAMILIES])
-def test_fold_parity_every_family_both_branches(family, kwargs):
+def test_fold_parity_every_family_both_branches(family, kwargs, tmp_path):
     net = new_network(model=family, input_shape=(16, 16, 3), **kwargs)
     randomize_bn(net)
     x = np.random.default_rng(1).uniform(0, 1, (6, 16, 16, 3)).astype("float32")
@@ -59,6 +59,18 @@ def test_fold_parity_every_family_both_branches(family, kwargs):
         per_branch[branch] = want
     # The branches really differ, so a fold of the wrong branch would be caught.
     assert np.max(np.abs(per_branch["adv"] - per_branch["clean"])) > 1e-3
+    # The adv branch through a SavedModel and onnxruntime (no BatchNormalization node).
+    sm = convert.saved_model_dir(str(tmp_path), family)
+    convert.save_saved_model(folded_adv := fold.fold_network(net, "adv"), sm, (16, 16, 3))
+    onnx_path = str(tmp_path / "model.onnx")
+    convert.onnx_from_saved_model(sm, onnx_path, (16, 16, 3))
+    assert convert.check_onnx(onnx_path) == []
+    diffs = {"folded": np.max(np.abs(folded_adv(x).numpy() - per_branch["adv"])),
+             "saved_model": np.max(np.abs(SavedModelRunner(sm).predict(x) - per_branch["adv"])),
+             "onnxruntime": np.max(np.abs(OnnxRunner(onnx_path)(x) - per_branch["adv"]))}
+    print(f"{family}: max abs logit difference of the folded adv branch: "
+          + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
+    assert max(diffs.values()) <= ATOL
 
 
 def test_fold_rejects_bad_input():
@@ -246,7 +258,7 @@ def test_errors_are_one_line_and_write_nothing(run_dir, net_file, tmp_path):
     existing = tmp_path / "exists"
     existing.mkdir()
     seq_file = tmp_path / "seq.keras"
-    keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Flatten(),
+    keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),
                       keras.layers.Dense(10)]).save(seq_file)
     cases = [
         (dict(workdir=str(empty)), "no complete checkpoint"),
@@ -256,7 +268,8 @@ def test_errors_are_one_line_and_write_nothing(run_dir, net_file, tmp_path):
         (dict(workdir=run_dir, checkpoint=str(tmp_path / "nope")), "not a checkpoint"),
         (dict(workdir=run_dir, formats=["tflite"]), "unknown --formats"),
         (dict(keras_model=str(tmp_path / "absent.keras"), workdir=run_dir), "not a file"),
-        (dict(keras_model=str(seq_file), workdir=run_dir), "cannot fold a Sequential"),
+        (dict(keras_model=str(seq_file), workdir=run_dir), "the images are 32x32x3 but the "
+                                                            "network takes 28x28x1"),
     ]
     from keras_arat import runs
     for overrides, message in cases:
