@@ -238,7 +238,7 @@ def main(argv=None):
             images, labels = load_npy(args.npy, args.n), None
         else:
             cfg = preflight.check_run(args.workdir)
-            data = runs.load_data(dict(cfg, n_train=1, n_test=args.n))
+            data = runs.load_data(cfg.replace(n_train=1, n_test=args.n))
             images = data.x_test[:args.n].astype(np.float32) / 255.0
             labels = data.y_test[:args.n]
     except (ClientInputError, runs.UsageError) as e:

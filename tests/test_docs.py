@@ -515,10 +515,10 @@ for args, tf_config, _ in json.loads(sys.argv[1]):
     try:
         flags.FLAGS(runs.resolve_flagfiles(["train", *args]))
         cfg = runs.config_from_flags(flags.FLAGS, train.TRAIN_FLAGS)
-        if cfg["strategy"] == "multi_worker":
+        if cfg.strategy == "multi_worker":
             os.environ["TF_CONFIG"] = tf_config
             train.check_tf_config()
-        out.append({k: cfg[k] for k in ("dataset", "model", "method", "strategy")})
+        out.append({k: getattr(cfg, k) for k in ("dataset", "model", "method", "strategy")})
     except (flags.Error, runs.UsageError) as e:
         out.append({"error": str(e)})
 print(json.dumps(out))

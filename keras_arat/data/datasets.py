@@ -321,7 +321,11 @@ def load_test_images(spec, n: Optional[int] = None, data_dir=None):
     if spec.startswith("npz:") or spec.lower().endswith(".npz"):
         path = os.path.expanduser(spec[len("npz:"):] if spec.startswith("npz:") else spec)
         try:
-            with np.load(path, allow_pickle=False) as f:
+            loaded = np.load(path, allow_pickle=False)
+            if not isinstance(loaded, np.lib.npyio.NpzFile):
+                raise DataError(f"{path} holds a single array, not an .npz archive: save it "
+                                f"with np.savez(path, x_test=..., y_test=...)")
+            with loaded as f:
                 missing = [k for k in ("x_test", "y_test") if k not in f.files]
                 if missing:
                     raise DataError(f"{path} has no {' or '.join(missing)} (found: "
@@ -330,7 +334,9 @@ def load_test_images(spec, n: Optional[int] = None, data_dir=None):
                 x, y = np.asarray(f["x_test"]), np.asarray(f["y_test"])
         except FileNotFoundError:
             raise DataError(f"npz file not found: {path}") from None
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile, AttributeError) as exc:
+        except DataError:
+            raise
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
             raise DataError(f"cannot read {path} as an .npz archive ({_first_line(exc)})") \
                 from None
         x = _npz_images(path, "x_test", x)
