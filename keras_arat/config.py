@@ -26,6 +26,7 @@ class RunConfig:
     wrn_depth: int = 34
     wrn_width: int = 10
     cnn_width: int = 32
+    cnn_stem_stride: int = 1
     split_bn: bool = True
     # method
     method: str = "arat"

@@ -32,7 +32,8 @@ def architecture(config):
     if model == "wrn":
         return f"WideResNet-{config.wrn_depth}-{config.wrn_width}"
     if model == "small_cnn":
-        return f"SmallCNN-{config.cnn_width}"
+        stem = "" if config.cnn_stem_stride == 1 else f"-stem{config.cnn_stem_stride}"
+        return f"SmallCNN-{config.cnn_width}{stem}"
     return ARCHITECTURES.get(model, model)
 
 

@@ -218,8 +218,9 @@ def test_rows_parse_lists_and_the_shipped_flagfiles_are_valid():
         methods = {c.split("--method=")[-1].split()[0] for c in commands if "--method=" in c}
         assert methods == want_methods
         assert sum("--split_bn=false" in c for c in commands) == single_bn
-        if name.endswith("quickstart.flags"):  # every digits cell warms eps up
-            assert all("--eps_warmup_epochs=2" in c for c in commands)
+        if name.endswith("quickstart.flags"):  # every digits cell warms eps up, on the
+            assert all("--eps_warmup_epochs=2" in c and "--cnn_stem_stride=2" in c  # fast CNN
+                       for c in commands)
         assert not os.path.exists("/nonexistent/g")
     # The baselines' own recipes are the official codes' hyper-parameters.
     for name, want in (("trades_cifar.flags", {"weight_decay": "2e-4", "step_size": "0.007",

@@ -133,6 +133,20 @@ def test_small_cnn_width_and_defaults():
     assert more["relu2"].shape[1:] == (14, 14, 8) and more["flatten"].shape[-1] == 7 * 7 * 16
 
 
+
+def test_small_cnn_stem_stride_halves_every_later_layer():
+    plain = build_model("small_cnn", width=8)
+    strided = build_model("small_cnn", width=8, stem_stride=2)
+    _, feats = strided(images(), return_features=True)
+    assert [feats[f"conv{i}"].shape[1] for i in range(1, 5)] == [16, 8, 8, 4]
+    # Same weights but the classifier's input: 4x4 instead of 8x8 before flatten.
+    assert plain.count_params() - strided.count_params() == (8 * 8 - 4 * 4) * 16 * 128
+    again = SmallCNN.from_config(strided.get_config())
+    assert again.stem_stride == 2 and again.count_params() == strided.count_params()
+    with pytest.raises(ValueError, match="stem_stride must be a positive integer"):
+        build_model("small_cnn", stem_stride=0)
+
+
 def _moving_stats(model, branch):
     return [to_np(w).copy()
             for site in split_bn_sites(model)

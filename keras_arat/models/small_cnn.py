@@ -15,7 +15,9 @@ def _positive_int(value, what):
 
 @keras.saving.register_keras_serializable(package="keras_arat")
 class SmallCNN(SplitBNNetwork):
-    """conv-BN-ReLU x4 (strides 1, 2, 1, 2) -> flatten -> Dense-ReLU -> Dense.
+    """conv-BN-ReLU x4 (strides s, 2, 1, 2) -> flatten -> Dense-ReLU -> Dense.
+
+    s = `stem_stride` (default 1); 2 runs every later layer at half the resolution.
 
     Channels are (w, w, 2w, 2w) for `width=w`. Every BN is a
     `SplitBatchNormalization` (a single shared BN when `split_bn=False`). A functional
@@ -31,16 +33,17 @@ class SmallCNN(SplitBNNetwork):
     DEFAULT_TAPS = ("conv3", "conv4", "dense")
 
     def __init__(self, num_classes=10, split_bn=True, width=32, dense_units=128,
-                 input_shape=(32, 32, 3), name="small_cnn", **kwargs):
+                 input_shape=(32, 32, 3), stem_stride=1, name="small_cnn", **kwargs):
         num_classes = _positive_int(num_classes, "num_classes")
         width = _positive_int(width, "width")
         dense_units = _positive_int(dense_units, "dense_units")
+        stem_stride = _positive_int(stem_stride, "stem_stride")
         image_shape = tuple(int(d) for d in input_shape)
         filters = (width, width, 2 * width, 2 * width)
         with keras.name_scope(name):  # weight paths "<name>/<layer>/..."
             images = keras.Input(image_shape, name="images", dtype=input_dtype())
             x = images
-            for i, (f, stride) in enumerate(zip(filters, (1, 2, 1, 2)), 1):
+            for i, (f, stride) in enumerate(zip(filters, (stem_stride, 2, 1, 2)), 1):
                 x = keras.layers.Conv2D(f, 3, strides=stride, padding="same", use_bias=False,
                                         name=f"conv{i}")(x)
                 x = SplitBatchNormalization(split=bool(split_bn), name=f"bn{i}")(x)
@@ -56,11 +59,12 @@ class SmallCNN(SplitBNNetwork):
                          default_invariance_weight=30.0, name=name, **kwargs)
         self.num_classes, self.split_bn = num_classes, bool(split_bn)
         self.width, self.dense_units, self.image_shape = width, dense_units, image_shape
+        self.stem_stride = stem_stride
 
     def get_config(self):
         return {"name": self.name, "num_classes": self.num_classes, "split_bn": self.split_bn,
                 "width": self.width, "dense_units": self.dense_units,
-                "input_shape": list(self.image_shape)}
+                "input_shape": list(self.image_shape), "stem_stride": self.stem_stride}
 
     @classmethod
     def from_config(cls, config):
