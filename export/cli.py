@@ -94,6 +94,11 @@ def _check_args(a):
     if a.n_examples < 1 or a.batch_size < 1:
         raise UsageError("--n_examples and --batch_size must be >= 1")
     out = check_out(a.out, a.overwrite)  # before TensorFlow loads, as are the next two
+    for flag, source in (("workdir", a.workdir), ("keras_model", a.keras_model)):
+        # --overwrite replaces --out whole: never when that would delete what is exported.
+        if source and is_within(os.path.abspath(source), out):
+            raise UsageError(f"--out={out} holds --{flag}={source}: the export would "
+                             "replace it; give another --out")
     from keras_arat import preflight
     if a.workdir:
         preflight.check_run(a.workdir)
@@ -113,6 +118,12 @@ def check_out(out, overwrite):
         raise UsageError(f"{out} exists; pass --overwrite to replace it")
     preflight.check_new_folder(out, "out")
     return out
+
+
+def is_within(path, folder):
+    """Whether `path` is `folder` or lies under it (symbolic links resolved)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
 
 
 def make_parents(path):

@@ -67,8 +67,9 @@ import tensorflow as tf
 from absl import app, flags
 
 from keras_arat import files, records
-from keras_arat.attacks import (APGD, PGD, AutoAttack, EvaluationError, FABTargeted, Restarts,
-                                Square, check_inputs, check_logits, core, run_attack)
+from keras_arat.attacks import (APGD, PGD, AutoAttack, BudgetError, EvaluationError,
+                                FABTargeted, NonFiniteOutputError, Restarts, Square,
+                                check_inputs, check_logits, core, run_attack)
 
 ATTACKS = ("clean", "pgd20", "cw", "apgd-ce", "apgd-t", "fab-t", "square", "autoattack")
 GRADIENT_ATTACKS = ("pgd20", "cw", "apgd-ce", "apgd-t", "fab-t")
@@ -427,7 +428,7 @@ def _deployed(runs):
                                       restarts=FLAGS.restarts, progress=FLAGS.progress,
                                       log=_log,
                                       reference_noise_leak=bool(FLAGS.reference_noise_leak))
-    name = os.path.basename(os.path.normpath(source))
+    name = model_name(source)
     label = {"source": f"{kind}-{name}-{records.slug(about['spec'])}",
              "model_file": os.path.abspath(source), "kind": kind, "dataset": about["spec"],
              "input_name": runner.input_name,
@@ -437,6 +438,18 @@ def _deployed(runs):
     return label, {"deployed": accs}, {"deployed": details}, 0, (name, "deployed",
                                                                    about["spec"],
                                                                    f"robustbench_{kind}.json")
+
+
+def model_name(path):
+    """A deployed model's name for its records: TF Serving's NAME/VERSION folder and
+    export's OUT/model.onnx are named by their folders ("quickstart-v1", "quickstart"),
+    not by "1" or "model.onnx"."""
+    path = os.path.abspath(path)
+    stem = os.path.splitext(os.path.basename(path))[0]
+    parent = os.path.basename(os.path.dirname(path))
+    if stem.isdigit():
+        return f"{parent}-v{stem}"
+    return parent if stem == "model" and parent else stem
 
 
 def _checkpoint(runs):
@@ -480,7 +493,10 @@ def _leak(config):
 
 def main(argv):
     from keras_arat import runs  # heavy imports after flag parsing
-    del argv
+    if len(argv) > 1:
+        print(f"error: unexpected arguments {argv[1:]} (flags are --name=value)",
+              file=sys.stderr)
+        sys.exit(2)
     try:
         _check_flags(runs)
         label, evaluation, details, epoch, robustbench = (
@@ -496,8 +512,14 @@ def main(argv):
                  "warnings": details[b]["warnings"]} for b, accs in evaluation.items()]}
     except (runs.UsageError, EvaluationError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(exit_status(e))
     print(json.dumps(printed, indent=1))
+
+
+def exit_status(error):
+    """2 for a request that cannot be met as asked (flags, inputs, a model that outputs
+    probabilities), 1 for a model or an attack that failed (as keras_arat.train exits)."""
+    return 1 if isinstance(error, (NonFiniteOutputError, BudgetError)) else 2
 
 
 def run_main():

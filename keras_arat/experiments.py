@@ -10,8 +10,11 @@ A grid is ROWS x SEEDS cells. Each cell is one training run in its own subproces
 
 so later settings win: a row's overrides beat the shared ones, which beat the base flagfile.
 A cell that crashes is marked failed (the tail of its stderr goes to the log and to
-grid.json) and the grid goes on. Re-running the same command skips finished cells, resumes
-a partial one through the trainer's own resume, and retries failed ones.
+grid.json) and the grid goes on. --jobs=N runs N cells at a time, each subprocess given
+(CPU cores / N) intra-op threads: on a CPU a small model keeps two cores only partly busy,
+so two cells side by side finish in about the time of one (BENCHMARKS.md). Re-running
+the same command skips finished cells, resumes a partial one through the trainer's own
+resume, and retries failed ones.
 
 Rows (--rows, repeatable; one value may hold several rows separated by ';'):
 
@@ -56,7 +59,9 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent import futures
 
 from absl import app, flags
 
@@ -84,6 +89,10 @@ flags.DEFINE_float("min_robust_acc", None, "Convergence rule: likewise for PGD-2
                    "(the sign that a cell learned robustness at all).")
 flags.DEFINE_string("compare_to", None, "Row whose clean + robust sums the others are "
                     "compared with in table.md (default: the first row).")
+flags.DEFINE_integer("jobs", 1, "Cells run at the same time, each a subprocess with "
+                     "(CPU cores / jobs) intra-op threads (TF_NUM_INTRAOP_THREADS, unless "
+                     "set). Each cell trains and is evaluated as with 1; only the thread "
+                     "count differs, which may change float rounding.")
 flags.DEFINE_bool("retry_failed", True, "Run cells that failed before again.")
 flags.DEFINE_integer("cell_timeout", None, "Seconds after which a cell's subprocess is "
                      "stopped and the cell marked failed (default: no limit).")
@@ -243,6 +252,14 @@ def resolve_attacks(names, log):
 
 # ------------------------------------------------------------------------- cells
 
+# --jobs runs cells in threads: grid.json, the log and the set of running subprocesses are
+# changed under LOCK; STOP is set when the grid is stopped, so that a cell whose subprocess
+# was killed records nothing (it is marked interrupted instead).
+LOCK = threading.RLock()
+RUNNING = set()
+STOP = threading.Event()
+
+
 def _sha(path):
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()[:16]
@@ -289,6 +306,10 @@ class Grid:
         return {"args": args, "base_sha256": _sha(self.base_of(row))}
 
     def save(self):
+        with LOCK:
+            self._save()
+
+    def _save(self):
         self.state.update(base_flagfile=self.base, overrides=[f"{k}={v}" for k, v in self.shared],
                           rows=[{"name": r["name"], "recipe": self.base_of(r),
                                  "overrides": [f"{k}={v}" for k, v in r["overrides"]]}
@@ -382,6 +403,8 @@ def run_subprocess(module, args, cell_dir, label, timeout):
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if FLAGS.jobs > 1:  # the cores shared out between the cells running side by side
+        env.setdefault("TF_NUM_INTRAOP_THREADS", str(max(1, (os.cpu_count() or 1) // FLAGS.jobs)))
     out_path = os.path.join(cell_dir, "train.log")
     err_path = os.path.join(cell_dir, "train.stderr.log")
     with open(out_path, "a") as out, open(err_path, "a") as err:
@@ -389,11 +412,23 @@ def run_subprocess(module, args, cell_dir, label, timeout):
             f.write(f"\n===== {label} {time.strftime('%Y-%m-%d %H:%M:%S')}: "
                     f"python -m {module} {' '.join(args)}\n")
             f.flush()
+        proc = subprocess.Popen([sys.executable, "-m", module, *args], stdout=out, stderr=err,
+                                env=env)
+        with LOCK:
+            RUNNING.add(proc)
         try:
-            proc = subprocess.run([sys.executable, "-m", module, *args], stdout=out, stderr=err,
-                                  env=env, timeout=timeout)
+            proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
             return False, f"timed out after {timeout} s\n" + _tail(err_path)
+        except BaseException:  # the grid is stopped: so is the cell
+            proc.kill()
+            proc.wait()
+            raise
+        finally:
+            with LOCK:
+                RUNNING.discard(proc)
     if proc.returncode != 0:
         return False, f"exit status {proc.returncode}\n" + _tail(err_path)
     return True, ""
@@ -424,8 +459,9 @@ def run_cell(grid, row, seed, log):
     start = time.time()
     entry = {"row": row["name"], "seed": seed, "workdir": cell_dir, "signature": sig,
              "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    grid.state["cells"][key] = entry
-    grid.save()
+    with LOCK:
+        grid.state["cells"][key] = entry
+        grid.save()
     error = ""
     if not trained:
         resuming = os.path.isdir(os.path.join(cell_dir, "checkpoints"))
@@ -435,7 +471,7 @@ def run_cell(grid, row, seed, log):
                                    "train", FLAGS.cell_timeout)
     else:
         ok = True
-    if ok and missing:
+    if ok and missing and not STOP.is_set():
         # The training's own test images, eps, checkpoint, seed and batches: PGD-20 is
         # measured again so that the extra attacks are the worst case over it too.
         results = grid.results(row, seed) or {}
@@ -449,6 +485,14 @@ def run_cell(grid, row, seed, log):
             + " ".join(args))
         ok, error = run_subprocess("keras_arat.evaluate", args, cell_dir, "evaluate",
                                    FLAGS.cell_timeout)
+    if STOP.is_set():  # killed with the grid: main() marks the cell interrupted
+        return "interrupted"
+    with LOCK:
+        return _record_cell(grid, row, seed, entry, ok, error, start, log)
+
+
+def _record_cell(grid, row, seed, entry, ok, error, start, log):
+    key, cell_dir = grid.key(row, seed), grid.cell_dir(row, seed)
     results = grid.results(row, seed)
     if ok and (metric(results, "clean") is None or metric(results, "pgd20") is None):
         ok, error = False, "the run ended without clean_acc and pgd20_acc in results.json"
@@ -744,12 +788,13 @@ def make_logger(workdir, to_file=True):
 
     def log(message):
         stamp = time.strftime("%H:%M:%S")
-        print(f"{stamp} {message}", flush=True)
-        if not to_file:
-            return
-        os.makedirs(workdir, exist_ok=True)
-        with open(path, "a") as f:
-            f.write(f"{time.strftime('%Y-%m-%d')} {stamp} {message}\n")
+        with LOCK:
+            print(f"{stamp} {message}", flush=True)
+            if not to_file:
+                return
+            os.makedirs(workdir, exist_ok=True)
+            with open(path, "a") as f:
+                f.write(f"{time.strftime('%Y-%m-%d')} {stamp} {message}\n")
 
     return log
 
@@ -781,6 +826,8 @@ def build_grid():
                               f"{', '.join(r['name'] for r in rows)})")
     if FLAGS.cell_timeout is not None and FLAGS.cell_timeout < 1:
         raise runs.UsageError("--cell_timeout must be >= 1")
+    if FLAGS.jobs < 1:
+        raise runs.UsageError(f"--jobs must be >= 1, got {FLAGS.jobs}")
     return base, shared, rows, seeds
 
 
@@ -811,7 +858,8 @@ def main(argv):
     if not FLAGS.report_only:
         total = len(rows) * len(seeds)
         log(f"grid {grid.workdir}: {len(rows)} rows x {len(seeds)} seeds = {total} cells; "
-            f"attacks {','.join(attacks)}")
+            f"attacks {','.join(attacks)}"
+            + (f"; {FLAGS.jobs} cells at a time" if FLAGS.jobs > 1 else ""))
         start = time.time()
 
         def _stop(signum, frame):  # `kill PID` stops the grid like Ctrl-C: the cell's
@@ -820,18 +868,28 @@ def main(argv):
         signal.signal(signal.SIGTERM, _stop)
         if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:  # started with `&` by a shell
             signal.signal(signal.SIGINT, _stop)
+        # Seed-major order: a stopped grid has every row at similar seed counts.
+        pool = futures.ThreadPoolExecutor(FLAGS.jobs)
+        cells = {grid.key(row, seed): pool.submit(run_cell, grid, row, seed, log)
+                 for seed in seeds for row in rows}
         try:
-            # Seed-major order: a stopped grid has every row at similar seed counts.
-            for seed in seeds:
-                for row in rows:
-                    statuses[grid.key(row, seed)] = run_cell(grid, row, seed, log)
+            for key, cell in cells.items():
+                statuses[key] = cell.result()
         except KeyboardInterrupt:
-            for entry in grid.state["cells"].values():
-                if entry.get("status") == "running":
-                    entry["status"] = "interrupted"
-            grid.save()
+            STOP.set()
+            pool.shutdown(wait=False, cancel_futures=True)
+            with LOCK:
+                for proc in list(RUNNING):
+                    proc.kill()
+            futures.wait([c for c in cells.values() if not c.cancelled()])
+            with LOCK:
+                for entry in grid.state["cells"].values():
+                    if entry.get("status") == "running":
+                        entry["status"] = "interrupted"
+                grid.save()
             log("interrupted: re-run the same command to continue")
             sys.exit(130)
+        pool.shutdown()
         grid.save()
         failed = sorted(k for k, v in statuses.items() if v != "done")
         below = sorted(k for k, v in statuses.items() if v == "done"

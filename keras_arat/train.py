@@ -72,12 +72,20 @@ def trim_metrics(workdir, epoch):
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         return
+    kept = []
     with open(path) as f:
-        lines = [ln for ln in f if ln.strip()]
-    kept = [ln for ln in lines if json.loads(ln).get("epoch", 0) <= epoch
-            and json.loads(ln).get("split", "train") in ("train", "test")]
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:  # blank, or cut off by a crash or a full disk mid-write
+                continue
+            if (record.get("epoch", 0) <= epoch
+                    and record.get("split", "train") in ("train", "test")):
+                kept.append(line if line.endswith("\n") else line + "\n")
     with open(path + ".tmp", "w") as f:
         f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
 
 
@@ -149,17 +157,6 @@ def build(cfg):
     strategy = make_strategy(cfg)  # before anything starts the TensorFlow runtime
     # The data before the workdir: a data set that cannot be used leaves nothing behind.
     data, eval_subset = split_holdout(cfg, runs.load_data(cfg))
-    shared_workdir = cfg.workdir
-    if not is_chief(strategy):
-        # Every worker runs the same steps (collectives need all of them); only the chief
-        # writes --workdir. The others write to a private folder removed at the end and
-        # resume from the chief's checkpoints.
-        resume = prepare_workdir(cfg, write=False)
-        cfg = cfg.replace(workdir=tempfile.mkdtemp(prefix="keras_arat_worker_"))
-        atexit.register(shutil.rmtree, cfg.workdir, True)
-        prepare_workdir(cfg)
-    else:
-        resume = prepare_workdir(cfg)
     keras.utils.set_random_seed(cfg.seed)
     if cfg.deterministic:
         import tensorflow as tf
@@ -188,6 +185,19 @@ def build(cfg):
             raise runs.UsageError(
                 f"--swa_every_steps={cfg.swa_every_steps} exceeds the {averaged_steps} steps "
                 f"from epoch {cfg.swa_start_epoch} on: nothing would be averaged")
+    # The workdir after every check that can refuse the flags: --overwrite deletes the
+    # old run only once this one is known to start.
+    shared_workdir = cfg.workdir
+    if not is_chief(strategy):
+        # Every worker runs the same steps (collectives need all of them); only the chief
+        # writes --workdir. The others write to a private folder removed at the end and
+        # resume from the chief's checkpoints.
+        resume = prepare_workdir(cfg, write=False)
+        cfg = cfg.replace(workdir=tempfile.mkdtemp(prefix="keras_arat_worker_"))
+        atexit.register(shutil.rmtree, cfg.workdir, True)
+        prepare_workdir(cfg)
+    else:
+        resume = prepare_workdir(cfg)
     objects = runs.checkpoint_objects(trainer, optimizer, swa_state)
     manager = CheckpointManager(os.path.join(cfg.workdir, "checkpoints"), **objects)
     initial_epoch = 0
@@ -321,10 +331,10 @@ def check_tf_config():
         workers = config["cluster"]["worker"]
         task = config["task"]
         index = int(task["index"])
-    except (ValueError, KeyError, TypeError) as e:
+        members = config["cluster"].get(task["type"], [])
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise runs.UsageError(f"TF_CONFIG is not a valid cluster description ({e!r})") \
             from None
-    members = config["cluster"].get(task["type"], [])
     if not isinstance(workers, list) or not 0 <= index < len(members):
         raise runs.UsageError(f"TF_CONFIG's task {task} is not in its cluster "
                               f"{config['cluster']}")

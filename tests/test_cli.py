@@ -162,6 +162,34 @@ def test_resume_continues_at_the_next_epoch(trained_run):
     proc = cli.run_cli("keras_arat.train", *TINY, "--epochs=3", "--mixed_precision=bfloat16",
                       f"--workdir={workdir}")
     assert proc.returncode == 2 and "different configuration (mixed_precision)" in proc.stderr
+    # --overwrite with flags refused only once the network is built deletes nothing.
+    before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+    proc = cli.run_cli("keras_arat.train", *TINY, "--epochs=3", "--overwrite", "--swa",
+                       "--swa_every_steps=1000000", f"--workdir={workdir}")
+    assert proc.returncode == 2 and "nothing would be averaged" in proc.stderr
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
+    assert len(read_jsonl(os.path.join(workdir, "metrics.jsonl"))) >= 3
+    assert json.load(open(config_path))["seed"] == config["seed"]
+
+
+def test_a_metrics_line_cut_off_by_a_crash_is_dropped_on_resume(tmp_path):
+    from keras_arat.train import trim_metrics
+    lines = [{"epoch": 1, "loss": 2.0}, {"split": "test", "epoch": 1, "pgd20_acc": 0.5},
+             {"epoch": 2, "loss": 1.5}, {"split": "final", "epoch": 2, "clean_acc": 0.9}]
+    text = "".join(json.dumps(line) + "\n" for line in lines)
+    (tmp_path / "metrics.jsonl").write_text(text + '{"epoch": 3, "lo')  # no space left
+    trim_metrics(str(tmp_path), 2)
+    assert read_jsonl(tmp_path / "metrics.jsonl") == lines[:3]
+
+
+@pytest.mark.parametrize("tf_config", ['{"cluster": {"worker": ["a:1"]}, "task": {"index": 0}}',
+                                       '{"cluster": [], "task": {"type": "worker", "index": 0}}',
+                                       '{"cluster": {"worker": ["a:1"]}}', "[1]", "{"])
+def test_a_malformed_tf_config_is_a_usage_error(monkeypatch, tf_config):
+    from keras_arat import runs, train
+    monkeypatch.setenv("TF_CONFIG", tf_config)
+    with pytest.raises(runs.UsageError, match="TF_CONFIG is not a valid cluster"):
+        train.check_tf_config()
 
 
 def write_npz(path, **arrays):

@@ -84,8 +84,8 @@ GPU_TRAIN = {  # command -> what its flagfile must set
 COVERAGE = {
     "pip install -r requirements.txt": ("run", "test_requirements_are_installed_as_pinned"),
     QUICKSTART: ("run", TINY_TRAIN),
-    "python -m pytest -q tests": ("elsewhere", ".ci/run runs it: the suite this test is in "
-                                  "(test_ci_runs_the_readme_test_command)"),
+    "python -m pytest -q -n 2 tests": ("elsewhere", ".ci/run runs it: the suite this test is "
+                                       "in (test_ci_runs_the_readme_test_command)"),
     "python -m keras_arat.train --helpfull": ("run", []),
     "python -m ruff check .": ("run", "as written, in the repository (test_lint_command_passes)"),
     'python -m pytest -q -m "not slow" tests': (
@@ -257,9 +257,9 @@ def test_ci_runs_the_readme_test_command():
     with open(os.path.join(ROOT, ".ci", "run")) as f:
         steps = [line for line in f.read().splitlines() if line.startswith("python ")]
     assert os.access(os.path.join(ROOT, ".ci", "run"), os.X_OK)
-    assert steps[-2:] == ["python -m ruff check .", "python -m pytest -q tests"]
+    assert steps[-2:] == ["python -m ruff check .", "python -m pytest -q -n 2 tests"]
     with open(os.path.join(ROOT, "README.md")) as f:
-        assert "pip install -r requirements.txt && python -m pytest -q tests" in f.read()
+        assert "pip install -r requirements.txt && python -m pytest -q -n 2 tests" in f.read()
 
 
 def test_lint_command_passes():

@@ -285,3 +285,33 @@ def test_bad_input_is_one_error_line_after_tensorflow_loads(saved_model, onnx_mo
     proc = run_module("keras_arat.evaluate", *args, "--n_examples=8", check=False)
     assert_error(proc, message)
     assert proc.stdout == ""
+
+
+def test_exit_status_tells_a_refused_request_from_a_broken_model():
+    from keras_arat import evaluate
+    from keras_arat.attacks import (BudgetError, EvaluationError, InputRangeError,
+                                    NonFiniteOutputError, ProbabilityOutputError, check_logits)
+    from keras_arat.runs import UsageError
+    for error, status in ((UsageError("x"), 2), (InputRangeError("x"), 2),
+                          (ProbabilityOutputError("x"), 2), (EvaluationError("x"), 2),
+                          (NonFiniteOutputError("x"), 1), (BudgetError("x"), 1)):
+        assert evaluate.exit_status(error) == status, error
+    x = np.zeros((4, 8, 8, 1), np.float32)
+    with pytest.raises(NonFiniteOutputError, match="non-finite logits"):
+        check_logits(lambda t: np.full((len(t), 10), np.nan, np.float32), x)
+
+
+def test_stray_arguments_are_refused():
+    proc = cli.run_cli("keras_arat.evaluate", "--attacks=clean", "autoattack")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == ("error: unexpected arguments "
+                                                     "['autoattack'] (flags are --name=value)")
+
+
+def test_deployed_models_are_named_by_their_folders():
+    from keras_arat.evaluate import model_name
+    assert model_name("exports/quickstart/saved_model/quickstart/1/") == "quickstart-v1"
+    assert model_name("exports/clean/saved_model/quickstart_clean/2") == "quickstart_clean-v2"
+    assert model_name("exports/quickstart/model.onnx") == "quickstart"
+    assert model_name("/tmp/net_adv.onnx") == "net_adv"
+    assert model_name("/tmp/my_saved_model") == "my_saved_model"

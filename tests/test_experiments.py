@@ -4,10 +4,14 @@ import csv
 import json
 import os
 import shutil
+import signal
 import statistics
+import sys
+import time
 
 import pytest
 
+from tests import cli
 from tests.cli import ROOT, run_cli
 
 pytestmark = pytest.mark.slow  # every test runs the grid runner in a subprocess
@@ -34,7 +38,8 @@ def read(path, mode="r"):
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("grid") / "g")
-    proc, seconds = run_grid(*GRID_ARGS, f"--workdir={workdir}")
+    # Two cells at a time: the runner's --jobs path (the later re-runs use one).
+    proc, seconds = run_grid(*GRID_ARGS, f"--workdir={workdir}", "--jobs=2")
     return workdir, proc, seconds
 
 
@@ -147,6 +152,42 @@ def test_rerun_skips_finished_cells_and_rewrites_the_same_table(grid):
         assert read(os.path.join(workdir, name)) == text
     for (r, s), mtime in mtimes.items():
         assert os.path.getmtime(os.path.join(workdir, r, f"seed_{s}", "results.json")) == mtime
+
+
+def test_a_stopped_grid_stops_its_running_cells_and_marks_them_interrupted(tmp_path):
+    workdir = str(tmp_path / "g")
+    overrides = TINY.replace("epochs=1", "epochs=50")  # still training when stopped
+    grid = cli.start_command([sys.executable, "-m", "keras_arat.experiments",
+                              "--base_flagfile=configs/quickstart.flags",
+                              f"--overrides={overrides}", "--seeds=0,1,2",
+                              "--rows=arat:method=arat", f"--workdir={workdir}", "--jobs=2"],
+                             cwd=ROOT)
+    log = os.path.join(workdir, "experiments.log")
+    deadline = time.time() + 300
+    while time.time() < deadline and not all(  # both cells past their first checkpoint
+            os.path.isdir(os.path.join(workdir, "arat", f"seed_{s}", "checkpoints",
+                                       "epoch-0001")) for s in (0, 1)):
+        assert grid.poll() is None, grid.communicate()
+        time.sleep(0.5)
+    assert read(log).count("training: python -m keras_arat.train") == 2  # --jobs=2
+    grid.send_signal(signal.SIGTERM)
+    stdout, _ = grid.communicate(timeout=60)
+    assert grid.returncode == 130, stdout[-3000:]
+    cells = json.load(open(os.path.join(workdir, "grid.json")))["cells"]
+    assert {k: c["status"] for k, c in cells.items()} == {"arat/seed_0": "interrupted",
+                                                          "arat/seed_1": "interrupted"}
+    assert "interrupted: re-run the same command to continue" in read(log)
+    # The cells' trainers were stopped with it, not left running.
+    time.sleep(1)
+    left = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = read(f"/proc/{pid}/cmdline", "rb").replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "keras_arat.train" in cmdline and workdir in cmdline:
+            left.append(cmdline)
+    assert not left, left
 
 
 def test_partial_cell_is_resumed_and_a_fixed_row_runs(grid, tmp_path):

@@ -270,6 +270,11 @@ def test_errors_are_one_line_and_write_nothing(run_dir, net_file, tmp_path):
         (dict(keras_model=str(tmp_path / "absent.keras"), workdir=run_dir), "not a file"),
         (dict(keras_model=str(seq_file), workdir=run_dir), "the images are 32x32x3 but the "
                                                             "network takes 28x28x1"),
+        # --overwrite never replaces the run or the file being exported.
+        (dict(workdir=str(other), out=str(other), overwrite=True), "holds --workdir"),
+        (dict(workdir=str(other), out=str(tmp_path), overwrite=True), "holds --workdir"),
+        (dict(keras_model=str(seq_file), out=str(tmp_path), overwrite=True),
+         "holds --keras_model"),
     ]
     from keras_arat import runs
     for overrides, message in cases:
@@ -279,6 +284,7 @@ def test_errors_are_one_line_and_write_nothing(run_dir, net_file, tmp_path):
         assert not os.path.exists(tmp_path / "out"), overrides
         assert no_leftovers(str(tmp_path / "out"))
     assert os.listdir(existing) == []
+    assert os.path.isfile(other / "config.json") and os.path.isfile(seq_file)
     # Through the command line: one "error:" line and nothing else on stderr (no
     # TensorFlow log, no traceback). Errors found before TensorFlow loads are reported
     # with TensorFlow unimportable, which proves they came first.

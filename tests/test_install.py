@@ -66,6 +66,19 @@ def test_wheel_holds_the_package_its_flagfiles_and_data(tmp_path):
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert proc.returncode == 2 and errors == ["error: --epochs must be >= 1, got 0"], \
         proc.stderr[-2000:]
+    # keras-arat-evaluate, as its console script calls it: a path error is one line,
+    # found before TensorFlow loads.
+    (line,) = [ln for ln in entry_points.splitlines() if ln.startswith("keras-arat-evaluate")]
+    module, function = line.split("=")[1].strip().split(":")
+    proc = python(f"sys.argv = ['keras-arat-evaluate'] + sys.argv[1:]\n"
+                  f"from {module} import {function}\n"
+                  f"try:\n    {function}()\n"
+                  f"except SystemExit as e:\n    print(e.code, 'tensorflow' in sys.modules)",
+                  site_dir, str(away), f"--workdir={wheel}")
+    assert proc.stdout.split() == ["2", "False"], (proc.stdout, proc.stderr[-2000:])
+    assert proc.stderr.splitlines() == [f"error: --workdir={wheel} is not a folder: give a "
+                                        "training run's folder (the --workdir of "
+                                        "keras_arat.train)"]
     # The export command ships inside the package: python -m keras_arat.export.
     proc = python("import runpy; sys.argv = ['export'] + sys.argv[1:]; "
                   "runpy.run_module('keras_arat.export', run_name='__main__')",

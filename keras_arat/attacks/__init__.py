@@ -5,7 +5,8 @@ from keras_arat.attacks import core
 from keras_arat.attacks.apgd import APGD
 from keras_arat.attacks.autoattack import (AutoAttack, AutoAttackResult, BudgetError,
                                            EvaluationError, InputRangeError,
-                                           ProbabilityOutputError, Restarts, check_adversarial,
+                                           NonFiniteOutputError, ProbabilityOutputError,
+                                           Restarts, check_adversarial,
                                            check_inputs, check_logits, run_attack,
                                            standard_attacks)
 from keras_arat.attacks.fab import FABTargeted
@@ -13,6 +14,6 @@ from keras_arat.attacks.pgd import PGD
 from keras_arat.attacks.square import Square
 
 __all__ = ["APGD", "AutoAttack", "AutoAttackResult", "BudgetError", "EvaluationError",
-           "FABTargeted", "InputRangeError", "PGD", "ProbabilityOutputError", "Restarts",
+           "FABTargeted", "InputRangeError", "NonFiniteOutputError", "PGD", "ProbabilityOutputError", "Restarts",
            "Square", "check_adversarial", "check_inputs", "check_logits", "core", "run_attack",
            "standard_attacks"]

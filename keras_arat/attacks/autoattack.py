@@ -44,6 +44,10 @@ class ProbabilityOutputError(EvaluationError):
     pass
 
 
+class NonFiniteOutputError(EvaluationError):
+    """The model's outputs are NaN or Inf: broken weights, not a bad request."""
+
+
 class BudgetError(EvaluationError):
     """An attack returned a point outside its threat model: a bug, never a figure."""
 
@@ -107,7 +111,7 @@ def check_logits(model_fn, x, tol=1e-3):
                               f"got shape {list(out.shape)}")
     bad = int(np.sum(~np.all(np.isfinite(out), axis=1)))
     if bad:
-        raise EvaluationError(f"the model outputs non-finite logits (NaN or Inf) for {bad} of "
+        raise NonFiniteOutputError(f"the model outputs non-finite logits (NaN or Inf) for {bad} of "
                               f"the first {len(out)} images: its weights are broken, so no "
                               "accuracy can be reported")
     if np.all(out >= -tol) and np.all(np.abs(out.sum(axis=1) - 1.0) <= tol):
