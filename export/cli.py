@@ -156,13 +156,17 @@ def load_source(a):
     if a.keras_model:
         network = load_keras_network(a.keras_model)
         source["keras_model"] = os.path.abspath(a.keras_model)
-        if a.workdir:  # the run's eps and test images
+        if a.workdir:  # the run's eps, and its test images unless --dataset is given
             cfg = runs.read_config(a.workdir)
-            data, eps = runs.load_data(cfg), cfg.eps
-            x, y = data.x_test.astype("float32") / 255.0, data.y_test
+            eps = cfg.eps
+            if a.dataset:
+                x, y, source["parity_data"] = test_images(a.dataset, a.n_examples)
+            else:
+                data = runs.load_data(cfg)
+                x, y = data.x_test.astype("float32") / 255.0, data.y_test
+                source["parity_data"] = {"kind": "dataset", "dataset": cfg.dataset,
+                                         "split": "test"}
             source["workdir"] = os.path.abspath(a.workdir)
-            source["parity_data"] = {"kind": "dataset", "dataset": cfg.dataset,
-                                     "split": "test"}
         else:
             if not a.eps:
                 raise UsageError("--keras_model without --workdir needs --eps")

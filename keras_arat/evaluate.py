@@ -391,12 +391,14 @@ def _check_flags(runs):
         raise runs.UsageError("--workdir is required (or --saved_model/--onnx)")
 
 
-def _test_images(default_spec, default_n=None):
+def _test_images(default_spec, default_n=None, default_data_dir=None):
     """(x float32 [0,1], y, the images' description) from --dataset (a data set name, an
-    .npz with x_test/y_test, or a folder of class sub-folders), else `default_spec`."""
+    .npz with x_test/y_test, or a folder of class sub-folders), else `default_spec` (read
+    from --data_dir, else the run's `default_data_dir`)."""
     from keras_arat.data import load_test_images
     spec = FLAGS.dataset or default_spec
-    x, y, about = load_test_images(spec, FLAGS.n_examples or default_n, FLAGS.data_dir)
+    data_dir = FLAGS.data_dir or (None if FLAGS.dataset else default_data_dir)
+    x, y, about = load_test_images(spec, FLAGS.n_examples or default_n, data_dir)
     return x.astype("float32") / 255.0, y, {**about, "spec": spec}
 
 
@@ -415,7 +417,7 @@ def _deployed(runs):
     else:
         runner = OnnxRunner(source, input_name=FLAGS.input_name)
         model_fn = runner.as_tf()
-    x, y, about = _test_images(cfg.dataset)
+    x, y, about = _test_images(cfg.dataset, default_data_dir=cfg.data_dir)
     check_image_shape(x.shape, runner.input_shape, f"{source}")
     _log(f"evaluating {source} on the first {len(x)} test images of {about['spec']}, eps "
          f"{eps:.4g} ({FLAGS.norm}): {', '.join(FLAGS.attacks)}")

@@ -69,35 +69,42 @@ from keras_arat import files, records, runs
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_string("workdir", None, "Grid folder (one sub-folder per row and seed).")
-flags.DEFINE_string("base_flagfile", None, "Training flagfile every cell shares (a bare "
-                    "name is also looked up in configs/).")
-flags.DEFINE_multi_string("rows", [], "Rows 'NAME:key=value,...'; repeat the flag or "
-                          "separate rows with ';'.")
-flags.DEFINE_list("only_rows", [], "Run and report only these rows of --rows (by name), "
-                  "e.g. to try a subset of a flagfile's grid.")
-flags.DEFINE_list("seeds", ["0"], "Seeds: every row is trained once per seed.")
-flags.DEFINE_multi_string("overrides", [], "Training flags every cell shares, as "
-                          "key=value,... (repeatable); they beat --base_flagfile.")
-flags.DEFINE_list("attacks", ["clean", "pgd20"], "Evaluations to report. clean and pgd20 come "
-                  "from the trainer; others (cw, autoattack) run keras_arat.evaluate on the "
-                  "adv branch. autoattack is skipped with a warning when keras_arat.evaluate "
-                  "does not offer it.")
-flags.DEFINE_float("min_clean_acc", None, "Convergence rule: a cell whose clean accuracy "
-                   "is below this did not train; it is reported FAILED, not averaged in.")
-flags.DEFINE_float("min_robust_acc", None, "Convergence rule: likewise for PGD-20 accuracy "
-                   "(the sign that a cell learned robustness at all).")
-flags.DEFINE_string("compare_to", None, "Row whose clean + robust sums the others are "
-                    "compared with in table.md (default: the first row).")
-flags.DEFINE_integer("jobs", 1, "Cells run at the same time, each a subprocess with "
-                     "(CPU cores / jobs) intra-op threads (TF_NUM_INTRAOP_THREADS, unless "
-                     "set). Each cell trains and is evaluated as with 1; only the thread "
-                     "count differs, which may change float rounding.")
-flags.DEFINE_bool("retry_failed", True, "Run cells that failed before again.")
-flags.DEFINE_integer("cell_timeout", None, "Seconds after which a cell's subprocess is "
-                     "stopped and the cell marked failed (default: no limit).")
-flags.DEFINE_bool("report_only", False, "Only rewrite the table and plot from the cells.")
-flags.DEFINE_bool("dry_run", False, "Print each cell's command and do nothing else.")
+
+def define_flags():
+    """The command's flags, defined on absl's global FLAGS when the command runs (not on
+    import: the trainer's modules define some of the same names, e.g. --workdir)."""
+    if "jobs" in FLAGS:
+        return
+    flags.DEFINE_string("workdir", None, "Grid folder (one sub-folder per row and seed).")
+    flags.DEFINE_string("base_flagfile", None, "Training flagfile every cell shares (a bare "
+                        "name is also looked up in configs/).")
+    flags.DEFINE_multi_string("rows", [], "Rows 'NAME:key=value,...'; repeat the flag or "
+                              "separate rows with ';'.")
+    flags.DEFINE_list("only_rows", [], "Run and report only these rows of --rows (by name), "
+                      "e.g. to try a subset of a flagfile's grid.")
+    flags.DEFINE_list("seeds", ["0"], "Seeds: every row is trained once per seed.")
+    flags.DEFINE_multi_string("overrides", [], "Training flags every cell shares, as "
+                              "key=value,... (repeatable); they beat --base_flagfile.")
+    flags.DEFINE_list("attacks", ["clean", "pgd20"], "Evaluations to report. clean and pgd20 come "
+                      "from the trainer; others (cw, autoattack) run keras_arat.evaluate on the "
+                      "adv branch. autoattack is skipped with a warning when keras_arat.evaluate "
+                      "does not offer it.")
+    flags.DEFINE_float("min_clean_acc", None, "Convergence rule: a cell whose clean accuracy "
+                       "is below this did not train; it is reported FAILED, not averaged in.")
+    flags.DEFINE_float("min_robust_acc", None, "Convergence rule: likewise for PGD-20 accuracy "
+                       "(the sign that a cell learned robustness at all).")
+    flags.DEFINE_string("compare_to", None, "Row whose clean + robust sums the others are "
+                        "compared with in table.md (default: the first row).")
+    flags.DEFINE_integer("jobs", 1, "Cells run at the same time, each a subprocess with "
+                         "(CPU cores / jobs) intra-op threads (TF_NUM_INTRAOP_THREADS, unless "
+                         "set). Each cell trains and is evaluated as with 1; only the thread "
+                         "count differs, which may change float rounding.")
+    flags.DEFINE_bool("retry_failed", True, "Run cells that failed before again.")
+    flags.DEFINE_integer("cell_timeout", None, "Seconds after which a cell's subprocess is "
+                         "stopped and the cell marked failed (default: no limit).")
+    flags.DEFINE_bool("report_only", False, "Only rewrite the table and plot from the cells.")
+    flags.DEFINE_bool("dry_run", False, "Print each cell's command and do nothing else.")
+
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 # Cell settings the runner owns.
@@ -632,7 +639,9 @@ def comparisons(grid, summary):
                 diff = ma - mb
                 threshold = 2 * max(sa or 0.0, sb or 0.0)
                 item.update(diff=diff, threshold=threshold)
-                if diff > threshold:
+                if abs(diff) < 0.005:  # equal at the table's two decimals
+                    item["verdict"] = "level"
+                elif diff > threshold:
                     item["verdict"] = "clear lead"
                 elif diff > 0:
                     item["verdict"] = "ahead, within 2 seed-std"
@@ -913,6 +922,7 @@ def main(argv):
 
 
 def run_main():
+    define_flags()
     app.run(main, argv=runs.resolve_flagfiles(sys.argv), flags_parser=runs.parse_flags)
 
 

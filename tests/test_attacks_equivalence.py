@@ -130,6 +130,7 @@ def test_fab_t_same_verdicts_as_one_run_per_target(setup):
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.slow  # 20 s: Square's queries on the whole batch and on survivors
 def test_square_same_verdicts_as_querying_the_whole_batch(setup):
     f, x, y = setup
     eps, n_queries = 0.15, 150

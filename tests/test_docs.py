@@ -88,7 +88,7 @@ COVERAGE = {
                                        "in (test_ci_runs_the_readme_test_command)"),
     "python -m keras_arat.train --helpfull": ("run", []),
     "python -m ruff check .": ("run", "as written, in the repository (test_lint_command_passes)"),
-    'python -m pytest -q -m "not slow" tests': (
+    'python -m pytest -q -n 2 -m "not slow" tests': (
         "elsewhere", "the fast part of this suite (test_fast_tier_leaves_out_the_slow_tests "
         "collects it)"),
     "python -m keras_arat.evaluate --workdir=runs/quickstart "
@@ -107,6 +107,8 @@ COVERAGE = {
     "--workdir=runs/tradeoff": ("run", [TINY_GRID, *GRID_ONE_CELL]),
     "python -m keras_arat.experiments --flagfile=configs/tradeoff_cifar.flags "
     "--workdir=runs/tradeoff_cifar": ("run", [TINY_GRID_CIFAR, *GRID_ONE_CELL]),
+    "python -m keras_arat.experiments --flagfile=configs/ablation_quickstart.flags "
+    "--workdir=runs/ablation": ("run", [TINY_GRID, *GRID_ONE_CELL]),
     **{command: ("validate", expected) for command, expected in GPU_TRAIN.items()},
     f"export TF_CONFIG={TF_CONFIG_TWO_HOSTS}": ("validate", "the next command's environment"),
     # BUILD.md's evaluation of a CIFAR run: the same evaluation of the test-size run.
@@ -348,11 +350,15 @@ def test_quickstart_prints_a_start_line_progress_and_its_results_once(quickstart
     assert out.count("{") == 1 and proc.stdout.count('"clean_acc"') == 1
     assert "per_branch" not in results
     assert results["time_s"]["adv"].keys() == {"clean", "pgd20"}
+    # stderr: progress lines of training (every 10 s, so none when its steps are fast),
+    # the final evaluation's line, then PGD-20's progress.
     err = proc.stderr.splitlines()
-    assert err[0] == ("final evaluation on the first 64 test images, eps 0.25: clean and "
-                      "PGD-20 accuracy of the adv branch, clean accuracy of the clean branch")
-    assert all(re.match(r"^(epoch \d/2: \d/4 steps, |pgd20: \d+/64 images)", line)
-               for line in err[1:]), err
+    final = ("final evaluation on the first 64 test images, eps 0.25: clean and PGD-20 "
+             "accuracy of the adv branch, clean accuracy of the clean branch")
+    assert err.count(final) == 1, err
+    at = err.index(final)
+    assert all(re.match(r"^epoch \d/2: \d/4 steps, ", line) for line in err[:at]), err
+    assert all(re.match(r"^pgd20: \d+/64 images", line) for line in err[at + 1:]), err
     assert re.match(r"^pgd20: 64/64 images in \d+ s$", err[-1]), err
 
 
@@ -471,7 +477,10 @@ def test_experiment_grid_commands_run(workspace):
                         "tradeoff"),
                        ("python -m keras_arat.experiments "
                         "--flagfile=configs/tradeoff_cifar.flags --workdir=runs/tradeoff_cifar",
-                        "tradeoff_cifar")):
+                        "tradeoff_cifar"),
+                       ("python -m keras_arat.experiments "
+                        "--flagfile=configs/ablation_quickstart.flags --workdir=runs/ablation",
+                        "ablation")):
         run_documented(workspace, text)
         state = json.load(open(folder / "runs" / grid / "grid.json"))
         assert state["cells"]["arat/seed_0"]["status"] == "done"

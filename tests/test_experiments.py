@@ -1,6 +1,7 @@
 """The experiment grid end to end: cells, table, plot, skip on re-run, failures, bad input."""
 
 import csv
+import glob
 import json
 import os
 import shutil
@@ -156,7 +157,7 @@ def test_rerun_skips_finished_cells_and_rewrites_the_same_table(grid):
 
 def test_a_stopped_grid_stops_its_running_cells_and_marks_them_interrupted(tmp_path):
     workdir = str(tmp_path / "g")
-    overrides = TINY.replace("epochs=1", "epochs=50")  # still training when stopped
+    overrides = TINY.replace("epochs=1", "epochs=500")  # still training when stopped
     grid = cli.start_command([sys.executable, "-m", "keras_arat.experiments",
                               "--base_flagfile=configs/quickstart.flags",
                               f"--overrides={overrides}", "--seeds=0,1,2",
@@ -165,8 +166,8 @@ def test_a_stopped_grid_stops_its_running_cells_and_marks_them_interrupted(tmp_p
     log = os.path.join(workdir, "experiments.log")
     deadline = time.time() + 300
     while time.time() < deadline and not all(  # both cells past their first checkpoint
-            os.path.isdir(os.path.join(workdir, "arat", f"seed_{s}", "checkpoints",
-                                       "epoch-0001")) for s in (0, 1)):
+            glob.glob(os.path.join(workdir, "arat", f"seed_{s}", "checkpoints", "epoch-*"))
+            for s in (0, 1)):
         assert grid.poll() is None, grid.communicate()
         time.sleep(0.5)
     assert read(log).count("training: python -m keras_arat.train") == 2  # --jobs=2
@@ -310,3 +311,28 @@ def test_extra_attacks_run_keras_arat_evaluate_on_finished_cells(grid, tmp_path)
     # Once evaluated, the cell is finished for these attacks too.
     proc, _ = run_grid(*args)
     assert proc.returncode == 0 and "[arat/seed_0] finished: skipped" in proc.stdout
+
+
+def test_comparison_verdicts():
+    # In a process of its own: the command's flags (--workdir, ...) are also the trainer's,
+    # whose modules other tests import.
+    script = """
+import json, types
+from absl import flags
+from keras_arat import experiments
+grid = types.SimpleNamespace(rows=[{"name": "a"}], attacks=["clean", "pgd20"])
+def row(name, mean, std, complete=True):
+    return {"row": name, "complete": complete, "stats": {"clean+pgd20": (mean, std)}}
+summary = [row("a", 170.0, 1.0), row("tie", 170.0 + 1e-12, 2.0), row("near", 168.0, 2.0),
+           row("far", 160.0, 2.0), row("above", 171.0, 1.0), row("best", 180.0, 1.0),
+           row("broken", 150.0, 0.0, complete=False)]
+experiments.define_flags()
+flags.FLAGS(["experiments"])
+print(json.dumps({o["row"]: o["verdict"] for o in experiments.comparisons(grid, summary)[1]}))
+"""
+    proc = cli.run_command([sys.executable, "-c", script])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout) == {
+        "tie": "level", "near": "ahead, within 2 seed-std", "far": "clear lead",
+        "above": "behind, within 2 seed-std", "best": "clearly behind",
+        "broken": "not comparable (a seed did not converge)"}

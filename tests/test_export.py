@@ -214,6 +214,17 @@ def test_clean_branch_from_keras_file(run_dir, net_file, tmp_path):
         log=lambda *_: None)
     assert report["branch"] == "clean" and report["passed"] and report["name"] == "net"
     assert report["pgd20_accuracy"] is None
+    assert report["source"]["parity_data"]["dataset"] == "digits"  # the run's test set
+    # --dataset replaces the run's test images for a .keras file too.
+    npz = str(tmp_path / "mine.npz")
+    rng = np.random.default_rng(3)
+    np.savez(npz, x_test=rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8),
+             y_test=rng.integers(0, 10, 8))
+    other = cli.export(cli.default_args(
+        keras_model=net_file[0], workdir=run_dir, dataset=npz, out=str(tmp_path / "npz"),
+        formats=["onnx"], pgd_examples=0, n_examples=32), log=lambda *_: None)
+    assert other["passed"] and other["source"]["parity_data"]["dataset"] == npz
+    assert other["n_examples"] == 8
     assert sorted(os.listdir(tmp_path / "clean")) == ["export_report.json", "model.onnx"]
     x = np.random.default_rng(4).uniform(0, 1, (5, 32, 32, 3)).astype("float32")
     np.testing.assert_allclose(OnnxRunner(str(tmp_path / "clean" / "model.onnx"))(x),

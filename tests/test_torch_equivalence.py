@@ -292,6 +292,7 @@ def check_float64_run(attack, fn64, target64, x64, center64, signs64, label, sta
     assert err <= 1e-12
 
 
+@pytest.mark.slow  # 25-40 s: whole attacks in float64 against the reference's
 def test_pgd10_training_attack(split, split64):
     """The official training attack (adv branch, BN in training mode), its in-place noisy
     start included: keras_arat's PGD with noise_leak, started where the official one
@@ -309,6 +310,7 @@ def test_pgd10_training_attack(split, split64):
                         "PGD-10")
 
 
+@pytest.mark.slow  # 25-40 s: whole attacks in float64 against the reference's
 def test_pgd20_evaluation_attack(split, split64):
     """The official PGD-20 evaluation (adv branch, inference mode; the same in-place
     start), and the official logits on its result."""
@@ -388,6 +390,7 @@ def test_single_bn_resnet18_logits(plain, mode):
     assert err < 1e-4
 
 
+@pytest.mark.slow  # 25 s each
 @pytest.mark.parametrize("method", ["trades", "mart"])
 def test_trades_and_mart_against_their_authors_code(plain, method):
     """Their authors' functions: the loss on their adversarial batch (float32 and float64),
