@@ -486,9 +486,6 @@ def main(argv=None):
         from absl import logging
         logging.set_verbosity(logging.WARNING)
         pylogging.getLogger("tf2onnx").setLevel(pylogging.WARNING)
-        if len(args) > 1:
-            print(f"error: unexpected arguments {args[1:]}", file=sys.stderr)
-            sys.exit(2)
         try:
             export(flags.FLAGS)
         except UsageError as e:

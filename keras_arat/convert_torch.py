@@ -361,8 +361,6 @@ def run_main():
         logging.set_verbosity(logging.WARNING)
         f = flags.FLAGS
         try:
-            if len(argv) > 1:
-                raise ConversionError(f"unexpected arguments {argv[1:]}")
             for name in ("checkpoint", "model", "workdir"):
                 if not f[name].value:
                     raise ConversionError(f"--{name} is required")

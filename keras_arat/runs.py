@@ -67,10 +67,11 @@ def resolve_flagfiles(argv):
 
 
 def parse_flags(argv):
-    """absl's flag parsing with one `error:` line (exit 2) instead of its two FATAL lines."""
+    """absl's flag parsing with one `error:` line (exit 2) instead of its two FATAL lines;
+    the commands take flags only, so a positional argument is such an error too."""
     from absl import flags
     try:
-        return flags.FLAGS(argv)
+        rest = flags.FLAGS(argv)
     except SystemExit as e:  # absl exits 1 after printing --help: asked for, not an error
         help_flags = {"--help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml"}
         sys.exit(0 if e.code == 1 and help_flags & set(argv) else e.code)
@@ -79,6 +80,11 @@ def parse_flags(argv):
         where = f" (flags from {', '.join(files)} and the command line)" if files else ""
         print(f"error: {e}{where}", file=sys.stderr)
         sys.exit(2)
+    if len(rest) > 1:
+        print(f"error: unexpected arguments {rest[1:]} (flags are --name=value)",
+              file=sys.stderr)
+        sys.exit(2)
+    return rest
 
 
 def cpu_has_bfloat16():

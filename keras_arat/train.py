@@ -442,11 +442,8 @@ def check_before_tensorflow(cfg):
 
 
 def main(argv):
+    del argv  # runs.parse_flags refused any positional argument
     logging.set_verbosity(logging.WARNING)
-    if len(argv) > 1:
-        print(f"error: unexpected arguments {argv[1:]} (flags are --name=value)",
-              file=sys.stderr)
-        sys.exit(2)
     from keras_arat import quiet
     try:
         cfg = runs.config_from_flags(FLAGS, TRAIN_FLAGS, model=False)

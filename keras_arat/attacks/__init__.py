@@ -14,6 +14,6 @@ from keras_arat.attacks.pgd import PGD
 from keras_arat.attacks.square import Square
 
 __all__ = ["APGD", "AutoAttack", "AutoAttackResult", "BudgetError", "EvaluationError",
-           "FABTargeted", "InputRangeError", "NonFiniteOutputError", "PGD", "ProbabilityOutputError", "Restarts",
-           "Square", "check_adversarial", "check_inputs", "check_logits", "core", "run_attack",
-           "standard_attacks"]
+           "FABTargeted", "InputRangeError", "NonFiniteOutputError", "PGD",
+           "ProbabilityOutputError", "Restarts", "Square", "check_adversarial", "check_inputs",
+           "check_logits", "core", "run_attack", "standard_attacks"]

@@ -111,9 +111,9 @@ def check_logits(model_fn, x, tol=1e-3):
                               f"got shape {list(out.shape)}")
     bad = int(np.sum(~np.all(np.isfinite(out), axis=1)))
     if bad:
-        raise NonFiniteOutputError(f"the model outputs non-finite logits (NaN or Inf) for {bad} of "
-                              f"the first {len(out)} images: its weights are broken, so no "
-                              "accuracy can be reported")
+        raise NonFiniteOutputError(f"the model outputs non-finite logits (NaN or Inf) for "
+                                   f"{bad} of the first {len(out)} images: its weights are "
+                                   "broken, so no accuracy can be reported")
     if np.all(out >= -tol) and np.all(np.abs(out.sum(axis=1) - 1.0) <= tol):
         raise ProbabilityOutputError("the model outputs probabilities (non-negative rows "
                                      "summing to 1), not logits: remove the final softmax")
