@@ -69,3 +69,40 @@ def test_saved_model(tmp_path):
     tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
     out = run_script(f"--saved_model={path}", "--eps=0.25", *TINY_BUDGET)
     check_report(out, 6)
+
+
+def load_reference_script():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "torch_autoattack", os.path.join(ROOT, "benchmarks", "torch_autoattack.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # its torch imports are inside main()
+    return module
+
+
+@pytest.mark.parametrize("n", [1, 200])
+def test_torch_reference_attacks_the_images_we_attack(n):
+    """benchmarks/torch_autoattack.py (run in a side environment with torch) must feed the
+    reference the digits eval_throughput feeds ours: same pixels, labels and order."""
+    import numpy as np
+    from keras_arat.data.datasets import load_dataset
+    x, y = load_reference_script().digits_nchw(n)
+    data = load_dataset("digits", n_train=1, n_test=n)
+    assert x.shape == (n, 3, 32, 32) and x.dtype == np.float32
+    np.testing.assert_array_equal(x.transpose(0, 2, 3, 1),
+                                  data.x_test[:n].astype(np.float32) / 255.0)
+    np.testing.assert_array_equal(y, data.y_test[:n])
+
+
+def test_torch_reference_without_torch_is_one_line():
+    try:
+        import torch  # noqa: F401
+        pytest.skip("torch is installed here: the script would run the reference")
+    except ImportError:
+        pass
+    proc = subprocess.run([sys.executable, "benchmarks/torch_autoattack.py",
+                           "--onnx=model.onnx"], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "is missing: this script runs in a side environment" in proc.stderr

@@ -141,14 +141,28 @@ class Square:
 
         # Per-example noise is drawn for the whole batch and then subset (rows), so a point
         # gets the same proposals whichever other points are still being attacked.
+        # A proposal returns (changed, x_new): the working-set points whose proposal
+        # differs from their best point, and those proposals. An unchanged proposal would
+        # score its best point's margin again, which is never an improvement (a point
+        # still in the working set has margin_min == loss_min > 0), so it is not queried.
         def linf_proposal(it, x_best, x, rows, qseed):
             s = self._side(it, h, w, c, 1)
             seeds = tf.random.experimental.stateless_split(qseed, 3)
             top = _rand_int(seeds[0], h - s)
             left = _rand_int(seeds[1], w - s)
-            window = _window(h, w, top, left, s)
             signs = tf.gather(_signs(seeds[2], [n, 1, 1, c]), rows)
-            return core.project(x_best + 2.0 * eps * window * signs, x, eps, "linf")
+            # The proposal changes the best point inside the window only: compare there,
+            # then build the proposals of the points it changes.
+            corner, size = tf.stack([0, top, left, 0]), tf.stack([-1, s, s, -1])
+            best_window = tf.slice(x_best, corner, size)
+            new_window = core.project(best_window + 2.0 * eps * signs,
+                                      tf.slice(x, corner, size), eps, "linf")
+            changed = tf.reduce_any(tf.not_equal(new_window, best_window), axis=[1, 2, 3])
+            at = tf.where(changed)[:, 0]
+            window = _window(h, w, top, left, s)
+            x_new = core.project(tf.gather(x_best, at) + 2.0 * eps * window * tf.gather(
+                signs, at), tf.gather(x, at), eps, "linf")
+            return changed, x_new
 
         def l2_proposal(it, x_best, x, rows, qseed):
             s = self._side(it, h, w, c, 3)
@@ -171,7 +185,8 @@ class Square:
             new = new / (1e-12 + tf.sqrt(sq(new))) * scale
             delta = delta * (1.0 - mask2)
             delta = delta * (1.0 - mask1) + new * mask1
-            return tf.clip_by_value(x + eps * core.normalize(delta, "l2"), 0.0, 1.0)
+            x_new = tf.clip_by_value(x + eps * core.normalize(delta, "l2"), 0.0, 1.0)
+            return tf.ones(tf.shape(rows), tf.bool), x_new  # the mass moves: always changed
 
         proposal = linf_proposal if self.norm == "linf" else l2_proposal
 
@@ -193,13 +208,17 @@ class Square:
 
         def body(it, work, out_best, out_margin):
             rows, xs, ys, best, margin_min, loss_min = work
-            x_new = proposal(it, best, xs, rows, core.fold_seed(seed, it))
-            margin = core.true_margin(model_fn(x_new), ys)
-            improved = margin < loss_min
-            loss_min = tf.where(improved, margin, loss_min)
+            changed, x_new = proposal(it, best, xs, rows, core.fold_seed(seed, it))
+            at = tf.where(changed)[:, 0]
+            margin = core.true_margin(model_fn(x_new), tf.gather(ys, at))
+            improved = margin < tf.gather(loss_min, at)
             take = tf.logical_or(improved, margin <= 0.0)
-            margin_min = tf.where(take, margin, margin_min)
-            best = tf.where(_bcast(take, xs), x_new, best)
+            taken = tf.boolean_mask(at, take)[:, None]
+            loss_min = tf.tensor_scatter_nd_update(loss_min, tf.boolean_mask(at, improved)[:, None],
+                                                   tf.boolean_mask(margin, improved))
+            margin_min = tf.tensor_scatter_nd_update(margin_min, taken,
+                                                     tf.boolean_mask(margin, take))
+            best = tf.tensor_scatter_nd_update(best, taken, tf.boolean_mask(x_new, take))
             work = (rows, xs, ys, best, margin_min, loss_min)
             work, out_best, out_margin = tf.cond(
                 tf.reduce_any(margin_min <= 0.0),
