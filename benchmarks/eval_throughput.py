@@ -16,6 +16,14 @@ APGD-CE, APGD-T, FAB-T, Square 5000; run on its own, as RobustBench reports it) 
 by stage: robust accuracy after it, points broken, images attacked, seconds, images/s.
 --n_iter, --n_queries and --n_target_classes shrink AutoAttack (tests use tiny budgets;
 the defaults are the standard version). Nothing is written.
+
+The model's share: just before AutoAttack it times the model alone, a forward pass and a
+forward pass with its input gradient, --floor_passes of each in one traced loop on (up
+to a batch of) the correctly classified images, and prints per stage the model time its
+budget implies (APGD: iterations x targets x gradient passes; FAB-T: the same with a
+gradient and a forward pass per iteration; Square: queries x forward passes) for the
+images it attacked. An estimate, not a bound: the stages run on other batch sizes (fewer
+images as points break) and later, and a CPU's speed per image varies with both.
 """
 
 import argparse
@@ -97,6 +105,47 @@ def load_model(args):
             f"{args.branch}")
 
 
+def model_cost(model_fn, x, passes):
+    """(forward, forward + input gradient) seconds per image, each timed over `passes`
+    passes of the whole batch x in one traced loop (traced and run once before timing)."""
+    import tensorflow as tf
+    x = tf.constant(x)
+
+    def loop(with_grad):
+        def body(i, total):
+            z = x + tf.cast(i, x.dtype) * 1e-7  # a new input each pass
+            if not with_grad:
+                return i + 1, total + tf.reduce_sum(model_fn(z))
+            with tf.GradientTape() as tape:
+                tape.watch(z)
+                out = tf.reduce_sum(model_fn(z)[:, 0])
+            return i + 1, total + tf.reduce_sum(tape.gradient(out, z))
+        return tf.function(lambda: tf.while_loop(lambda i, _: i < passes, body,
+                                                 (tf.constant(0), tf.constant(0.0)))[1])
+
+    per_image = []
+    for with_grad in (False, True):
+        fn = loop(with_grad)
+        fn()
+        start = time.perf_counter()
+        fn().numpy()
+        per_image.append((time.perf_counter() - start) / passes / len(x))
+    return tuple(per_image)
+
+
+def stage_floor(name, attacked, forward, gradient, n_iter, n_queries, n_targets):
+    """Seconds of model time a stage's budget implies, at the measured per-image costs."""
+    if name == "apgd-ce":
+        return attacked * n_iter * gradient
+    if name == "apgd-t":
+        return attacked * n_iter * n_targets * gradient
+    if name == "fab-t":
+        return attacked * n_iter * n_targets * (gradient + forward)
+    if name == "square":
+        return attacked * n_queries * forward
+    return 0.0
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", default=os.path.join(ROOT, "runs", "quickstart"))
@@ -111,6 +160,8 @@ def main():
     parser.add_argument("--n_iter", type=int, default=100)
     parser.add_argument("--n_queries", type=int, default=5000)
     parser.add_argument("--n_target_classes", type=int, default=9)
+    parser.add_argument("--floor_passes", type=int, default=50,
+                        help="passes of the model alone timed for its share (0: not timed)")
     parser.add_argument("--attacks", default="pgd20,cw,autoattack")
     parser.add_argument("--train", action="store_true",
                         help="train the quickstart in-process instead of loading --workdir")
@@ -136,6 +187,16 @@ def main():
               f"{seconds:.1f} s: {n / seconds:.1f} img/s", flush=True)
     if "autoattack" not in attacks:
         return
+    floor, n_targets = None, args.n_target_classes
+    if args.floor_passes > 0:
+        from keras_arat.attacks.autoattack import predict_labels
+        correct = x[predict_labels(model_fn, x, args.batch_size) == y][:args.batch_size]
+        if len(correct):
+            n_targets = min(n_targets, int(model_fn(tf.constant(correct[:1])).shape[-1]) - 1)
+            floor = model_cost(model_fn, correct, args.floor_passes)
+            print(f"model alone on {len(correct)} images: forward {floor[0] * 1e3:.3f} ms, "
+                  f"forward + input gradient {floor[1] * 1e3:.3f} ms per image "
+                  f"({args.floor_passes} passes each)", flush=True)
     aa = AutoAttack(eps=eps, n_iter=args.n_iter, n_queries=args.n_queries,
                     n_target_classes=args.n_target_classes)
     start = time.time()
@@ -144,12 +205,17 @@ def main():
     print(f"AutoAttack standard acc {result.robust_accuracy:.3f} in {total:.1f} s: "
           f"{n / total:.2f} img/s")
     print(f"{'stage':<8} {'robust acc':>10} {'broken':>7} {'attacked':>8} {'time s':>8} "
-          f"{'img/s':>8}")
+          f"{'img/s':>8}" + (f" {'model s':>8}" if floor else ""))
     attacked = n
     for s in result.stages:
         rate = attacked / s["time_s"] if s["time_s"] > 0 else float("inf")
-        print(f"{s['attack']:<8} {s['robust_acc']:>10.3f} {s['n_broken']:>7d} {attacked:>8d} "
-              f"{s['time_s']:>8.1f} {rate:>8.2f}")
+        line = (f"{s['attack']:<8} {s['robust_acc']:>10.3f} {s['n_broken']:>7d} "
+                f"{attacked:>8d} {s['time_s']:>8.1f} {rate:>8.2f}")
+        if floor:
+            seconds = stage_floor(s["attack"], attacked, *floor, args.n_iter, args.n_queries,
+                                  n_targets)
+            line += f" {seconds:>8.3f}"
+        print(line)
         attacked = int(round(s["robust_acc"] * n))  # the next stage attacks the survivors
     for w in result.warnings:
         print(f"WARNING: {w}")

@@ -116,22 +116,6 @@ def check_keras_file(path, flag="keras_model"):
                          "model.save('....keras'))")
 
 
-def image_shape_text(shape):
-    return "x".join("?" if d is None else str(d) for d in shape)
-
-
-def check_image_shape(images, model_input, model="the model", data="the test images"):
-    """Refuse images whose (H, W, C) does not fit the model's input (None: any size)."""
-    images, model_input = tuple(images), tuple(model_input)
-    fits = len(images) == len(model_input) and all(
-        m is None or int(m) == int(d) for d, m in zip(images, model_input))
-    if not fits:
-        raise UsageError(
-            f"{data} are {image_shape_text(images)} images but {model} takes "
-            f"{image_shape_text(model_input)} (height x width x channels): evaluate it on "
-            "data of its own input size")
-
-
 def evaluate_argv(argv):
     """keras_arat.evaluate's path and number flags, checked before TensorFlow loads.
 

@@ -170,6 +170,8 @@ COVERAGE = {
                         "is the committed fixture tests/test_torch_equivalence.py reads"),
     "python -m pytest -s tests/test_torch_equivalence.py": ("elsewhere", "a test file of this "
                                                             "suite, run by CI"),
+    "python -m pytest -s tests/test_attacks_equivalence.py -k skips": (
+        "elsewhere", "a test of this suite (test_benchmarks_pytest_command_selects_a_test)"),
     "python -m keras_arat.convert_torch --checkpoint=last.safetensors --model=resnet18 "
     "--num_classes=10 --workdir=runs/arat_official": (
         "elsewhere", "tests/test_convert_torch.py runs it on a checkpoint written from the "
@@ -184,6 +186,15 @@ COVERAGE = {
     "python benchmarks/eval_throughput.py --saved_model=exports/quickstart/saved_model/"
     "quickstart/1 --eps=0.25 --n_examples=200 --attacks=pgd20,cw": (
         "elsewhere", "tests/test_eval_throughput.py::test_saved_model"),
+    "python benchmarks/eval_throughput.py --saved_model=exports/quickstart/saved_model/"
+    "quickstart/1 --eps=0.25 --n_examples=200 --attacks=autoattack --n_iter=10": (
+        "elsewhere", "tests/test_eval_throughput.py::test_saved_model (with --n_iter)"),
+    "python benchmarks/eval_throughput.py --saved_model=exports/quickstart/saved_model/"
+    "quickstart/1 --eps=0.25 --n_examples=1000 --batch_size=1000 --attacks=autoattack": (
+        "elsewhere", "tests/test_eval_throughput.py::test_saved_model"),
+    "python benchmarks/eval_throughput.py --saved_model=exports/quickstart/saved_model/"
+    "quickstart/1 --eps=0.25 --n_examples=1000 --batch_size=1000 --attacks=autoattack "
+    "--n_iter=10": ("elsewhere", "tests/test_eval_throughput.py::test_saved_model"),
     "python benchmarks/eval_throughput.py --model=resnet18 --eps=0.0001 --n_examples=2 "
     "--batch_size=2 --n_iter=10 --n_queries=200 --attacks=autoattack": (
         "elsewhere", "tests/test_eval_throughput.py::test_random_weight_model"),
@@ -282,8 +293,10 @@ def test_fast_tier_leaves_out_the_slow_tests():
 
 
 def test_benchmarks_pytest_command_selects_a_test():
-    with open(os.path.join(ROOT, "tests", "test_distribute.py")) as f:
-        assert re.search(r"^def test_\w*two_logical\w*\(", f.read(), re.M)
+    for name, key in (("test_distribute.py", "two_logical"),
+                      ("test_attacks_equivalence.py", "skips")):
+        with open(os.path.join(ROOT, "tests", name)) as f:
+            assert re.search(rf"^def test_\w*{key}\w*\(", f.read(), re.M), (name, key)
 
 
 # ----------------------------------------------------------------- running the commands

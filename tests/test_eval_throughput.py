@@ -18,7 +18,7 @@ ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="-1", PYTH
 TINY_BUDGET = ["--n_examples=6", "--batch_size=4", "--n_iter=2", "--n_queries=20",
                "--n_target_classes=2"]
 STAGE = re.compile(r"^(clean|apgd-ce|apgd-t|fab-t|square)\s+([\d.]+)\s+(\d+)\s+(\d+)\s+"
-                   r"([\d.]+)\s+([\d.]+|inf)$", re.M)
+                   r"([\d.]+)\s+([\d.]+|inf)\s+([\d.]+)$", re.M)
 
 
 def run_script(*args):
@@ -42,6 +42,13 @@ def check_report(out, n):
     for r in rows[1:]:  # images/s is what was attacked over the stage's seconds
         if int(r[3]) and float(r[4]) > 0:
             assert abs(float(r[5]) - int(r[3]) / float(r[4])) <= 0.05 * float(r[5]) + 0.1, r
+    cost = re.search(r"model alone on (\d+) images: forward ([\d.]+) ms, forward \+ input "
+                     r"gradient ([\d.]+) ms per image", out)
+    assert cost and 0 < float(cost.group(2)) < float(cost.group(3)), out
+    # The model's share of a stage: seconds, not milliseconds (at these tiny budgets the
+    # stage's own tracing makes it far longer than the model time).
+    floors = [(float(r[6]), float(r[4])) for r in rows[1:] if int(r[3])]
+    assert max(f for f, _ in floors) > 0 and all(f <= t for f, t in floors), rows
 
 
 def test_random_weight_model(tmp_path):
