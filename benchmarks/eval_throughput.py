@@ -15,15 +15,23 @@ Prints clean, PGD-20 and CW accuracy with their time, then AutoAttack ("standard
 APGD-CE, APGD-T, FAB-T, Square 5000; run on its own, as RobustBench reports it) stage
 by stage: robust accuracy after it, points broken, images attacked, seconds, images/s.
 --n_iter, --n_queries and --n_target_classes shrink AutoAttack (tests use tiny budgets;
-the defaults are the standard version). Nothing is written.
+the defaults are the standard version). --robust_out=FILE.npy writes the per-example
+verdicts (still correct after AutoAttack). Nothing else is written.
+
+Square makes forward passes only, so it may query a faster runtime of the same model:
+--query_onnx=auto (default) uses onnxruntime on the model.onnx export wrote beside
+--saved_model, convert converts the model in memory with tf2onnx (any source), none
+queries the TensorFlow model, or give a file. Its logits are checked against the
+model's; the verdicts are always the TensorFlow model's.
 
 The model's share: just before AutoAttack it times the model alone, a forward pass and a
-forward pass with its input gradient, --floor_passes of each in one traced loop on (up
-to a batch of) the correctly classified images, and prints per stage the model time its
-budget implies (APGD: iterations x targets x gradient passes; FAB-T: the same with a
-gradient and a forward pass per iteration; Square: queries x forward passes) for the
-images it attacked. An estimate, not a bound: the stages run on other batch sizes (fewer
-images as points break) and later, and a CPU's speed per image varies with both.
+forward pass with its input gradient (and a forward pass of the query runtime), each
+--model_passes times in one traced loop on (up to a batch of) the correctly classified
+images, and prints per stage the model time its budget implies (APGD: iterations x
+targets x gradient passes; FAB-T: the same with a gradient and a forward pass per
+iteration; Square: queries x forward passes of the runtime it queries) for the images it
+attacked. An estimate, not a bound: the stages run on other batch sizes (fewer images as
+points break) and later, and a CPU's speed per image varies with both.
 """
 
 import argparse
@@ -105,9 +113,30 @@ def load_model(args):
             f"{args.branch}")
 
 
-def model_cost(model_fn, x, passes):
+def query_model(args, model_fn, x):
+    """(query_fn or None, what Square queries) for --query_onnx."""
+    from keras_arat.deployed import OnnxRunner, export_onnx_beside, onnx_runner_for
+    choice = args.query_onnx
+    if choice == "none" or (choice == "auto" and not args.saved_model):
+        return None, "the TensorFlow model"
+    if choice == "auto":
+        path = export_onnx_beside(args.saved_model)
+        if path is None:
+            return None, "the TensorFlow model (no checked model.onnx beside the SavedModel)"
+        runner, what = OnnxRunner(path), path
+    elif choice == "convert":
+        start = time.time()
+        runner = onnx_runner_for(model_fn, x.shape[1:])
+        what = f"the model converted to ONNX in memory ({time.time() - start:.1f} s)"
+    else:
+        runner, what = OnnxRunner(choice), choice
+    return runner.as_tf(), f"{what} with onnxruntime"
+
+
+def model_cost(model_fn, x, passes, gradients=True):
     """(forward, forward + input gradient) seconds per image, each timed over `passes`
-    passes of the whole batch x in one traced loop (traced and run once before timing)."""
+    passes of the whole batch x in one traced loop (traced and run once before timing);
+    gradients=False: the forward pass only, (forward, None)."""
     import tensorflow as tf
     x = tf.constant(x)
 
@@ -124,16 +153,17 @@ def model_cost(model_fn, x, passes):
                                                  (tf.constant(0), tf.constant(0.0)))[1])
 
     per_image = []
-    for with_grad in (False, True):
+    for with_grad in (False, True)[:2 if gradients else 1]:
         fn = loop(with_grad)
         fn()
         start = time.perf_counter()
         fn().numpy()
         per_image.append((time.perf_counter() - start) / passes / len(x))
-    return tuple(per_image)
+    return tuple(per_image) if gradients else (per_image[0], None)
 
 
-def stage_floor(name, attacked, forward, gradient, n_iter, n_queries, n_targets):
+def stage_model_time(name, attacked, forward, gradient, query, n_iter, n_queries,
+                     n_targets):
     """Seconds of model time a stage's budget implies, at the measured per-image costs."""
     if name == "apgd-ce":
         return attacked * n_iter * gradient
@@ -142,7 +172,7 @@ def stage_floor(name, attacked, forward, gradient, n_iter, n_queries, n_targets)
     if name == "fab-t":
         return attacked * n_iter * n_targets * (gradient + forward)
     if name == "square":
-        return attacked * n_queries * forward
+        return attacked * n_queries * query
     return 0.0
 
 
@@ -160,8 +190,12 @@ def main():
     parser.add_argument("--n_iter", type=int, default=100)
     parser.add_argument("--n_queries", type=int, default=5000)
     parser.add_argument("--n_target_classes", type=int, default=9)
-    parser.add_argument("--floor_passes", type=int, default=50,
+    parser.add_argument("--model_passes", type=int, default=50,
                         help="passes of the model alone timed for its share (0: not timed)")
+    parser.add_argument("--query_onnx", default="auto",
+                        help="what Square queries: auto, convert, none or an ONNX file")
+    parser.add_argument("--robust_out", default=None, metavar="FILE.npy",
+                        help="write the per-example verdicts (bool [n]: still correct)")
     parser.add_argument("--attacks", default="pgd20,cw,autoattack")
     parser.add_argument("--train", action="store_true",
                         help="train the quickstart in-process instead of loading --workdir")
@@ -169,6 +203,7 @@ def main():
     from keras_arat import quiet
     quiet.import_tensorflow()  # without its start-up log (KERAS_ARAT_VERBOSE=1 shows it)
 
+    import numpy as np
     import tensorflow as tf
     from keras_arat.attacks import AutoAttack
     from keras_arat.evaluate import evaluate_model_fn
@@ -187,33 +222,42 @@ def main():
               f"{seconds:.1f} s: {n / seconds:.1f} img/s", flush=True)
     if "autoattack" not in attacks:
         return
-    floor, n_targets = None, args.n_target_classes
-    if args.floor_passes > 0:
+    query_fn, queried = query_model(args, model_fn, x)
+    print(f"Square queries {queried}", flush=True)
+    cost, n_targets = None, args.n_target_classes
+    if args.model_passes > 0:
         from keras_arat.attacks.autoattack import predict_labels
         correct = x[predict_labels(model_fn, x, args.batch_size) == y][:args.batch_size]
         if len(correct):
             n_targets = min(n_targets, int(model_fn(tf.constant(correct[:1])).shape[-1]) - 1)
-            floor = model_cost(model_fn, correct, args.floor_passes)
-            print(f"model alone on {len(correct)} images: forward {floor[0] * 1e3:.3f} ms, "
-                  f"forward + input gradient {floor[1] * 1e3:.3f} ms per image "
-                  f"({args.floor_passes} passes each)", flush=True)
+            forward, gradient = model_cost(model_fn, correct, args.model_passes)
+            query = (model_cost(query_fn, correct, args.model_passes, gradients=False)[0]
+                     if query_fn else forward)
+            cost = (forward, gradient, query)
+            print(f"model alone on {len(correct)} images: forward {forward * 1e3:.3f} ms, "
+                  f"forward + input gradient {gradient * 1e3:.3f} ms, Square's query "
+                  f"{query * 1e3:.3f} ms per image ({args.model_passes} passes each)",
+                  flush=True)
     aa = AutoAttack(eps=eps, n_iter=args.n_iter, n_queries=args.n_queries,
                     n_target_classes=args.n_target_classes)
     start = time.time()
-    result = aa.run(model_fn, x, y, batch_size=args.batch_size, seed=args.seed)
+    result = aa.run(model_fn, x, y, batch_size=args.batch_size, seed=args.seed,
+                    query_fn=query_fn)
     total = time.time() - start
+    if args.robust_out:
+        np.save(args.robust_out, result.robust)
     print(f"AutoAttack standard acc {result.robust_accuracy:.3f} in {total:.1f} s: "
           f"{n / total:.2f} img/s")
     print(f"{'stage':<8} {'robust acc':>10} {'broken':>7} {'attacked':>8} {'time s':>8} "
-          f"{'img/s':>8}" + (f" {'model s':>8}" if floor else ""))
+          f"{'img/s':>8}" + (f" {'model s':>8}" if cost else ""))
     attacked = n
     for s in result.stages:
         rate = attacked / s["time_s"] if s["time_s"] > 0 else float("inf")
         line = (f"{s['attack']:<8} {s['robust_acc']:>10.3f} {s['n_broken']:>7d} "
                 f"{attacked:>8d} {s['time_s']:>8.1f} {rate:>8.2f}")
-        if floor:
-            seconds = stage_floor(s["attack"], attacked, *floor, args.n_iter, args.n_queries,
-                                  n_targets)
+        if cost:
+            seconds = stage_model_time(s["attack"], attacked, *cost, args.n_iter,
+                                       args.n_queries, n_targets)
             line += f" {seconds:>8.3f}"
         print(line)
         attacked = int(round(s["robust_acc"] * n))  # the next stage attacks the survivors

@@ -103,6 +103,8 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--official", default=None, metavar="DIR",
                         help="a checkout of fra31/auto-attack: run it instead of torchattacks")
+    parser.add_argument("--robust_out", default=None, metavar="FILE.npy",
+                        help="write the per-example verdicts (bool [n]: still correct)")
     args = parser.parse_args()
 
     from importlib.metadata import version
@@ -145,7 +147,10 @@ def main():
     adv = run()
     total = time.perf_counter() - start
     with torch.no_grad():
-        robust = (model(adv).argmax(1) == labels).float().mean().item()
+        still = (model(adv).argmax(1) == labels).numpy()
+    robust = float(still.mean())
+    if args.robust_out:
+        np.save(args.robust_out, still)
     print(f"clean acc {clean:.3f}; AutoAttack standard acc {robust:.3f} in {total:.1f} s: "
           f"{n / total:.2f} img/s")
     print(f"{'stage':<8} {'attacked':>8} {'time s':>8} {'img/s':>8}")

@@ -67,12 +67,17 @@ class SavedModelRunner:
 
 class OnnxRunner:
     """images -> logits with onnxruntime (CPU unless other providers are given). No
-    gradients: `as_tf()` wraps it for gradient-free attacks (Square) in tf.function."""
+    gradients: `as_tf()` wraps it for gradient-free attacks (Square) in tf.function.
+    `path` is a file or the serialized model (bytes)."""
 
     def __init__(self, path, providers=("CPUExecutionProvider",), input_name=None):
         import onnxruntime as ort
+        if isinstance(path, bytes):
+            path, model = "the converted model", path
+        else:
+            model = path
         try:
-            self.session = ort.InferenceSession(path, providers=list(providers))
+            self.session = ort.InferenceSession(model, providers=list(providers))
         except Exception as e:  # noqa: BLE001 - onnxruntime's own errors
             raise UsageError(f"cannot load ONNX model {path}: "
                              f"{str(e).strip().splitlines()[0][:200]}") from None
@@ -109,6 +114,46 @@ class OnnxRunner:
 
         model_fn.keep_alive = self
         return model_fn
+
+
+def export_onnx_beside(saved_model_path):
+    """The model.onnx that export wrote beside this SavedModel (OUT/saved_model/NAME/VERSION
+    next to OUT/model.onnx) and checked against it (OUT/export_report.json "passed"), or
+    None."""
+    import json
+    import os
+    folder = os.path.abspath(saved_model_path)
+    for _ in range(3):
+        folder = os.path.dirname(folder)
+        onnx_path = os.path.join(folder, "model.onnx")
+        report = os.path.join(folder, "export_report.json")
+        if os.path.isfile(onnx_path) and os.path.isfile(report):
+            try:
+                with open(report) as f:
+                    passed = json.load(f).get("passed") is True
+            except (OSError, ValueError):
+                return None
+            return onnx_path if passed else None
+    return None
+
+
+def onnx_runner_for(model_fn, input_shape):
+    """An OnnxRunner of model_fn (images [N, *input_shape] -> logits), converted in memory
+    with tf2onnx from a tf.function with that input signature. Raises UsageError with
+    tf2onnx's first line when the graph cannot be converted."""
+    import logging
+
+    import tensorflow as tf
+    import tf2onnx
+    logging.getLogger("tf2onnx").setLevel(logging.WARNING)
+    spec = [tf.TensorSpec([None, *input_shape], tf.float32, name="images")]
+    fn = tf.function(lambda images: {LOGITS: model_fn(images)}, input_signature=spec)
+    try:
+        proto, _ = tf2onnx.convert.from_function(fn, input_signature=spec, opset=17)
+    except Exception as e:  # noqa: BLE001 - tf2onnx raises many kinds
+        raise UsageError(f"cannot convert the model to ONNX: "
+                         f"{str(e).strip().splitlines()[0][:200]}") from None
+    return OnnxRunner(proto.SerializeToString())
 
 
 def check_image_shape(images_shape, model_shape, what="the model"):

@@ -69,7 +69,8 @@ from absl import app, flags
 from keras_arat import files, records
 from keras_arat.attacks import (APGD, PGD, AutoAttack, BudgetError, EvaluationError,
                                 FABTargeted, NonFiniteOutputError, Restarts, Square,
-                                check_inputs, check_logits, core, run_attack)
+                                check_agreement, check_inputs, check_logits, core,
+                                run_attack)
 
 ATTACKS = ("clean", "pgd20", "cw", "apgd-ce", "apgd-t", "fab-t", "square", "autoattack")
 GRADIENT_ATTACKS = ("pgd20", "cw", "apgd-ce", "apgd-t", "fab-t")
@@ -98,7 +99,8 @@ def make_attack(name, eps, norm="linf", restarts=1, reference_noise_leak=False):
 
 def evaluate_model_fn(model_fn, x, y, eps, attacks=("clean", "pgd20"), batch_size=256, seed=0,
                       norm="linf", gradients=True, restarts=1, progress=False, log=None,
-                      autoattack=None, eager=False, reference_noise_leak=False):
+                      autoattack=None, eager=False, reference_noise_leak=False,
+                      query_fn=None):
     """Accuracies of one model (images -> logits) under each attack, and the details.
 
     Returns (accs, details): accs = {attack: acc, f"{attack}_time_s": s}; details holds
@@ -106,6 +108,8 @@ def evaluate_model_fn(model_fn, x, y, eps, attacks=("clean", "pgd20"), batch_siz
     EvaluationError (a ValueError) for inputs outside [0,1] or probability outputs.
     autoattack: an AutoAttack to use instead of the standard one; eager: no tf.function.
     reference_noise_leak: run pgd20 as the official AR-AT code does (see PGD.noise_leak).
+    query_fn: a faster forward-only runtime of the same model that Square queries (see
+    AutoAttack.run); checked to agree with model_fn, which gives every verdict.
     """
     log = log or (lambda msg: None)
     x = np.asarray(x, np.float32)
@@ -113,6 +117,11 @@ def evaluate_model_fn(model_fn, x, y, eps, attacks=("clean", "pgd20"), batch_siz
     check_inputs(x)
     check_logits(model_fn, x)
     accs, details = {}, {"masks": {}, "warnings": [], "notes": []}
+    if query_fn is not None:
+        diff = check_agreement(model_fn, query_fn, x)
+        details["notes"].append(f"square queried {getattr(query_fn, 'source', 'a query model')}"
+                                f" (logits within {diff:.2g} of the model's on the first "
+                                f"{min(64, len(x))} images); the verdicts are the model's")
     start = time.time()
     from keras_arat.attacks.autoattack import predict_labels
     clean = predict_labels(model_fn, x, batch_size) == y
@@ -140,15 +149,16 @@ def evaluate_model_fn(model_fn, x, y, eps, attacks=("clean", "pgd20"), batch_siz
         elif name == "autoattack":
             aa = autoattack or AutoAttack(eps=eps, norm=norm, eager=eager)
             result = aa.run(model_fn, x, y, batch_size, seed, initial_stages=earlier,
-                            progress=progress, check=True, log=log)
+                            progress=progress, check=True, log=log, query_fn=query_fn)
             mask = result.robust
             details["autoattack"] = result.breakdown()
             details["warnings"] += result.warnings
             elapsed = round(time.time() - start, 3)
         else:
             _, mask = run_attack(make_attack(name, eps, norm, restarts, reference_noise_leak),
-                                 model_fn, x, y,
-                                 batch_size, seed, progress=progress, desc=name, eager=eager)
+                                 model_fn, x, y, batch_size, seed, progress=progress,
+                                 desc=name, eager=eager,
+                                 query_fn=query_fn if name == "square" else None)
             mask = mask & clean
             elapsed = round(time.time() - start, 3)
             earlier.append((name, mask))
@@ -343,6 +353,12 @@ def define_flags():
                         "images float32 [N,H,W,C] in [0,1] -> logits) instead of a checkpoint.")
     flags.DEFINE_string("onnx", None, "Evaluate this ONNX model with onnxruntime (no "
                         "gradients: clean and Square only).")
+    flags.DEFINE_string("query_onnx", "auto", "With --saved_model: the ONNX model Square "
+                        "(forward passes only) queries with onnxruntime, checked to agree "
+                        "with the SavedModel, which gives every verdict. auto: the model.onnx "
+                        "export wrote beside it, if its export_report.json passed; convert: "
+                        "convert the SavedModel in memory (tf2onnx); none: query the "
+                        "SavedModel; or a file.")
     flags.DEFINE_string("dataset", None, "Test images instead of the run's (with "
                         "--saved_model/--onnx and no --workdir: digits by default): a data "
                         "set name (digits, cifar10, cifar100, svhn_cropped, mnist), an .npz "
@@ -389,6 +405,8 @@ def _check_flags(runs):
         raise runs.UsageError("give --saved_model or --onnx, not both")
     if not (FLAGS.workdir or FLAGS.saved_model or FLAGS.onnx):
         raise runs.UsageError("--workdir is required (or --saved_model/--onnx)")
+    if FLAGS.query_onnx not in ("auto", "none") and not FLAGS.saved_model:
+        raise runs.UsageError("--query_onnx applies to --saved_model only")
 
 
 def _test_images(default_spec, default_n=None, default_data_dir=None):
@@ -411,9 +429,11 @@ def _deployed(runs):
     cfg = runs.read_config(FLAGS.workdir) if FLAGS.workdir else runs.RunConfig(
         dataset="digits", eps=8 / 255)
     eps = runs.parse_fraction(FLAGS.eps, "eps") if FLAGS.eps else cfg.eps
+    query_fn = None
     if kind == "saved_model":
         runner = SavedModelRunner(source, FLAGS.input_name)
         model_fn = runner
+        query_fn = _query_model(source, runner)
     else:
         runner = OnnxRunner(source, input_name=FLAGS.input_name)
         model_fn = runner.as_tf()
@@ -429,7 +449,8 @@ def _deployed(runs):
                                       FLAGS.seed, FLAGS.norm, gradients=(kind != "onnx"),
                                       restarts=FLAGS.restarts, progress=FLAGS.progress,
                                       log=_log,
-                                      reference_noise_leak=bool(FLAGS.reference_noise_leak))
+                                      reference_noise_leak=bool(FLAGS.reference_noise_leak),
+                                      query_fn=query_fn)
     name = model_name(source)
     label = {"source": f"{kind}-{name}-{records.slug(about['spec'])}",
              "model_file": os.path.abspath(source), "kind": kind, "dataset": about["spec"],
@@ -440,6 +461,32 @@ def _deployed(runs):
     return label, {"deployed": accs}, {"deployed": details}, 0, (name, "deployed",
                                                                    about["spec"],
                                                                    f"robustbench_{kind}.json")
+
+
+def _query_model(saved_model, runner):
+    """The onnxruntime model Square queries for --saved_model (--query_onnx), or None."""
+    from keras_arat.deployed import OnnxRunner, export_onnx_beside, onnx_runner_for
+    from keras_arat.errors import UsageError
+    if not {"square", "autoattack"} & set(FLAGS.attacks) or FLAGS.query_onnx == "none":
+        return None
+    if FLAGS.query_onnx == "auto":
+        path = export_onnx_beside(saved_model)
+        if path is None:
+            return None
+        onnx_model = OnnxRunner(path)
+    elif FLAGS.query_onnx == "convert":
+        path = "converted in memory"
+        onnx_model = onnx_runner_for(runner, runner.input_shape)
+    elif os.path.isfile(FLAGS.query_onnx):
+        path = FLAGS.query_onnx
+        onnx_model = OnnxRunner(path)
+    else:
+        raise UsageError(f"--query_onnx={FLAGS.query_onnx}: not auto, convert, none or a file")
+    _log(f"Square queries {path} with onnxruntime (its logits are checked against the "
+         f"SavedModel's; every verdict is the SavedModel's)")
+    query_fn = onnx_model.as_tf()
+    query_fn.source = path
+    return query_fn
 
 
 def model_name(path):

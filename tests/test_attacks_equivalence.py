@@ -204,3 +204,39 @@ def test_square_skips_only_proposals_that_change_nothing():
     skipped = queried + len(x) - int(count.numpy())
     print(f"skipped {skipped} of {queried} proposals")
     assert skipped > 0.1 * queried, (skipped, queried)
+
+
+@pytest.mark.slow  # 10 s: a tf2onnx conversion and two Square runs
+def test_square_on_onnxruntime_same_verdicts_as_on_tensorflow(setup):
+    """Square may query another runtime of the same model (AutoAttack.run's query_fn):
+    the tiny network converted to ONNX and run by onnxruntime gives the broken set and the
+    points that querying the network itself gives (its logits differ by ~1e-7)."""
+    from keras_arat.attacks import AutoAttack
+    from keras_arat.deployed import onnx_runner_for
+    f, x, y = setup
+    query_fn = onnx_runner_for(f, x.shape[1:]).as_tf()
+    attack = Square(eps=0.15, n_queries=150)
+    want_x, want_broken = tf.function(attack._single_run)(f, tf.constant(x), tf.constant(y),
+                                                           SEED)
+    got_x, got_broken = tf.function(attack._single_run)(query_fn, tf.constant(x),
+                                                         tf.constant(y), SEED)
+    assert 0 < want_broken.numpy().sum() < N, "every or no point broken: weak test"
+    np.testing.assert_array_equal(got_broken.numpy(), want_broken.numpy())
+    np.testing.assert_allclose(got_x.numpy(), want_x.numpy(), atol=1e-6)
+    # Through AutoAttack: the same verdicts, which are the network's own.
+    aa = AutoAttack(eps=0.15, attacks=[attack])
+    want = aa.run(f, x, y, batch_size=N, seed=3)
+    got = aa.run(f, x, y, batch_size=N, seed=3, query_fn=query_fn)
+    np.testing.assert_array_equal(got.robust, want.robust)
+    assert got.robust.sum() < got.clean_correct.sum()
+
+
+def test_a_query_model_that_is_not_the_model_is_refused(setup):
+    from keras_arat.attacks import AutoAttack, EvaluationError, check_agreement
+    f, x, y = setup
+    assert check_agreement(f, f, x) == 0.0
+    off = lambda z: f(z) * 1.01  # noqa: E731 - a logit 1% off is another model
+    with pytest.raises(EvaluationError, match="does not compute the model's logits: they "
+                                               "differ by up to"):
+        AutoAttack(eps=0.15, attacks=[Square(eps=0.15, n_queries=2)]).run(
+            f, x, y, query_fn=off)

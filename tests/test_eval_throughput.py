@@ -43,19 +43,29 @@ def check_report(out, n):
         if int(r[3]) and float(r[4]) > 0:
             assert abs(float(r[5]) - int(r[3]) / float(r[4])) <= 0.05 * float(r[5]) + 0.1, r
     cost = re.search(r"model alone on (\d+) images: forward ([\d.]+) ms, forward \+ input "
-                     r"gradient ([\d.]+) ms per image", out)
+                     r"gradient ([\d.]+) ms, Square's query ([\d.]+) ms per image", out)
     assert cost and 0 < float(cost.group(2)) < float(cost.group(3)), out
+    assert float(cost.group(4)) > 0, out
     # The model's share of a stage: seconds, not milliseconds (at these tiny budgets the
     # stage's own tracing makes it far longer than the model time).
-    floors = [(float(r[6]), float(r[4])) for r in rows[1:] if int(r[3])]
-    assert max(f for f, _ in floors) > 0 and all(f <= t for f, t in floors), rows
+    model_times = [(float(r[6]), float(r[4])) for r in rows[1:] if int(r[3])]
+    assert max(m for m, _ in model_times) > 0, rows
+    assert all(m <= t for m, t in model_times), rows
 
 
 def test_random_weight_model(tmp_path):
     # BENCHMARKS.md: --model=resnet18 --n_examples=8 --batch_size=8; here a width-4 small CNN.
-    out = run_script("--model=small_cnn", "--width=4", *TINY_BUDGET)
+    out = run_script("--model=small_cnn", "--width=4", "--query_onnx=convert",
+                     f"--robust_out={tmp_path / 'robust.npy'}", *TINY_BUDGET)
     check_report(out, 6)
     assert "labels = its predictions" in out
+    assert re.search(r"Square queries the model converted to ONNX in memory \([\d.]+ s\) "
+                     r"with onnxruntime", out), out
+    import numpy as np
+    robust = np.load(tmp_path / "robust.npy")
+    total = re.search(r"AutoAttack standard acc ([\d.]+)", out)
+    assert robust.shape == (6,) and robust.dtype == bool
+    assert abs(robust.mean() - float(total.group(1))) < 1e-3
     assert re.search(r"clean acc 1\.000", out)  # its own predictions are the labels
 
 
@@ -76,6 +86,8 @@ def test_saved_model(tmp_path):
     tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
     out = run_script(f"--saved_model={path}", "--eps=0.25", *TINY_BUDGET)
     check_report(out, 6)
+    # No export folder around it: Square queries the SavedModel itself.
+    assert "Square queries the TensorFlow model (no checked model.onnx beside" in out, out
 
 
 def load_reference_script():

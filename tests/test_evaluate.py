@@ -151,9 +151,14 @@ def test_cli_saved_model_and_onnx(saved_model, onnx_model, tmp_path):
     out = str(tmp_path / "out")
     proc = run_module("keras_arat.evaluate", f"--saved_model={saved_model}",
                       "--dataset=digits", "--eps=0.3", "--n_examples=8", "--batch_size=8",
-                      "--attacks=clean,pgd20,autoattack", f"--output_dir={out}", "--noprogress")
+                      "--attacks=clean,pgd20,autoattack", f"--output_dir={out}", "--noprogress",
+                      f"--query_onnx={onnx_model}")
     (entry,) = json.loads(proc.stdout)["evaluated"]
     accs = entry["accuracy"]
+    # Square queried the ONNX model with onnxruntime, and the record says so.
+    assert f"Square queries {onnx_model} with onnxruntime" in proc.stderr
+    assert any(n.startswith(f"square queried {onnx_model} (logits within") for n in
+               entry["notes"]), entry["notes"]
     assert accs["clean"] >= accs["pgd20"] >= accs["autoattack"]
     assert entry["n_examples"] == 8 and accs["clean"] >= 0.5
     assert entry["kind"] == "saved_model" and entry["dataset"] == "digits"
@@ -272,6 +277,9 @@ BAD_INPUT_AFTER_TENSORFLOW = [
      "the images are 28x28x1 but {onnx} takes 32x32x3"),
     (["--saved_model={sm}", "--attacks=clean,fgsm"], "unknown attack(s) ['fgsm']"),
     (["--saved_model={sm}", "--onnx={onnx}"], "give --saved_model or --onnx, not both"),
+    (["--saved_model={sm}", "--attacks=square", "--query_onnx={tmp}/absent.onnx"],
+     "--query_onnx={tmp}/absent.onnx: not auto, convert, none or a file"),
+    (["--onnx={onnx}", "--query_onnx={onnx}"], "--query_onnx applies to --saved_model only"),
 ]
 
 

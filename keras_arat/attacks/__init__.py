@@ -6,7 +6,7 @@ from keras_arat.attacks.apgd import APGD
 from keras_arat.attacks.autoattack import (AutoAttack, AutoAttackResult, BudgetError,
                                            EvaluationError, InputRangeError,
                                            NonFiniteOutputError, ProbabilityOutputError,
-                                           Restarts, check_adversarial,
+                                           Restarts, check_adversarial, check_agreement,
                                            check_inputs, check_logits, run_attack,
                                            standard_attacks)
 from keras_arat.attacks.fab import FABTargeted
@@ -15,5 +15,6 @@ from keras_arat.attacks.square import Square
 
 __all__ = ["APGD", "AutoAttack", "AutoAttackResult", "BudgetError", "EvaluationError",
            "FABTargeted", "InputRangeError", "NonFiniteOutputError", "PGD",
-           "ProbabilityOutputError", "Restarts", "Square", "check_adversarial", "check_inputs",
-           "check_logits", "core", "run_attack", "standard_attacks"]
+           "ProbabilityOutputError", "Restarts", "Square", "check_adversarial",
+           "check_agreement", "check_inputs", "check_logits", "core", "run_attack",
+           "standard_attacks"]

@@ -54,6 +54,9 @@ class BudgetError(EvaluationError):
 
 # float32 rounding of the projection overshoots eps by ~3e-8; anything past this is a bug.
 BUDGET_ATOL = 1e-6
+# A query model (another runtime of the same weights) must match the model's logits to
+# this fraction of their scale (float32 runtimes differ by ~1e-7 of it).
+QUERY_RTOL = 1e-4
 
 
 def threat_model(attack):
@@ -118,6 +121,25 @@ def check_logits(model_fn, x, tol=1e-3):
         raise ProbabilityOutputError("the model outputs probabilities (non-negative rows "
                                      "summing to 1), not logits: remove the final softmax")
     return out.shape[1]
+
+
+def check_agreement(model_fn, query_fn, x, rtol=QUERY_RTOL):
+    """Refuse a query model that does not compute what model_fn computes: on the first 64
+    images their logits must agree within rtol x max(1, largest |logit|). Returns the
+    largest difference."""
+    x = tf.convert_to_tensor(x[:64], tf.float32)
+    want = np.asarray(model_fn(x), np.float32)
+    got = np.asarray(query_fn(x), np.float32)
+    if got.shape != want.shape:
+        raise EvaluationError(f"the query model returns logits of shape {list(got.shape)}, "
+                              f"the model {list(want.shape)}: not the same model")
+    diff = float(np.max(np.abs(got - want), initial=0.0))
+    tol = rtol * max(1.0, float(np.max(np.abs(want), initial=0.0)))
+    if not diff <= tol:
+        raise EvaluationError(f"the query model does not compute the model's logits: they "
+                              f"differ by up to {diff:.3g} on the first {len(want)} images "
+                              f"(allowed {tol:.3g})")
+    return diff
 
 
 def zero_gradient_fraction(model_fn, x, y):
@@ -188,19 +210,22 @@ def predict_labels(model_fn, x, batch_size):
 
 
 def run_attack(attack, model_fn, x, y, batch_size=256, seed=0, only=None, progress=False,
-               desc=None, compiled=None, eager=False):
+               desc=None, compiled=None, eager=False, query_fn=None):
     """Attack x (numpy, [0,1]) in batches; returns (x_adv, still_correct [N] bool).
 
     only: bool mask of the examples to attack (default all); the others are returned
     unchanged and counted as they are classified at x. Batch i uses seed (seed, i).
     eager=True skips tf.function (faster for a few cheap iterations: no tracing).
+    query_fn: the model the attack queries, if not model_fn (a faster runtime of the same
+    model for a gradient-free attack); the verdicts are model_fn's all the same.
     """
     x = np.asarray(x, np.float32)
     y = np.asarray(y).astype(np.int64)
     x_adv = x.copy()
     idx = np.arange(len(x)) if only is None else np.flatnonzero(only)
-    fn = compiled or (compile_attack(attack, model_fn, x.shape[1:]) if not eager else
-                      (lambda xb, yb, sb: attack(model_fn, xb, yb, sb)))
+    queried = query_fn or model_fn
+    fn = compiled or (compile_attack(attack, queried, x.shape[1:]) if not eager else
+                      (lambda xb, yb, sb: attack(queried, xb, yb, sb)))
     name = desc or getattr(attack, "name", "attack")
     eps, norm = threat_model(attack)
     bar = _Progress(len(idx), name, progress)
@@ -277,13 +302,19 @@ class AutoAttack:
                                             self.n_target_classes, self.p_init)
 
     def run(self, model_fn, x, y, batch_size=250, seed=0, initial_robust=None,
-            initial_stages=(), progress=False, check=True, log=None):
+            initial_stages=(), progress=False, check=True, log=None, query_fn=None):
+        """query_fn: a forward-only runtime of the same model (e.g. onnxruntime through
+        keras_arat.deployed.OnnxRunner.as_tf()) that the gradient-free stage (Square, all
+        forward passes) queries instead of model_fn. It is checked to agree with model_fn
+        (check_agreement), and every verdict is still model_fn's."""
         x = np.asarray(x, np.float32)
         y = np.asarray(y).astype(np.int64)
         warnings = []
         if check:
             check_inputs(x)
             check_logits(model_fn, x)
+        if query_fn is not None:
+            check_agreement(model_fn, query_fn, x)
         x_adv = x.copy()
         start = time.time()
         clean_correct = predict_labels(model_fn, x, batch_size) == y
@@ -305,9 +336,10 @@ class AutoAttack:
                 gradient_failures = robust.copy()
             t0 = time.time()
             if robust.any():
-                adv_i, still = run_attack(attack, model_fn, x, y, batch_size,
-                                          seed=seed * 7919 + i, only=robust,
-                                          progress=progress, desc=name, eager=self.eager)
+                adv_i, still = run_attack(
+                    attack, model_fn, x, y, batch_size, seed=seed * 7919 + i, only=robust,
+                    progress=progress, desc=name, eager=self.eager,
+                    query_fn=query_fn if name in GRADIENT_FREE else None)
                 broken = robust & ~still
                 x_adv[broken] = adv_i[broken]
                 robust &= ~broken

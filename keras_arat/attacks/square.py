@@ -76,6 +76,16 @@ def _window(h, w, top, left, s):
     return tf.cast(inside, tf.float32)[None, :, :, None]  # [1, h, w, 1]
 
 
+def _splice(images, block, top, left):
+    """images [n, h, w, c] with block [n, s, s, c] written at (top, left)."""
+    s = tf.shape(block)[1]
+    band = images[:, top:top + s]
+    band = tf.concat([band[:, :, :left], block, band[:, :, left + s:]], axis=2)
+    out = tf.concat([images[:, :top], band, images[:, top + s:]], axis=1)
+    out.set_shape(images.shape)
+    return out
+
+
 def _rand_int(seed, high):
     """Uniform integer in [0, high] (inclusive) from a stateless seed."""
     return tf.random.stateless_uniform([], seed=seed, minval=0, maxval=high + 1, dtype=tf.int32)
@@ -141,8 +151,9 @@ class Square:
 
         # Per-example noise is drawn for the whole batch and then subset (rows), so a point
         # gets the same proposals whichever other points are still being attacked.
-        # A proposal returns (changed, x_new): the working-set points whose proposal
-        # differs from their best point, and those proposals. An unchanged proposal would
+        # A proposal returns (at, x_new, accept): the working-set positions whose proposal
+        # differs from their best point, those proposals, and accept(best, take) -> the
+        # best points with the proposals of at[take] taken. An unchanged proposal would
         # score its best point's margin again, which is never an improvement (a point
         # still in the working set has margin_min == loss_min > 0), so it is not queried.
         def linf_proposal(it, x_best, x, rows, qseed):
@@ -159,10 +170,22 @@ class Square:
                                       tf.slice(x, corner, size), eps, "linf")
             changed = tf.reduce_any(tf.not_equal(new_window, best_window), axis=[1, 2, 3])
             at = tf.where(changed)[:, 0]
-            window = _window(h, w, top, left, s)
-            x_new = core.project(tf.gather(x_best, at) + 2.0 * eps * window * tf.gather(
-                signs, at), tf.gather(x, at), eps, "linf")
-            return changed, x_new
+            new_window = tf.gather(new_window, at)
+            # Outside the window the projection returns the best point as it is, so the
+            # proposal is the best point with the new window written in (two copies of the
+            # images instead of a sum and a projection over all of them), and taking it
+            # writes that window into the best point (no copy at all when none is taken).
+            every = tf.equal(tf.size(at), tf.shape(x_best)[0])
+            base = tf.cond(every, lambda: x_best, lambda: tf.gather(x_best, at))
+
+            def accept(best, take):
+                def write():
+                    window = tf.tensor_scatter_nd_update(
+                        best_window, tf.boolean_mask(at, take)[:, None],
+                        tf.boolean_mask(new_window, take))
+                    return _splice(best, window, top, left)
+                return tf.cond(tf.reduce_any(take), write, lambda: best)
+            return at, _splice(base, new_window, top, left), accept
 
         def l2_proposal(it, x_best, x, rows, qseed):
             s = self._side(it, h, w, c, 3)
@@ -186,7 +209,12 @@ class Square:
             delta = delta * (1.0 - mask2)
             delta = delta * (1.0 - mask1) + new * mask1
             x_new = tf.clip_by_value(x + eps * core.normalize(delta, "l2"), 0.0, 1.0)
-            return tf.ones(tf.shape(rows), tf.bool), x_new  # the mass moves: always changed
+            at = tf.range(tf.size(rows, out_type=tf.int64))  # the mass always moves
+
+            def accept(best, take):
+                return tf.tensor_scatter_nd_update(best, tf.boolean_mask(at, take)[:, None],
+                                                   tf.boolean_mask(x_new, take))
+            return at, x_new, accept
 
         proposal = linf_proposal if self.norm == "linf" else l2_proposal
 
@@ -208,17 +236,17 @@ class Square:
 
         def body(it, work, out_best, out_margin):
             rows, xs, ys, best, margin_min, loss_min = work
-            changed, x_new = proposal(it, best, xs, rows, core.fold_seed(seed, it))
-            at = tf.where(changed)[:, 0]
+            at, x_new, accept = proposal(it, best, xs, rows, core.fold_seed(seed, it))
             margin = core.true_margin(model_fn(x_new), tf.gather(ys, at))
             improved = margin < tf.gather(loss_min, at)
             take = tf.logical_or(improved, margin <= 0.0)
             taken = tf.boolean_mask(at, take)[:, None]
-            loss_min = tf.tensor_scatter_nd_update(loss_min, tf.boolean_mask(at, improved)[:, None],
+            better = tf.boolean_mask(at, improved)[:, None]
+            loss_min = tf.tensor_scatter_nd_update(loss_min, better,
                                                    tf.boolean_mask(margin, improved))
             margin_min = tf.tensor_scatter_nd_update(margin_min, taken,
                                                      tf.boolean_mask(margin, take))
-            best = tf.tensor_scatter_nd_update(best, taken, tf.boolean_mask(x_new, take))
+            best = accept(best, take)
             work = (rows, xs, ys, best, margin_min, loss_min)
             work, out_best, out_margin = tf.cond(
                 tf.reduce_any(margin_min <= 0.0),
