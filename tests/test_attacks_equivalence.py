@@ -240,3 +240,15 @@ def test_a_query_model_that_is_not_the_model_is_refused(setup):
                                                "differ by up to"):
         AutoAttack(eps=0.15, attacks=[Square(eps=0.15, n_queries=2)]).run(
             f, x, y, query_fn=off)
+
+
+def test_square_schedule_rescaled_only_when_asked():
+    """AutoAttack's Square keeps the schedule's query counts (10, 50, 200, ...) at 5,000
+    queries; rescale_schedule=True (torchattacks' AutoAttack) reads them as if the budget
+    were 10,000, so the windows shrink twice as early. Sides on 32x32x3, p_init 0.8."""
+    def sides(attack, its):
+        return [int(attack._side(tf.constant(it), 32, 32, 3, 1)) for it in its]
+    its = [0, 6, 10, 26, 101, 2001, 4999]
+    # s = round(sqrt(p * 1024)): p = 0.8 / 2^k
+    assert sides(Square(eps=0.1), its) == [29, 29, 29, 20, 14, 4, 3]
+    assert sides(Square(eps=0.1, rescale_schedule=True), its) == [29, 20, 20, 14, 10, 3, 1]

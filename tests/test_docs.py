@@ -198,6 +198,10 @@ COVERAGE = {
     "python benchmarks/eval_throughput.py --model=resnet18 --eps=0.0001 --n_examples=2 "
     "--batch_size=2 --n_iter=10 --n_queries=200 --attacks=autoattack": (
         "elsewhere", "tests/test_eval_throughput.py::test_random_weight_model"),
+    "python benchmarks/eval_throughput.py --model=resnet18 --eps=0.0001 --n_examples=2 "
+    "--batch_size=2 --n_iter=10 --n_queries=200 --attacks=autoattack --query_onnx=convert": (
+        "elsewhere", "tests/test_eval_throughput.py::test_random_weight_model (with "
+        "--query_onnx=convert)"),
     "python -m pytest -s -q tests/test_distribute.py -k two_logical": (
         "elsewhere", "a test of this suite (test_benchmarks_pytest_command_selects_a_test)"),
 }

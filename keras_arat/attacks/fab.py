@@ -136,15 +136,17 @@ def fab_targeted_run(model_fn, x, y, target, eps, norm, n_iter, alpha_max, eta, 
     _, _, adv, res = tf.while_loop(lambda i, *_: i < n_iter, body,
                                    (tf.constant(0), x1, adv, res))
     found = res < 1e10
-    # Final search: bisection on [x, adv] for the closest point still misclassified.
-    lo = tf.zeros([n], x.dtype)
-    hi = tf.ones([n], x.dtype)
+    # Final search: bisection on [x, adv] for the closest point still misclassified (a
+    # loop, not unrolled: one copy of the model in the graph, not final_search_steps).
     delta = adv - x
-    for _ in range(final_search_steps):
+
+    def bisect(i, lo, hi):
         mid = (lo + hi) / 2.0
         bad = tf.logical_not(core.is_correct(model_fn(x + _bcast(mid, x) * delta), y))
-        hi = tf.where(bad, mid, hi)
-        lo = tf.where(bad, lo, mid)
+        return i + 1, tf.where(bad, lo, mid), tf.where(bad, mid, hi)
+
+    _, _, hi = tf.while_loop(lambda i, *_: i < final_search_steps, bisect,
+                             (tf.constant(0), tf.zeros([n], x.dtype), tf.ones([n], x.dtype)))
     adv = tf.where(_bcast(found, x), x + _bcast(hi, x) * delta, x)
     ok = tf.logical_and(found, core.lp_norm(adv - x, norm) <= eps)
     ok = tf.logical_and(ok, tf.logical_not(core.is_correct(model_fn(adv), y)))

@@ -110,6 +110,10 @@ class Square:
     n_queries: int = 5000
     p_init: float = 0.8
     n_restarts: int = 1
+    # True: the schedule's query counts are scaled to n_queries as if it were 10,000 (the
+    # Square paper's default, and torchattacks' in its AutoAttack); AutoAttack's standard
+    # version does not rescale it.
+    rescale_schedule: bool = False
     name: str = "square"
 
     def __post_init__(self):
@@ -119,6 +123,8 @@ class Square:
             raise ValueError("n_queries and n_restarts must be >= 1")
 
     def _side(self, it, h, w, c, minimum):
+        if self.rescale_schedule:
+            it = tf.cast(it, tf.int64) * 10000 // self.n_queries
         p = p_selection(self.p_init, it)
         s = tf.cast(tf.round(tf.sqrt(p * float(h * w * c) / float(c))), tf.int32)
         s = tf.maximum(s, minimum)
