@@ -1,8 +1,9 @@
 """The fast AutoAttack stages give the verdicts of the plain compositions they replaced.
 
 APGD-T and FAB-T used to run one Python-unrolled run per target class over the whole
-batch; Square used to query every point of the batch until the last one broke; FAB's
-hyperplane projection sorted the breakpoints. The references below are those plain
+batch; FAB's final bisection ran on every point, found or not; Square used to query every
+point of the batch until the last one broke; FAB's hyperplane projection sorted the
+breakpoints. The references below are those plain
 compositions, built from the same per-run parts, on a fixed model, batch and seed.
 """
 
@@ -12,7 +13,7 @@ import tensorflow as tf
 
 from keras_arat.attacks import APGD, FABTargeted, Square, core
 from keras_arat.attacks.apgd import apgd_single_run
-from keras_arat.attacks.fab import fab_targeted_run, project_on_hyperplane
+from keras_arat.attacks.fab import fab_targeted_run, final_search, project_on_hyperplane
 from keras_arat.attacks.square import _bcast, _rand_int, _signs, _window
 from tests import helpers
 
@@ -128,6 +129,36 @@ def test_fab_t_same_verdicts_as_one_run_per_target(setup):
     assert (first_broken_by > 0).any(), "no point broken after the first target: weak test"
     assert 0 < want.sum() < N
     np.testing.assert_array_equal(got, want)
+
+
+def test_fab_final_search_same_as_bisecting_the_whole_batch(setup):
+    f, x, y = setup
+    steps = 10
+    x = tf.constant(x)
+    # Candidates as FAB's loop leaves them: adversarial points at several distances, and
+    # points it found nothing for (adv = x).
+    noise = tf.random.stateless_uniform(x.shape, seed=[3, 4], minval=-1.0, maxval=1.0)
+    adv = tf.clip_by_value(x + tf.sign(noise) * tf.linspace(0.05, 0.8, N)[:, None, None, None],
+                           0.0, 1.0)
+    found = tf.logical_not(core.is_correct(f(adv), y))
+    adv = tf.where(_bcast(found, x), adv, x)
+    # The composition it replaced: the bisection over the whole batch, kept where found.
+    delta, lo, hi = adv - x, tf.zeros([N]), tf.ones([N])
+    for _ in range(steps):
+        mid = (lo + hi) / 2.0
+        bad = tf.logical_not(core.is_correct(f(x + _bcast(mid, x) * delta), y))
+        lo, hi = tf.where(bad, lo, mid), tf.where(bad, mid, hi)
+    searched = tf.where(_bcast(found, x), x + _bcast(hi, x) * delta, x)
+    dist = core.lp_norm(searched - x, "linf").numpy()
+    # eps between the found points' distances: some kept, some dropped.
+    eps = float(np.median(dist[found.numpy()]))
+    want_ok = found & (dist <= eps) & ~core.is_correct(f(searched), y)
+    want_adv = tf.where(_bcast(want_ok, x), searched, x)
+    got_adv, got_ok = final_search(f, x, y, adv, found, eps, "linf", steps)
+    kept, n_found = int(tf.reduce_sum(tf.cast(want_ok, tf.int32))), int(np.sum(found))
+    assert 0 < kept < n_found < N, f"need kept, dropped and unfound points: {kept}, {n_found}"
+    np.testing.assert_array_equal(got_ok.numpy(), want_ok.numpy())
+    np.testing.assert_allclose(got_adv.numpy(), want_adv.numpy(), atol=1e-6)  # float32
 
 
 def plain_square(attack, f, x, y, seed):

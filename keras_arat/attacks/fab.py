@@ -135,22 +135,34 @@ def fab_targeted_run(model_fn, x, y, target, eps, norm, n_iter, alpha_max, eta, 
 
     _, _, adv, res = tf.while_loop(lambda i, *_: i < n_iter, body,
                                    (tf.constant(0), x1, adv, res))
-    found = res < 1e10
-    # Final search: bisection on [x, adv] for the closest point still misclassified (a
-    # loop, not unrolled: one copy of the model in the graph, not final_search_steps).
-    delta = adv - x
+    return final_search(model_fn, x, y, adv, res < 1e10, eps, norm, final_search_steps)
+
+
+def final_search(model_fn, x, y, adv, found, eps, norm, steps=10):
+    """FAB's last step on the points found (misclassified at adv): bisection on the
+    segment [x, adv] for the closest point still misclassified (a loop, not unrolled: one
+    copy of the model in the graph), kept if within eps and misclassified.
+
+    Returns (x_adv, ok): x_adv is x where ok is False. The other points are not queried.
+    """
+    at = tf.where(found)[:, 0]
+    xf, yf = tf.gather(x, at), tf.gather(y, at)
+    delta = tf.gather(adv, at) - xf
 
     def bisect(i, lo, hi):
         mid = (lo + hi) / 2.0
-        bad = tf.logical_not(core.is_correct(model_fn(x + _bcast(mid, x) * delta), y))
+        bad = tf.logical_not(core.is_correct(model_fn(xf + _bcast(mid, xf) * delta), yf))
         return i + 1, tf.where(bad, lo, mid), tf.where(bad, mid, hi)
 
-    _, _, hi = tf.while_loop(lambda i, *_: i < final_search_steps, bisect,
-                             (tf.constant(0), tf.zeros([n], x.dtype), tf.ones([n], x.dtype)))
-    adv = tf.where(_bcast(found, x), x + _bcast(hi, x) * delta, x)
-    ok = tf.logical_and(found, core.lp_norm(adv - x, norm) <= eps)
-    ok = tf.logical_and(ok, tf.logical_not(core.is_correct(model_fn(adv), y)))
-    return tf.stop_gradient(tf.where(_bcast(ok, x), adv, x)), ok
+    m = tf.shape(at)[0]
+    _, _, hi = tf.while_loop(lambda i, *_: i < steps, bisect,
+                             (tf.constant(0), tf.zeros([m], x.dtype), tf.ones([m], x.dtype)))
+    adv_f = xf + _bcast(hi, xf) * delta
+    ok_f = tf.logical_and(core.lp_norm(adv_f - xf, norm) <= eps,
+                          tf.logical_not(core.is_correct(model_fn(adv_f), yf)))
+    ok = tf.tensor_scatter_nd_update(tf.zeros_like(found), at[:, None], ok_f)
+    adv = tf.tensor_scatter_nd_update(x, at[:, None], tf.where(_bcast(ok_f, xf), adv_f, xf))
+    return tf.stop_gradient(adv), ok
 
 
 @dataclasses.dataclass(frozen=True)

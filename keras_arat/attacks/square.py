@@ -158,8 +158,8 @@ class Square:
         # Per-example noise is drawn for the whole batch and then subset (rows), so a point
         # gets the same proposals whichever other points are still being attacked.
         # A proposal returns (at, x_new, accept): the working-set positions whose proposal
-        # differs from their best point, those proposals, and accept(best, take) -> the
-        # best points with the proposals of at[take] taken. An unchanged proposal would
+        # differs from their best point, those proposals, and accept(best, take, taken) -> the
+        # best points with the proposals of at[take] (= taken) taken. An unchanged proposal would
         # score its best point's margin again, which is never an improvement (a point
         # still in the working set has margin_min == loss_min > 0), so it is not queried.
         def linf_proposal(it, x_best, x, rows, qseed):
@@ -184,11 +184,10 @@ class Square:
             every = tf.equal(tf.size(at), tf.shape(x_best)[0])
             base = tf.cond(every, lambda: x_best, lambda: tf.gather(x_best, at))
 
-            def accept(best, take):
+            def accept(best, take, taken):
                 def write():
-                    window = tf.tensor_scatter_nd_update(
-                        best_window, tf.boolean_mask(at, take)[:, None],
-                        tf.boolean_mask(new_window, take))
+                    window = tf.tensor_scatter_nd_update(best_window, taken,
+                                                         tf.boolean_mask(new_window, take))
                     return _splice(best, window, top, left)
                 return tf.cond(tf.reduce_any(take), write, lambda: best)
             return at, _splice(base, new_window, top, left), accept
@@ -217,9 +216,8 @@ class Square:
             x_new = tf.clip_by_value(x + eps * core.normalize(delta, "l2"), 0.0, 1.0)
             at = tf.range(tf.size(rows, out_type=tf.int64))  # the mass always moves
 
-            def accept(best, take):
-                return tf.tensor_scatter_nd_update(best, tf.boolean_mask(at, take)[:, None],
-                                                   tf.boolean_mask(x_new, take))
+            def accept(best, take, taken):
+                return tf.tensor_scatter_nd_update(best, taken, tf.boolean_mask(x_new, take))
             return at, x_new, accept
 
         proposal = linf_proposal if self.norm == "linf" else l2_proposal
@@ -252,7 +250,7 @@ class Square:
                                                    tf.boolean_mask(margin, improved))
             margin_min = tf.tensor_scatter_nd_update(margin_min, taken,
                                                      tf.boolean_mask(margin, take))
-            best = accept(best, take)
+            best = accept(best, take, taken)
             work = (rows, xs, ys, best, margin_min, loss_min)
             work, out_best, out_margin = tf.cond(
                 tf.reduce_any(margin_min <= 0.0),

@@ -80,7 +80,8 @@ def reestimate_bn(network, batches, attack, branch="adv", seed=0):
         bn.momentum = 0.0
     try:
         attack_fn = tf.function(lambda x, y, batch_seed: attack(
-            lambda z: network(z, training=True, branch=branch), x, y, batch_seed))
+            lambda z: network(z, training=True, branch=branch), x, y, batch_seed),
+            autograph=False)  # tensor code already: no source conversion
         forward = tf.function(lambda x: network(x, training=True, branch=branch))
         means = [np.zeros(v.shape, np.float64) for v in stats]
         k = 0
