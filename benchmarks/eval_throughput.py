@@ -115,21 +115,13 @@ def load_model(args):
 
 def query_model(args, model_fn, x):
     """(query_fn or None, what Square queries) for --query_onnx."""
-    from keras_arat.deployed import OnnxRunner, export_onnx_beside, onnx_runner_for
-    choice = args.query_onnx
-    if choice == "none" or (choice == "auto" and not args.saved_model):
-        return None, "the TensorFlow model"
-    if choice == "auto":
-        path = export_onnx_beside(args.saved_model)
-        if path is None:
-            return None, "the TensorFlow model (no checked model.onnx beside the SavedModel)"
-        runner, what = OnnxRunner(path), path
-    elif choice == "convert":
-        start = time.time()
-        runner = onnx_runner_for(model_fn, x.shape[1:])
-        what = f"the model converted to ONNX in memory ({time.time() - start:.1f} s)"
-    else:
-        runner, what = OnnxRunner(choice), choice
+    from keras_arat.deployed import query_runner
+    start = time.time()
+    runner, what = query_runner(args.query_onnx, args.saved_model, model_fn, x.shape[1:])
+    if runner is None:
+        return None, what
+    if args.query_onnx == "convert":
+        what += f" ({time.time() - start:.1f} s)"
     return runner.as_tf(), f"{what} with onnxruntime"
 
 

@@ -6,7 +6,7 @@ import os
 
 import tensorflow as tf
 
-from keras_arat.deployed import SavedModelRunner
+from keras_arat.deployed import SavedModelRunner, onnx_proto
 
 from .fold import INPUT_NAME, OUTPUT_NAME
 
@@ -32,21 +32,10 @@ def save_saved_model(model, path, input_shape):
 
 
 def to_onnx(fn, output_path, input_shape, opset=DEFAULT_OPSET):
-    """Convert `fn` (images -> logits) with tf2onnx.convert.from_function (no from_keras).
-
-    `fn` is wrapped in a tf.function with an explicit input signature whose batch
-    dimension is None, so the ONNX input "images" has a dynamic batch.
-    """
-    import tf2onnx
-
-    @tf.function(input_signature=[input_spec(input_shape)])
-    def serve(images):
-        return {OUTPUT_NAME: fn(images)}
-
-    model_proto, _ = tf2onnx.convert.from_function(
-        serve, input_signature=[input_spec(input_shape)], opset=opset,
-        output_path=output_path)
-    return model_proto
+    """Convert `fn` (images -> logits) with tf2onnx (keras_arat.deployed.onnx_proto: a
+    tf.function with an explicit input signature, batch dimension None, so the ONNX input
+    "images" has a dynamic batch)."""
+    return onnx_proto(fn, input_shape, opset, output_path)
 
 
 def onnx_from_saved_model(saved_model_path, output_path, input_shape, opset=DEFAULT_OPSET):

@@ -137,10 +137,11 @@ def export_onnx_beside(saved_model_path):
     return None
 
 
-def onnx_runner_for(model_fn, input_shape):
-    """An OnnxRunner of model_fn (images [N, *input_shape] -> logits), converted in memory
-    with tf2onnx from a tf.function with that input signature. Raises UsageError with
-    tf2onnx's first line when the graph cannot be converted."""
+def onnx_proto(model_fn, input_shape, opset=17, output_path=None):
+    """ONNX of model_fn (images [N, *input_shape] -> logits) with tf2onnx, written to
+    output_path if given. Converted from a tf.function with an explicit input signature
+    (dynamic batch; input "images", output "logits"), not from_keras, which breaks on
+    some Keras 3 models."""
     import logging
 
     import tensorflow as tf
@@ -148,12 +149,45 @@ def onnx_runner_for(model_fn, input_shape):
     logging.getLogger("tf2onnx").setLevel(logging.WARNING)
     spec = [tf.TensorSpec([None, *input_shape], tf.float32, name="images")]
     fn = tf.function(lambda images: {LOGITS: model_fn(images)}, input_signature=spec)
+    proto, _ = tf2onnx.convert.from_function(fn, input_signature=spec, opset=opset,
+                                             output_path=output_path)
+    return proto
+
+
+def onnx_runner_for(model_fn, input_shape):
+    """An OnnxRunner of model_fn, converted in memory (onnx_proto). Raises UsageError with
+    tf2onnx's first line when the graph cannot be converted."""
     try:
-        proto, _ = tf2onnx.convert.from_function(fn, input_signature=spec, opset=17)
+        proto = onnx_proto(model_fn, input_shape)
     except Exception as e:  # noqa: BLE001 - tf2onnx raises many kinds
         raise UsageError(f"cannot convert the model to ONNX: "
                          f"{str(e).strip().splitlines()[0][:200]}") from None
     return OnnxRunner(proto.SerializeToString())
+
+
+QUERY_CHOICES = "auto, convert, none or a file"
+
+
+def query_runner(choice, saved_model, model_fn, input_shape):
+    """The onnxruntime model Square queries instead of model_fn (--query_onnx), and what
+    it is: (OnnxRunner or None, description).
+
+    choice: "auto" (the checked model.onnx export wrote beside saved_model, if any),
+    "convert" (model_fn converted in memory), "none", or an ONNX file.
+    """
+    import os
+    if choice == "none" or (choice == "auto" and not saved_model):
+        return None, "the TensorFlow model"
+    if choice == "auto":
+        path = export_onnx_beside(saved_model)
+        if path is None:
+            return None, "the TensorFlow model (no checked model.onnx beside the SavedModel)"
+        return OnnxRunner(path), path
+    if choice == "convert":
+        return onnx_runner_for(model_fn, input_shape), "the model converted to ONNX in memory"
+    if os.path.isfile(choice):
+        return OnnxRunner(choice), choice
+    raise UsageError(f"--query_onnx={choice}: not {QUERY_CHOICES}")
 
 
 def check_image_shape(images_shape, model_shape, what="the model"):

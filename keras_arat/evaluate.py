@@ -181,10 +181,11 @@ def evaluate_model_fn(model_fn, x, y, eps, attacks=("clean", "pgd20"), batch_siz
 
 def evaluate_network(network, x, y, eps, branches=("adv",), attacks=("clean", "pgd20"),
                      batch_size=256, seed=0, details=None, norm="linf", progress=False,
-                     log=None, restarts=1, reference_noise_leak=False):
+                     log=None, restarts=1, reference_noise_leak=False, query=None):
     """{branch: {attack: accuracy, f"{attack}_time_s": seconds}}; x float32 in [0,1].
 
-    details, if a dict, receives {branch: evaluate_model_fn's details}.
+    details, if a dict, receives {branch: evaluate_model_fn's details}. query: a function
+    model_fn -> query_fn (see evaluate_model_fn), called per branch.
     """
     results = {}
     for branch in branches:
@@ -192,7 +193,8 @@ def evaluate_network(network, x, y, eps, branches=("adv",), attacks=("clean", "p
             return network(z, training=False, branch=branch)
         accs, extra = evaluate_model_fn(model_fn, x, y, eps, attacks, batch_size, seed, norm,
                                         restarts=restarts, progress=progress, log=log,
-                                        reference_noise_leak=reference_noise_leak)
+                                        reference_noise_leak=reference_noise_leak,
+                                        query_fn=query(model_fn) if query else None)
         results[branch] = accs
         if details is not None:
             details[branch] = extra
@@ -298,10 +300,12 @@ def record_evaluation(out_dir, label, accs, details, restarts, seed, epoch=0):
     return path, written
 
 
-def robustbench_entry(accs, details, eps, n_examples, model, method, dataset, norm="linf"):
+def robustbench_entry(accs, details, eps, n_examples, model, method, dataset, norm="linf",
+                      evaluated=None):
     """The evaluation as a RobustBench model_info entry (keras_arat.robustbench); `model`
-    is the architecture's name. Clean accuracy is AutoAttack's own when clean did not run
-    as an attack of its own."""
+    is the architecture's name, `evaluated` the checkpoint or file the figures are of (in
+    the footnote). Clean accuracy is AutoAttack's own when clean did not run as an attack
+    of its own."""
     from keras_arat import robustbench
     breakdown = details.get("autoattack", {})
     clean = accs["clean"] if "clean" in accs else breakdown.get("clean_acc")
@@ -310,6 +314,8 @@ def robustbench_entry(accs, details, eps, n_examples, model, method, dataset, no
                 f"FAB-T, Square with 5,000 queries), {norm} eps {eps:.6g}, on the first "
                 f"{n_examples} test images; per example the worst case over "
                 f"{', '.join(ran)}.")
+    if evaluated:
+        footnote += f" Evaluated: {evaluated}."
     if details.get("warnings"):
         footnote += " Warnings: " + " ".join(details["warnings"])
     return robustbench.model_info(clean, accs["autoattack"], eps, model, dataset, method,
@@ -333,9 +339,12 @@ def write_outputs(out_dir, label, evaluation, details, restarts, seed, epoch, ro
                         "notes": details[branch].get("notes", [])})
         if branch in ("adv", "deployed") and "autoattack" in accs:
             model, method, dataset, name = robustbench
+            evaluated = label.get("model_file") or os.path.join(label.get("workdir", ""),
+                                                                label.get("checkpoint", ""))
             files.write_json(os.path.join(out_dir, name), robustbench_entry(
                 accs, details[branch], label["eps"], label["n_examples"], model, method,
-                dataset, label["norm"]))
+                dataset, label["norm"], f"{evaluated} ({branch} branch)"
+                if branch == "adv" else evaluated))
     return {"output_dir": os.path.abspath(out_dir), "evaluated": printed}
 
 
@@ -353,12 +362,13 @@ def define_flags():
                         "images float32 [N,H,W,C] in [0,1] -> logits) instead of a checkpoint.")
     flags.DEFINE_string("onnx", None, "Evaluate this ONNX model with onnxruntime (no "
                         "gradients: clean and Square only).")
-    flags.DEFINE_string("query_onnx", "auto", "With --saved_model: the ONNX model Square "
-                        "(forward passes only) queries with onnxruntime, checked to agree "
-                        "with the SavedModel, which gives every verdict. auto: the model.onnx "
-                        "export wrote beside it, if its export_report.json passed; convert: "
-                        "convert the SavedModel in memory (tf2onnx); none: query the "
-                        "SavedModel; or a file.")
+    flags.DEFINE_string("query_onnx", "auto", "The ONNX model Square (forward passes only) "
+                        "queries with onnxruntime, checked to agree with the model, which "
+                        "gives every verdict. auto: with --saved_model the model.onnx export "
+                        "wrote beside it, if its export_report.json passed (a checkpoint: "
+                        "none); convert: convert the model (each branch of a checkpoint) in "
+                        "memory with tf2onnx; none: query the model itself; or a file (with "
+                        "--saved_model).")
     flags.DEFINE_string("dataset", None, "Test images instead of the run's (with "
                         "--saved_model/--onnx and no --workdir: digits by default): a data "
                         "set name (digits, cifar10, cifar100, svhn_cropped, mnist), an .npz "
@@ -405,8 +415,12 @@ def _check_flags(runs):
         raise runs.UsageError("give --saved_model or --onnx, not both")
     if not (FLAGS.workdir or FLAGS.saved_model or FLAGS.onnx):
         raise runs.UsageError("--workdir is required (or --saved_model/--onnx)")
-    if FLAGS.query_onnx not in ("auto", "none") and not FLAGS.saved_model:
-        raise runs.UsageError("--query_onnx applies to --saved_model only")
+    if FLAGS.query_onnx not in ("auto", "none"):
+        if FLAGS.onnx:
+            raise runs.UsageError("--query_onnx applies to --saved_model and --workdir only")
+        if not FLAGS.saved_model and FLAGS.query_onnx != "convert":
+            raise runs.UsageError(f"--query_onnx={FLAGS.query_onnx}: a checkpoint takes auto, "
+                                  "convert or none (a file would be one branch's)")
 
 
 def _test_images(default_spec, default_n=None, default_data_dir=None):
@@ -433,7 +447,7 @@ def _deployed(runs):
     if kind == "saved_model":
         runner = SavedModelRunner(source, FLAGS.input_name)
         model_fn = runner
-        query_fn = _query_model(source, runner)
+        query_fn = _query_model(source, runner, runner.input_shape)
     else:
         runner = OnnxRunner(source, input_name=FLAGS.input_name)
         model_fn = runner.as_tf()
@@ -463,29 +477,19 @@ def _deployed(runs):
                                                                    f"robustbench_{kind}.json")
 
 
-def _query_model(saved_model, runner):
-    """The onnxruntime model Square queries for --saved_model (--query_onnx), or None."""
-    from keras_arat.deployed import OnnxRunner, export_onnx_beside, onnx_runner_for
-    from keras_arat.errors import UsageError
-    if not {"square", "autoattack"} & set(FLAGS.attacks) or FLAGS.query_onnx == "none":
+def _query_model(saved_model, model_fn, input_shape, what="SavedModel"):
+    """The onnxruntime model Square queries (--query_onnx), or None: for --saved_model, or
+    for a checkpoint's branch (saved_model None: auto means none there)."""
+    from keras_arat.deployed import query_runner
+    if not {"square", "autoattack"} & set(FLAGS.attacks):
         return None
-    if FLAGS.query_onnx == "auto":
-        path = export_onnx_beside(saved_model)
-        if path is None:
-            return None
-        onnx_model = OnnxRunner(path)
-    elif FLAGS.query_onnx == "convert":
-        path = "converted in memory"
-        onnx_model = onnx_runner_for(runner, runner.input_shape)
-    elif os.path.isfile(FLAGS.query_onnx):
-        path = FLAGS.query_onnx
-        onnx_model = OnnxRunner(path)
-    else:
-        raise UsageError(f"--query_onnx={FLAGS.query_onnx}: not auto, convert, none or a file")
-    _log(f"Square queries {path} with onnxruntime (its logits are checked against the "
-         f"SavedModel's; every verdict is the SavedModel's)")
+    onnx_model, queried = query_runner(FLAGS.query_onnx, saved_model, model_fn, input_shape)
+    if onnx_model is None:
+        return None
+    _log(f"Square queries {queried} with onnxruntime (its logits are checked against the "
+         f"{what}'s; every verdict is the {what}'s)")
     query_fn = onnx_model.as_tf()
-    query_fn.source = path
+    query_fn.source = queried
     return query_fn
 
 
@@ -518,7 +522,8 @@ def _checkpoint(runs):
     details, leak = {}, _leak(run.config)
     evaluation = evaluate_network(run.network, x, y, eps, branches, FLAGS.attacks,
                                   FLAGS.batch_size, FLAGS.seed, details, FLAGS.norm,
-                                  FLAGS.progress, _log, FLAGS.restarts, leak)
+                                  FLAGS.progress, _log, FLAGS.restarts, leak,
+                                  query=lambda f: _query_model(None, f, x.shape[1:], "network"))
     cfg = run.config
     checkpoint = os.path.basename(run.checkpoint.rstrip("/"))
     source = checkpoint if not FLAGS.dataset else f"{checkpoint}-{records.slug(about['spec'])}"

@@ -375,13 +375,16 @@ def make_strategy(cfg):
 
 
 def evaluation_figures(cfg, network, x, y):
-    """Clean and PGD-20 accuracy of the adv branch on (x, y), at the run's full eps."""
+    """Clean and PGD-20 accuracy of the adv branch on (x, y), at the run's full eps; the
+    PGD-20 as the final evaluation runs it (with the run's reference_noise_leak)."""
     from keras_arat.evaluate import evaluate_network
     start = time.time()
+    leak = bool(cfg.reference_noise_leak)
     accs = evaluate_network(network, x, y, cfg.eps, ("adv",), ("clean", "pgd20"),
-                            cfg.eval_batch_size, cfg.seed)["adv"]
+                            cfg.eval_batch_size, cfg.seed, reference_noise_leak=leak)["adv"]
     return {"clean_acc": accs["clean"], "pgd20_acc": accs["pgd20"], "n_examples": len(x),
-            "eps": cfg.eps, "eval_time_s": round(time.time() - start, 3)}
+            "eps": cfg.eps, "reference_noise_leak": leak,
+            "eval_time_s": round(time.time() - start, 3)}
 
 
 def final_evaluation(run, split):

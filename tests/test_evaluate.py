@@ -98,6 +98,9 @@ def test_cli_checkpoint_writes_every_file(workdir):
     assert rb["clean_acc"] == f"{100 * adv['clean']:.2f}"
     assert rb["eps"] == "0.3" and rb["dataset"] == "digits"
     assert rb["architecture"] == "SmallCNN-8" and "first 8 test images" in rb["footnote"]
+    # Which model the figures are of: the checkpoint and its branch.
+    assert (f"Evaluated: {os.path.join(os.path.abspath(workdir), 'checkpoints/epoch-0001')} "
+            f"(adv branch).") in rb["footnote"], rb["footnote"]
 
 
 @pytest.mark.slow
@@ -136,6 +139,23 @@ def test_evaluation_at_another_eps_and_n_keeps_training_figures_and_labels_its_o
     tags = {v.tag for path in events for event in tf.compat.v1.train.summary_iterator(
         os.path.join(out, "tensorboard", path)) for v in event.summary.value}
     assert tags == {"evaluate/adv/clean/linf_eps=0.3_n=8"}
+
+
+@pytest.mark.slow
+def test_cli_checkpoint_square_queries_each_branch_converted(workdir, tmp_path):
+    out = str(tmp_path / "out")
+    proc = run_module("keras_arat.evaluate", f"--workdir={workdir}", "--attacks=clean,square",
+                      "--branch=both", "--n_examples=8", "--batch_size=8", "--noprogress",
+                      "--query_onnx=convert", f"--output_dir={out}")
+    entries = json.loads(proc.stdout)["evaluated"]
+    assert [e["branch"] for e in entries] == ["adv", "clean"]
+    # One conversion per branch (the branches are different models), each checked.
+    assert proc.stderr.count("Square queries the model converted to ONNX in memory with "
+                             "onnxruntime (its logits are checked against the network's") == 2
+    for entry in entries:
+        assert any(n.startswith("square queried the model converted to ONNX in memory "
+                                "(logits within") for n in entry["notes"]), entry["notes"]
+        assert entry["accuracy"]["clean"] >= entry["accuracy"]["square"]
 
 
 @pytest.fixture(scope="module")
@@ -230,6 +250,8 @@ def bad_files(tmp_path):
     with open(tmp_path / "net.keras", "wb") as f:
         np.savez(f, w=np.zeros(3))  # a zip archive, as .keras files are
     (tmp_path / "not_a_run").mkdir()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
     (tmp_path / "file.txt").write_text("x")
     return {"{tmp}": str(tmp_path), "{sm}": str(tmp_path / "sm"),
             "{onnx}": str(tmp_path / "model.onnx")}
@@ -279,7 +301,10 @@ BAD_INPUT_AFTER_TENSORFLOW = [
     (["--saved_model={sm}", "--onnx={onnx}"], "give --saved_model or --onnx, not both"),
     (["--saved_model={sm}", "--attacks=square", "--query_onnx={tmp}/absent.onnx"],
      "--query_onnx={tmp}/absent.onnx: not auto, convert, none or a file"),
-    (["--onnx={onnx}", "--query_onnx={onnx}"], "--query_onnx applies to --saved_model only"),
+    (["--onnx={onnx}", "--query_onnx={onnx}"],
+     "--query_onnx applies to --saved_model and --workdir only"),
+    (["--workdir={tmp}/run", "--query_onnx={onnx}"],
+     "--query_onnx={onnx}: a checkpoint takes auto, convert or none"),
 ]
 
 

@@ -73,9 +73,14 @@ def test_arat_step_with_the_leak_trains_the_clean_branch_on_the_noisy_batch():
 def test_cli_records_the_leak_and_refuses_it_for_other_methods(tmp_path):
     workdir = str(tmp_path / "leak")
     proc, _ = run_cli("keras_arat.train", *TINY, "--epochs=1", "--eval_examples=32",
+                      "--eval_every_epochs=1", "--eval_examples_during_training=32",
                       "--reference_noise_leak", f"--workdir={workdir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.load(open(os.path.join(workdir, "config.json")))["reference_noise_leak"]
+    # The PGD-20 during training is the final one's, and its record says so.
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        during = [r for r in map(json.loads, f) if r.get("split") == "test"]
+    assert len(during) == 1 and during[0]["reference_noise_leak"] is True, during
     results = json.load(open(os.path.join(workdir, "results.json")))
     assert results["reference_noise_leak"] is True
     assert results["attacks"]["pgd20"]["reference_noise_leak"] is True
