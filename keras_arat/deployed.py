@@ -103,7 +103,8 @@ class OnnxRunner:
     predict = __call__
 
     def as_tf(self):
-        """images -> logits usable inside tf.function (through tf.numpy_function)."""
+        """images -> logits usable inside tf.function (through tf.numpy_function). Its
+        `host` attribute is this runner: Square (L-inf) queries it from a numpy loop."""
         import tensorflow as tf
 
         def model_fn(z):
@@ -112,7 +113,7 @@ class OnnxRunner:
             out.set_shape([None, None])
             return out
 
-        model_fn.keep_alive = self
+        model_fn.host = self  # numpy in and out: Square's host loop calls it directly
         return model_fn
 
 

@@ -262,6 +262,62 @@ def test_square_on_onnxruntime_same_verdicts_as_on_tensorflow(setup):
     assert got.robust.sum() < got.clean_correct.sum()
 
 
+def host_runtime(f):
+    """f as a host runtime (numpy in, numpy logits out) that counts the images it is given."""
+    def host(images):
+        host.images += len(images)
+        return f(tf.constant(images)).numpy()
+    host.images = 0
+    return host
+
+
+def test_square_host_loop_same_points_as_the_traced_loop(setup):
+    """Square's L-inf loop on the host (for onnxruntime) is the traced loop in numpy: on
+    the same model, batch and seed it returns the same points, bit for bit, and so the
+    same verdicts; both restarts run, points break at different queries, and points the
+    model misclassifies at the start are returned as they are."""
+    f, x, y = setup
+    y = y.copy()
+    y[:3] = (np.argmax(f(tf.constant(x[:3])).numpy(), 1) + 1) % 10  # wrong at the start
+    attack = Square(eps=0.15, n_queries=150, n_restarts=2)
+    want = tf.function(attack.__call__, autograph=False)(f, tf.constant(x), tf.constant(y),
+                                                         SEED).numpy()
+    host = host_runtime(f)
+    got = attack.host_call(host, x, y, SEED)
+    assert isinstance(got, np.ndarray) and got.dtype == np.float32
+    np.testing.assert_array_equal(got, want)  # tolerance 0: the same float32 operations
+    broken = wrong(f, got, y)
+    assert 3 < broken.sum() < N, f"every or no point broken: weak test ({broken.sum()})"
+    np.testing.assert_array_equal(got[:3], x[:3])
+    # Each restart queried the points left: far fewer images than 2 x 150 x N.
+    assert N < host.images < 2 * 150 * N, host.images
+
+
+def test_square_runs_on_the_host_only_when_its_query_model_is_a_host_runtime(setup):
+    """run_attack (and so AutoAttack) takes the host loop when query_fn carries `host`
+    (OnnxRunner.as_tf() does) and the attack is L-inf; the verdicts are the same."""
+    from keras_arat.attacks.autoattack import run_attack
+    f, x, y = setup
+    attack = Square(eps=0.15, n_queries=40)
+    host = host_runtime(f)
+
+    def query_fn(z):
+        return f(z)
+    query_fn.host = host
+    want_x, want = run_attack(attack, f, x, y, batch_size=N, seed=3, query_fn=f)
+    got_x, got = run_attack(attack, f, x, y, batch_size=N, seed=3, query_fn=query_fn)
+    assert host.images > 40, "the host runtime was not queried"
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got_x, want_x)
+    # L2 keeps the traced loop: its host runtime is not called.
+    l2, host.images = Square(eps=1.0, norm="l2", n_queries=5), 0
+    assert not l2.runs_on_host
+    run_attack(l2, f, x, y, batch_size=N, seed=3, query_fn=query_fn)
+    assert host.images == 0
+    with pytest.raises(ValueError, match="Square runs on the host for L-inf only, not l2"):
+        l2.host_call(host, x, y, SEED)
+
+
 def test_a_query_model_that_is_not_the_model_is_refused(setup):
     from keras_arat.attacks import AutoAttack, EvaluationError, check_agreement
     f, x, y = setup

@@ -219,13 +219,19 @@ def run_attack(attack, model_fn, x, y, batch_size=256, seed=0, only=None, progre
     unchanged and counted as they are classified at x. Batch i uses seed (seed, i).
     eager=True skips tf.function (faster for a few cheap iterations: no tracing).
     query_fn: the model the attack queries, if not model_fn (a faster runtime of the same
-    model for a gradient-free attack); the verdicts are model_fn's all the same.
+    model for a gradient-free attack); the verdicts are model_fn's all the same. If it
+    has a `host` attribute (numpy -> numpy logits, as OnnxRunner.as_tf() gives) and the
+    attack can run on the host (Square, L-inf), the attack's loop runs in numpy on it.
     """
     x = np.asarray(x, np.float32)
     y = np.asarray(y).astype(np.int64)
     x_adv = x.copy()
     idx = np.arange(len(x)) if only is None else np.flatnonzero(only)
     queried = query_fn or model_fn
+    host = getattr(query_fn, "host", None)
+    if compiled is None and host is not None and getattr(attack, "runs_on_host", False):
+        # A host runtime (onnxruntime) is queried from a numpy loop: see Square.host_call.
+        compiled = lambda xb, yb, sb: attack.host_call(host, xb, yb, sb)  # noqa: E731
     fn = compiled or (compile_attack(attack, queried, x.shape[1:]) if not eager else
                       (lambda xb, yb, sb: attack(queried, xb, yb, sb)))
     name = desc or getattr(attack, "name", "attack")

@@ -18,6 +18,7 @@ per example and channel. No gradients, so it also attacks models without any (ON
 """
 
 import dataclasses
+import functools
 
 import numpy as np
 import tensorflow as tf
@@ -132,13 +133,28 @@ class Square:
             s = tf.where(tf.math.floormod(s, 2) == 0, s + 1, s)
         return tf.minimum(s, min(h, w))
 
+    def _linf_start(self, x, seed):
+        """The L-inf run's first points: x + eps * a random sign per column and channel."""
+        n, w, c = tf.shape(x)[0], x.shape[2], x.shape[3]
+        eps = tf.cast(self.eps, x.dtype)
+        return tf.clip_by_value(x + eps * _signs(core.fold_seed(seed, -1), [n, 1, w, c]),
+                                0.0, 1.0)
+
+    def _linf_draws(self, it, qseed, n, image_shape):
+        """Query `it`'s window (side, top, left) and signs [n, 1, 1, c] for the whole batch."""
+        h, w, c = image_shape
+        s = self._side(it, h, w, c, 1)
+        seeds = tf.random.experimental.stateless_split(qseed, 3)
+        return s, _rand_int(seeds[0], h - s), _rand_int(seeds[1], w - s), \
+            _signs(seeds[2], tf.stack([n, 1, 1, c]))
+
     def _single_run(self, model_fn, x, y, seed):
         n = tf.shape(x)[0]
         h, w, c = x.shape[1], x.shape[2], x.shape[3]
         eps = tf.cast(self.eps, x.dtype)
         init_seed = core.fold_seed(seed, -1)
         if self.norm == "linf":
-            x_best = tf.clip_by_value(x + eps * _signs(init_seed, [n, 1, w, c]), 0.0, 1.0)
+            x_best = self._linf_start(x, seed)
         else:
             etas = _eta_table(h, w)
             s0 = max(h // 5, 1)
@@ -163,11 +179,8 @@ class Square:
         # score its best point's margin again, which is never an improvement (a point
         # still in the working set has margin_min == loss_min > 0), so it is not queried.
         def linf_proposal(it, x_best, x, rows, qseed):
-            s = self._side(it, h, w, c, 1)
-            seeds = tf.random.experimental.stateless_split(qseed, 3)
-            top = _rand_int(seeds[0], h - s)
-            left = _rand_int(seeds[1], w - s)
-            signs = tf.gather(_signs(seeds[2], [n, 1, 1, c]), rows)
+            s, top, left, signs = self._linf_draws(it, qseed, n, x.shape[1:])
+            signs = tf.gather(signs, rows)
             # The proposal changes the best point inside the window only: compare there,
             # then build the proposals of the points it changes.
             corner, size = tf.stack([0, top, left, 0]), tf.stack([-1, s, s, -1])
@@ -285,3 +298,128 @@ class Square:
             correct = tf.logical_and(correct, tf.logical_not(fooled))
         # Still correct: the lowest-margin point of the last run (inside the ball too).
         return tf.stop_gradient(tf.where(_bcast(correct, x), best, adv))
+
+    # The L-inf attack again, with its query loop on the host, for a model that a host
+    # runtime computes (onnxruntime: numpy images in, numpy logits out). Inside the traced
+    # loop each query paid about 1.8 ms besides the model (the runtime's call through
+    # tf.numpy_function, two full copies of the images to splice a window in, and some 30
+    # small ops); numpy does the same bookkeeping in place, copying the images once per
+    # query. The random draws are the traced loop's own, made by TensorFlow a chunk of
+    # queries at a time, and every step is the same float32 arithmetic, so both loops
+    # return the same points and verdicts (tests/test_attacks_equivalence.py).
+    # L2's proposals sum over windows, where numpy's and TensorFlow's summation orders
+    # differ, so L2 keeps the traced loop.
+    HOST_CHUNK = 250  # queries whose draws are made in one TensorFlow call
+
+    @property
+    def runs_on_host(self):
+        """Whether host_call can run this attack (L-inf only; see above)."""
+        return self.norm == "linf"
+
+    def host_call(self, query, x, y, seed):
+        """__call__ with the queries made from numpy: query(images [k,h,w,c] float32) ->
+        logits [k, classes] (numpy). x, y, seed as for __call__ (arrays or tensors);
+        returns x_adv as a numpy array."""
+        if not self.runs_on_host:
+            raise ValueError(f"Square runs on the host for L-inf only, not {self.norm}")
+        x = np.asarray(x, np.float32)
+        y = np.asarray(y).astype(np.int64)
+        seed = tf.cast(seed, tf.int64)
+        correct = _np_correct(query(x), y)
+        adv, best = x, x
+        for r in range(self.n_restarts):
+            x_run, fooled = self._host_run(query, x, y, core.fold_seed(seed, r))
+            fooled &= ~_np_correct(query(x_run), y)
+            adv = np.where(_np_bcast(correct & fooled, x), x_run, adv)
+            best = x_run
+            correct &= ~fooled
+        return np.where(_np_bcast(correct, x), best, adv)
+
+    def _host_run(self, query, x, y, seed):
+        n, image_shape = len(x), x.shape[1:]
+        draws = _draws_function(self, image_shape)
+        eps = np.float32(self.eps)
+        two_eps = np.float32(2.0) * eps
+        zero, one = np.float32(0.0), np.float32(1.0)
+        out_best = np.array(self._linf_start(tf.constant(x), seed))  # writable
+        out_margin = _np_true_margin(query(out_best), y)
+        # The working set: the points not yet misclassified, as in the traced loop.
+        rows = np.flatnonzero(out_margin > 0)
+        xs, ys, best = x[rows], y[rows], out_best[rows]
+        margin_min, loss_min = out_margin[rows], out_margin[rows].copy()
+        it = 0
+        while it < self.n_queries and rows.size:
+            if it % self.HOST_CHUNK == 0:
+                count = min(self.HOST_CHUNK, self.n_queries - it)
+                sides, tops, lefts, signs = (np.asarray(t) for t in draws(
+                    tf.constant(it), tf.constant(count), tf.constant(n), seed))
+            j = it % self.HOST_CHUNK
+            it += 1
+            s, top, left = int(sides[j]), int(tops[j]), int(lefts[j])
+            window = (slice(None), slice(top, top + s), slice(left, left + s))
+            best_window, x_window = best[window], xs[window]
+            new_window = best_window + two_eps * signs[j][rows][:, None, None, :]
+            # core.project, L-inf: clip the perturbation to the ball, the point to [0, 1].
+            new_window = np.clip(x_window + np.clip(new_window - x_window, -eps, eps),
+                                 zero, one)
+            at = np.flatnonzero((new_window != best_window).reshape(len(rows), -1).any(1))
+            if not at.size:  # every proposal is its best point: nothing to query
+                continue
+            x_new = best[at]
+            x_new[window] = new_window[at]
+            margin = _np_true_margin(query(x_new), ys[at])
+            improved = margin < loss_min[at]
+            take = improved | (margin <= 0)
+            loss_min[at[improved]] = margin[improved]
+            taken = at[take]
+            margin_min[taken] = margin[take]
+            best[(taken,) + window[1:]] = new_window[taken]
+            done = margin_min <= 0
+            if done.any():
+                out_best[rows[done]], out_margin[rows[done]] = best[done], margin_min[done]
+                keep = ~done
+                rows, xs, ys, best = rows[keep], xs[keep], ys[keep], best[keep]
+                margin_min, loss_min = margin_min[keep], loss_min[keep]
+        out_best[rows], out_margin[rows] = best, margin_min
+        return out_best, out_margin <= 0
+
+
+@functools.lru_cache(maxsize=16)
+def _draws_function(attack, image_shape):
+    """tf.function (start, count, n, seed) -> the windows' sides, tops and lefts [count]
+    and the signs [count, n, c] of queries start..start+count-1 of an L-inf run on n
+    images: the draws of the traced loop (_linf_draws), made in one call."""
+    c = image_shape[-1]
+
+    def draws(start, count, n, seed):
+        def body(i, sides, tops, lefts, signs):
+            it = start + i
+            s, top, left, sign = attack._linf_draws(it, core.fold_seed(seed, it), n,
+                                                    image_shape)
+            return (i + 1, sides.write(i, s), tops.write(i, top), lefts.write(i, left),
+                    signs.write(i, tf.reshape(sign, tf.stack([n, c]))))
+
+        arrays = [tf.TensorArray(tf.int32, size=count) for _ in range(3)]
+        arrays.append(tf.TensorArray(tf.float32, size=count))
+        _, *arrays = tf.while_loop(lambda i, *_: i < count, body, (0, *arrays))
+        return tuple(a.stack() for a in arrays)
+
+    return tf.function(draws, autograph=False, input_signature=[
+        tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.int32),
+        tf.TensorSpec([2], tf.int64)])
+
+
+def _np_true_margin(logits, labels):
+    """core.true_margin in numpy, the same float32 operations."""
+    logits = np.asarray(logits, np.float32)
+    onehot = np.eye(logits.shape[1], dtype=np.float32)[labels]
+    other = np.max(logits - np.float32(1e9) * onehot, axis=-1)
+    return -(other - np.sum(onehot * logits, axis=-1))
+
+
+def _np_correct(logits, labels):
+    return np.argmax(np.asarray(logits), axis=-1) == labels
+
+
+def _np_bcast(v, like):
+    return v.reshape([-1] + [1] * (like.ndim - 1))
