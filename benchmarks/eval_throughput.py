@@ -15,8 +15,12 @@ Prints clean, PGD-20 and CW accuracy with their time, then AutoAttack ("standard
 APGD-CE, APGD-T, FAB-T, Square 5000; run on its own, as RobustBench reports it) stage
 by stage: robust accuracy after it, points broken, images attacked, seconds, images/s.
 --n_iter, --n_queries and --n_target_classes shrink AutoAttack (tests use tiny budgets;
-the defaults are the standard version). --robust_out=FILE.npy writes the per-example
-verdicts (still correct after AutoAttack). Nothing else is written.
+the defaults are the standard version). --square_rescale_schedule reads Square's window
+schedule as if the budget were 10,000 queries, as torchattacks' AutoAttack does (windows
+shrink earlier; not the standard version), to run a reference's own settings. The
+AutoAttack line names any setting that is not the standard version's. --robust_out=
+FILE.npy writes the per-example verdicts (still correct after AutoAttack). Nothing else
+is written.
 
 Square makes forward passes only, so it may query a faster runtime of the same model:
 --query_onnx=auto (default) uses onnxruntime on the model.onnx export wrote beside
@@ -35,6 +39,7 @@ points break) and later, and a CPU's speed per image varies with both.
 """
 
 import argparse
+import dataclasses
 import os
 import platform
 import sys
@@ -154,6 +159,26 @@ def model_cost(model_fn, x, passes, gradients=True):
     return tuple(per_image) if gradients else (per_image[0], None)
 
 
+def autoattack_for(args, eps):
+    """The AutoAttack the flags ask for (the standard version by default)."""
+    from keras_arat.attacks import AutoAttack
+    aa = AutoAttack(eps=eps, n_iter=args.n_iter, n_queries=args.n_queries,
+                    n_target_classes=args.n_target_classes)
+    if args.square_rescale_schedule:
+        aa.attacks[-1] = dataclasses.replace(aa.attacks[-1], rescale_schedule=True)
+    return aa
+
+
+def budget_label(args):
+    """'standard', or the settings in which this run differs from the standard version."""
+    changed = [f"{v} {name}" for v, default, name in (
+        (args.n_iter, 100, "iterations"), (args.n_queries, 5000, "queries"),
+        (args.n_target_classes, 9, "targets")) if v != default]
+    if args.square_rescale_schedule:
+        changed.append("Square's schedule rescaled")
+    return "standard" if not changed else "(" + ", ".join(changed) + ")"
+
+
 def stage_model_time(name, attacked, forward, gradient, query, n_iter, n_queries,
                      n_targets):
     """Seconds of model time a stage's budget implies, at the measured per-image costs."""
@@ -182,6 +207,8 @@ def main():
     parser.add_argument("--n_iter", type=int, default=100)
     parser.add_argument("--n_queries", type=int, default=5000)
     parser.add_argument("--n_target_classes", type=int, default=9)
+    parser.add_argument("--square_rescale_schedule", action="store_true",
+                        help="Square's schedule as if n_queries were 10,000 (torchattacks')")
     parser.add_argument("--model_passes", type=int, default=50,
                         help="passes of the model alone timed for its share (0: not timed)")
     parser.add_argument("--query_onnx", default="auto",
@@ -197,7 +224,6 @@ def main():
 
     import numpy as np
     import tensorflow as tf
-    from keras_arat.attacks import AutoAttack
     from keras_arat.evaluate import evaluate_model_fn
 
     model_fn, x, y, eps, what = load_model(args)
@@ -230,15 +256,14 @@ def main():
                   f"forward + input gradient {gradient * 1e3:.3f} ms, Square's query "
                   f"{query * 1e3:.3f} ms per image ({args.model_passes} passes each)",
                   flush=True)
-    aa = AutoAttack(eps=eps, n_iter=args.n_iter, n_queries=args.n_queries,
-                    n_target_classes=args.n_target_classes)
+    aa = autoattack_for(args, eps)
     start = time.time()
     result = aa.run(model_fn, x, y, batch_size=args.batch_size, seed=args.seed,
                     query_fn=query_fn)
     total = time.time() - start
     if args.robust_out:
         np.save(args.robust_out, result.robust)
-    print(f"AutoAttack standard acc {result.robust_accuracy:.3f} in {total:.1f} s: "
+    print(f"AutoAttack {budget_label(args)} acc {result.robust_accuracy:.3f} in {total:.1f} s: "
           f"{n / total:.2f} img/s")
     print(f"{'stage':<8} {'robust acc':>10} {'broken':>7} {'attacked':>8} {'time s':>8} "
           f"{'img/s':>8}" + (f" {'model s':>8}" if cost else ""))

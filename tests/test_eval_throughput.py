@@ -1,5 +1,7 @@
 """benchmarks/eval_throughput.py, as BENCHMARKS.md runs it, on test-size models and budgets."""
 
+import argparse
+import importlib.util
 import os
 import re
 import subprocess
@@ -31,7 +33,9 @@ def run_script(*args):
 def check_report(out, n):
     for attack in ("pgd20", "cw"):
         assert re.search(rf"; {attack} acc [\d.]+ in [\d.]+ s: [\d.]+ img/s", out), out
-    total = re.search(r"AutoAttack standard acc ([\d.]+) in ([\d.]+) s: ([\d.]+) img/s", out)
+    # The figure's label: "standard", or the settings that differ from the standard version.
+    total = re.search(r"AutoAttack (?:standard|\([^)]+\)) acc ([\d.]+) in ([\d.]+) s: "
+                      r"([\d.]+) img/s", out)
     assert total, out
     rows = STAGE.findall(out)
     assert [r[0] for r in rows] == ["clean", "apgd-ce", "apgd-t", "fab-t", "square"], out
@@ -63,7 +67,8 @@ def test_random_weight_model(tmp_path):
                      r"with onnxruntime", out), out
     import numpy as np
     robust = np.load(tmp_path / "robust.npy")
-    total = re.search(r"AutoAttack standard acc ([\d.]+)", out)
+    total = re.search(r"AutoAttack \(2 iterations, 20 queries, 2 targets\) acc ([\d.]+)", out)
+    assert total, out
     assert robust.shape == (6,) and robust.dtype == bool
     assert abs(robust.mean() - float(total.group(1))) < 1e-3
     assert re.search(r"clean acc 1\.000", out)  # its own predictions are the labels
@@ -84,10 +89,31 @@ def test_saved_model(tmp_path):
     module = Serve(helpers.tiny_network(split_bn=False, trained=True))
     path = str(tmp_path / "model")
     tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
-    out = run_script(f"--saved_model={path}", "--eps=0.25", *TINY_BUDGET)
+    out = run_script(f"--saved_model={path}", "--eps=0.25", "--square_rescale_schedule",
+                     *TINY_BUDGET)
     check_report(out, 6)
+    assert ("AutoAttack (2 iterations, 20 queries, 2 targets, Square's schedule rescaled) "
+            "acc") in out, out
     # No export folder around it: Square queries the SavedModel itself.
     assert "Square queries the TensorFlow model (no checked model.onnx beside" in out, out
+
+
+def test_square_rescale_schedule_reaches_square():
+    spec = importlib.util.spec_from_file_location(
+        "eval_throughput", os.path.join(ROOT, "benchmarks", "eval_throughput.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    standard = argparse.Namespace(n_iter=100, n_queries=5000, n_target_classes=9,
+                                  square_rescale_schedule=False)
+    aa = script.autoattack_for(standard, 0.25)
+    assert [a.name for a in aa.attacks] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert not aa.attacks[-1].rescale_schedule and script.budget_label(standard) == "standard"
+    torch_like = argparse.Namespace(n_iter=10, n_queries=5000, n_target_classes=9,
+                                    square_rescale_schedule=True)
+    aa = script.autoattack_for(torch_like, 0.25)
+    assert aa.attacks[-1].rescale_schedule and aa.attacks[-1].n_queries == 5000
+    assert [a.n_iter for a in aa.attacks[:3]] == [10, 10, 10]
+    assert script.budget_label(torch_like) == "(10 iterations, Square's schedule rescaled)"
 
 
 def load_reference_script():
