@@ -195,6 +195,16 @@ COVERAGE = {
     "python benchmarks/eval_throughput.py --saved_model=exports/quickstart/saved_model/"
     "quickstart/1 --eps=0.25 --n_examples=1000 --batch_size=1000 --attacks=autoattack "
     "--n_iter=10": ("elsewhere", "tests/test_eval_throughput.py::test_saved_model"),
+    "python benchmarks/eval_throughput.py --saved_model=exports/quickstart/saved_model/"
+    "quickstart/1 --eps=0.25 --n_examples=200 --attacks=autoattack --n_iter=10 "
+    "--square_rescale_schedule": (
+        "elsewhere", "tests/test_eval_throughput.py::test_saved_model (with "
+        "--square_rescale_schedule) and ::test_square_rescale_schedule_reaches_square"),
+    "python benchmarks/eval_throughput.py --saved_model=exports/quickstart/saved_model/"
+    "quickstart/1 --eps=0.25 --n_examples=1000 --batch_size=1000 --attacks=autoattack "
+    "--n_iter=10 --square_rescale_schedule": (
+        "elsewhere", "tests/test_eval_throughput.py::test_saved_model (with "
+        "--square_rescale_schedule) and ::test_square_rescale_schedule_reaches_square"),
     "python benchmarks/eval_throughput.py --model=resnet18 --eps=0.0001 --n_examples=2 "
     "--batch_size=2 --n_iter=10 --n_queries=200 --attacks=autoattack": (
         "elsewhere", "tests/test_eval_throughput.py::test_random_weight_model"),
