@@ -161,6 +161,24 @@ def test_fab_final_search_same_as_bisecting_the_whole_batch(setup):
     np.testing.assert_allclose(got_adv.numpy(), want_adv.numpy(), atol=1e-6)  # float32
 
 
+def test_fab_final_search_queries_only_the_points_found(setup):
+    """Nothing found: the model is not called at all (an empty batch broke oneDNN's
+    convolution on one CPU: it returned its input's shape); else only on those found."""
+    f, x, y = setup
+    x, batches = tf.constant(x[:4]), []
+
+    def counted(z):
+        batches.append(int(z.shape[0]))
+        return f(z)
+
+    adv = tf.clip_by_value(x + 0.5, 0.0, 1.0)
+    got_adv, got_ok = final_search(counted, x, y[:4], adv, tf.zeros([4], tf.bool), 0.3, "linf")
+    assert batches == [] and not got_ok.numpy().any()
+    np.testing.assert_array_equal(got_adv.numpy(), x.numpy())
+    final_search(counted, x, y[:4], adv, tf.constant([False, True, False, True]), 0.3, "linf")
+    assert batches == [2] * 11  # 10 bisection steps and the last check, on the 2 found
+
+
 def plain_square(attack, f, x, y, seed):
     """The loop Square replaced: every point is queried with every proposal, broken ones
     only stop being updated. Returns (x_best, broken, broken_at, images queried)."""

@@ -143,8 +143,16 @@ def final_search(model_fn, x, y, adv, found, eps, norm, steps=10):
     segment [x, adv] for the closest point still misclassified (a loop, not unrolled: one
     copy of the model in the graph), kept if within eps and misclassified.
 
-    Returns (x_adv, ok): x_adv is x where ok is False. The other points are not queried.
+    Returns (x_adv, ok): x_adv is x where ok is False. The other points are not queried;
+    with none found the model is not called at all (some runtimes' kernels mishandle an
+    empty batch: oneDNN's convolution on one AVX-512 CPU returned its input's shape).
     """
+    return tf.cond(tf.reduce_any(found),
+                   lambda: _search_found(model_fn, x, y, adv, found, eps, norm, steps),
+                   lambda: (tf.stop_gradient(x), tf.zeros_like(found)))
+
+
+def _search_found(model_fn, x, y, adv, found, eps, norm, steps):
     at = tf.where(found)[:, 0]
     xf, yf = tf.gather(x, at), tf.gather(y, at)
     delta = tf.gather(adv, at) - xf
