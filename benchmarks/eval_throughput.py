@@ -169,12 +169,14 @@ def autoattack_for(args, eps):
     return aa
 
 
-def budget_label(args):
-    """'standard', or the settings in which this run differs from the standard version."""
-    changed = [f"{v} {name}" for v, default, name in (
-        (args.n_iter, 100, "iterations"), (args.n_queries, 5000, "queries"),
-        (args.n_target_classes, 9, "targets")) if v != default]
-    if args.square_rescale_schedule:
+def budget_label(aa):
+    """'standard', or the settings in which AutoAttack `aa` differs from the standard
+    version (AutoAttack's own defaults)."""
+    standard = {f.name: f.default for f in dataclasses.fields(aa)}
+    changed = [f"{getattr(aa, field)} {name}" for field, name in (
+        ("n_iter", "iterations"), ("n_queries", "queries"), ("n_target_classes", "targets"))
+        if getattr(aa, field) != standard[field]]
+    if aa.attacks[-1].rescale_schedule:
         changed.append("Square's schedule rescaled")
     return "standard" if not changed else "(" + ", ".join(changed) + ")"
 
@@ -263,7 +265,7 @@ def main():
     total = time.time() - start
     if args.robust_out:
         np.save(args.robust_out, result.robust)
-    print(f"AutoAttack {budget_label(args)} acc {result.robust_accuracy:.3f} in {total:.1f} s: "
+    print(f"AutoAttack {budget_label(aa)} acc {result.robust_accuracy:.3f} in {total:.1f} s: "
           f"{n / total:.2f} img/s")
     print(f"{'stage':<8} {'robust acc':>10} {'broken':>7} {'attacked':>8} {'time s':>8} "
           f"{'img/s':>8}" + (f" {'model s':>8}" if cost else ""))

@@ -100,30 +100,32 @@ def test_saved_model(tmp_path):
 
 
 def test_square_rescale_schedule_reaches_square():
-    spec = importlib.util.spec_from_file_location(
-        "eval_throughput", os.path.join(ROOT, "benchmarks", "eval_throughput.py"))
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("eval_throughput")
     standard = argparse.Namespace(n_iter=100, n_queries=5000, n_target_classes=9,
                                   square_rescale_schedule=False)
     aa = script.autoattack_for(standard, 0.25)
     assert [a.name for a in aa.attacks] == ["apgd-ce", "apgd-t", "fab-t", "square"]
-    assert not aa.attacks[-1].rescale_schedule and script.budget_label(standard) == "standard"
+    assert not aa.attacks[-1].rescale_schedule and script.budget_label(aa) == "standard"
     torch_like = argparse.Namespace(n_iter=10, n_queries=5000, n_target_classes=9,
                                     square_rescale_schedule=True)
     aa = script.autoattack_for(torch_like, 0.25)
     assert aa.attacks[-1].rescale_schedule and aa.attacks[-1].n_queries == 5000
     assert [a.n_iter for a in aa.attacks[:3]] == [10, 10, 10]
-    assert script.budget_label(torch_like) == "(10 iterations, Square's schedule rescaled)"
+    assert script.budget_label(aa) == "(10 iterations, Square's schedule rescaled)"
+
+
+def load_script(name):
+    """benchmarks/<name>.py as a module (main() is not run; the torch reference's torch
+    imports are inside its main())."""
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def load_reference_script():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        "torch_autoattack", os.path.join(ROOT, "benchmarks", "torch_autoattack.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # its torch imports are inside main()
-    return module
+    return load_script("torch_autoattack")
 
 
 @pytest.mark.parametrize("n", [1, 200])
