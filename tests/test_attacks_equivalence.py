@@ -14,7 +14,7 @@ import tensorflow as tf
 from keras_arat.attacks import APGD, FABTargeted, Square, core
 from keras_arat.attacks.apgd import apgd_single_run
 from keras_arat.attacks.fab import fab_targeted_run, final_search, project_on_hyperplane
-from keras_arat.attacks.square import _bcast, _rand_int, _signs, _window
+from keras_arat.attacks.square import _bcast, _rand_position, _signs, _window
 from tests import helpers
 
 N = 48
@@ -193,8 +193,10 @@ def plain_square(attack, f, x, y, seed):
             break
         seeds = tf.random.experimental.stateless_split(core.fold_seed(seed, it), 3)
         s = attack._side(it, h, w, c, 1)
-        window = _window(h, w, _rand_int(seeds[0], h - s), _rand_int(seeds[1], w - s), s)
-        x_new = core.project(x_best + 2 * eps * window * _signs(seeds[2], [n, 1, 1, c]), x,
+        # The reference's draw: one window and one sign per channel for the whole batch.
+        window = _window(h, w, _rand_position(seeds[0], h - s),
+                         _rand_position(seeds[1], w - s), s)
+        x_new = core.project(x_best + 2 * eps * window * _signs(seeds[2], [1, 1, 1, c]), x,
                              eps)
         margin = core.true_margin(f(x_new), y)
         queried += int(tf.reduce_sum(tf.cast(active, tf.int32)))
@@ -357,3 +359,64 @@ def test_square_schedule_rescaled_only_when_asked():
     # s = round(sqrt(p * 1024)): p = 0.8 / 2^k
     assert sides(Square(eps=0.1), its) == [29, 29, 29, 20, 14, 4, 3]
     assert sides(Square(eps=0.1, rescale_schedule=True), its) == [29, 20, 20, 14, 10, 3, 1]
+
+
+def test_square_linf_samples_as_the_reference():
+    """The authors' L-inf Square draws, at each query, one window position for the whole
+    batch with top and left in [0, h - s) (random_int(0, h - s): floor(U * (h - s))) and
+    one sign per channel for the whole batch (random_choice([c, 1, 1])). Checked on the
+    draws both of Square's loops use: 32x32x3 at query 0 (s = 29, so positions 0, 1, 2,
+    never 3), and a window as large as the image (s = h: position 0)."""
+    attack = Square(eps=0.1)
+    tops, lefts, signs = set(), set(), []
+    for it in range(300):
+        s, top, left, sign = attack._linf_draws(0, core.fold_seed(SEED, it), (32, 32, 3))
+        assert int(s) == 29
+        tops.add(int(top))
+        lefts.add(int(left))
+        assert sign.shape == (1, 1, 1, 3)  # one sign per channel, shared by the batch
+        signs.append(sign.numpy().reshape(3))
+    assert tops == {0, 1, 2} and lefts == {0, 1, 2}
+    signs = np.array(signs)
+    assert set(np.unique(signs)) == {-1.0, 1.0}
+    # Each channel's sign is drawn on its own: all four sign patterns of two channels occur.
+    assert len({tuple(row[:2]) for row in signs}) == 4
+    whole = Square(eps=0.1, p_init=1.0)  # s = round(sqrt(64)) = 8 = h on 8x8 images
+    for it in range(20):
+        s, top, left, _ = whole._linf_draws(0, core.fold_seed(SEED, it), (8, 8, 1))
+        assert (int(s), int(top), int(left)) == (8, 0, 0)
+
+
+def test_square_proposals_of_a_query_share_window_and_signs():
+    """In a real run, every point attacked at a query gets the same window and the same
+    sign per channel: on identical images at 0.5 (no clipping), each proposal's window
+    holds 0.5 + eps * sign(channel), the same for all points, and every pixel outside the
+    window is what the point held before (its best point)."""
+    eps, n = 0.1, 5
+    x = np.full((n, 8, 8, 3), 0.5, np.float32)
+    y = np.zeros(n, np.int64)
+    seen = []
+
+    def never_broken(z):  # margin 100 - 1e-3 * sum: any change may be taken, none breaks
+        seen.append(z.numpy().copy())
+        total = tf.reduce_sum(z, axis=[1, 2, 3])[:, None]
+        return tf.concat([100.0 - 1e-3 * total, tf.zeros([tf.shape(z)[0], 9])], axis=1)
+    Square(eps=eps, n_queries=30)._single_run(never_broken, tf.constant(x), tf.constant(y),
+                                              SEED)
+    best, checked = seen[0], 0  # the stripes start, scored once
+    for proposal in seen[1:]:
+        if len(proposal) != n:
+            break  # some proposals changed nothing and were not queried: rows unknown
+        moved = np.any(proposal != best, axis=(0, 3))  # [h, w]: changed for some point
+        rows, cols = np.flatnonzero(moved.any(1)), np.flatnonzero(moved.any(0))
+        window = (slice(None), slice(rows.min(), rows.max() + 1),
+                  slice(cols.min(), cols.max() + 1))
+        inside = proposal[window]  # [n, s, s, c]: one value per channel for all points
+        np.testing.assert_allclose(inside, np.broadcast_to(inside[:1, :1, :1], inside.shape),
+                                   atol=1e-6)
+        np.testing.assert_allclose(np.abs(inside - 0.5), eps, atol=1e-6)
+        # Taken where the margin fell (the pixel sum rose): the next best points.
+        taken = proposal.sum(axis=(1, 2, 3)) > best.sum(axis=(1, 2, 3))
+        best = np.where(taken[:, None, None, None], proposal, best)
+        checked += 1
+    assert checked >= 10, checked

@@ -7,14 +7,16 @@ halved by the schedule p_init, /2 after 10 queries, /4 after 50, /8 after 200,
 /16 after 500, /32 after 1000, /64 after 2000, /128 after 4000, /256 after 6000,
 /512 after 8000 (AutoAttack: p_init 0.8, 5,000 queries, schedule not rescaled).
 
-L-inf: start from vertical stripes (x + eps * random sign per column and channel), each
-proposal sets a random s x s window to +-2 eps per channel on top of the best point,
-then projects. L2: start from a grid of "eta" windows (centred nested squares weighted
-1/(k+1)^2, two halves of opposite signs), each proposal moves the mass of two windows
-into one new eta window, keeping the total norm eps.
+L-inf: start from vertical stripes (x + eps * random sign per example, column and
+channel), each proposal sets a random s x s window to +-2 eps per channel on top of the
+best point, then projects. L2: start from a grid of "eta" windows (centred nested squares
+weighted 1/(k+1)^2, two halves of opposite signs), each proposal moves the mass of two
+windows into one new eta window, keeping the total norm eps.
 
-Window positions are shared by the batch at each query (as in the reference); signs are
-per example and channel. No gradients, so it also attacks models without any (ONNX).
+Sampling, as the reference draws it: at each query one window position (top and left
+uniform in [0, h - s), i.e. floor(U * (h - s))) for the whole batch; for L-inf also one
+sign per channel for the whole batch, for L2 a sign per example and channel. No
+gradients, so it also attacks models without any (ONNX).
 """
 
 import dataclasses
@@ -87,9 +89,11 @@ def _splice(images, block, top, left):
     return out
 
 
-def _rand_int(seed, high):
-    """Uniform integer in [0, high] (inclusive) from a stateless seed."""
-    return tf.random.stateless_uniform([], seed=seed, minval=0, maxval=high + 1, dtype=tf.int32)
+def _rand_position(seed, high):
+    """A window's top (or left) corner: floor(U * high) with U uniform in [0, 1), so in
+    [0, high) and 0 when high is 0, as the reference's random_int(0, high)."""
+    u = tf.random.stateless_uniform([], seed=seed)
+    return tf.cast(tf.floor(u * tf.cast(high, tf.float32)), tf.int32)
 
 
 def _signs(seed, shape):
@@ -140,13 +144,14 @@ class Square:
         return tf.clip_by_value(x + eps * _signs(core.fold_seed(seed, -1), [n, 1, w, c]),
                                 0.0, 1.0)
 
-    def _linf_draws(self, it, qseed, n, image_shape):
-        """Query `it`'s window (side, top, left) and signs [n, 1, 1, c] for the whole batch."""
+    def _linf_draws(self, it, qseed, image_shape):
+        """Query `it`'s window (side, top, left) and its signs [1, 1, 1, c]: one draw for
+        the whole batch, as the reference's."""
         h, w, c = image_shape
         s = self._side(it, h, w, c, 1)
         seeds = tf.random.experimental.stateless_split(qseed, 3)
-        return s, _rand_int(seeds[0], h - s), _rand_int(seeds[1], w - s), \
-            _signs(seeds[2], tf.stack([n, 1, 1, c]))
+        return s, _rand_position(seeds[0], h - s), _rand_position(seeds[1], w - s), \
+            _signs(seeds[2], [1, 1, 1, c])
 
     def _single_run(self, model_fn, x, y, seed):
         n = tf.shape(x)[0]
@@ -171,16 +176,15 @@ class Square:
             x_best = tf.clip_by_value(x + eps * core.normalize(delta, "l2"), 0.0, 1.0)
         margin_min = core.true_margin(model_fn(x_best), y)
 
-        # Per-example noise is drawn for the whole batch and then subset (rows), so a point
-        # gets the same proposals whichever other points are still being attacked.
+        # L2's per-example signs are drawn for the whole batch and then subset (rows), so a
+        # point gets the same proposals whichever other points are still being attacked.
         # A proposal returns (at, x_new, accept): the working-set positions whose proposal
         # differs from their best point, those proposals, and accept(best, take, taken) -> the
         # best points with the proposals of at[take] (= taken) taken. An unchanged proposal would
         # score its best point's margin again, which is never an improvement (a point
         # still in the working set has margin_min == loss_min > 0), so it is not queried.
         def linf_proposal(it, x_best, x, rows, qseed):
-            s, top, left, signs = self._linf_draws(it, qseed, n, x.shape[1:])
-            signs = tf.gather(signs, rows)
+            s, top, left, signs = self._linf_draws(it, qseed, x.shape[1:])
             # The proposal changes the best point inside the window only: compare there,
             # then build the proposals of the points it changes.
             corner, size = tf.stack([0, top, left, 0]), tf.stack([-1, s, s, -1])
@@ -208,8 +212,8 @@ class Square:
         def l2_proposal(it, x_best, x, rows, qseed):
             s = self._side(it, h, w, c, 3)
             seeds = tf.random.experimental.stateless_split(qseed, 6)
-            top, left = _rand_int(seeds[0], h - s), _rand_int(seeds[1], w - s)
-            top2, left2 = _rand_int(seeds[2], h - s), _rand_int(seeds[3], w - s)
+            top, left = _rand_position(seeds[0], h - s), _rand_position(seeds[1], w - s)
+            top2, left2 = _rand_position(seeds[2], h - s), _rand_position(seeds[3], w - s)
             mask1 = _window(h, w, top, left, s)
             mask2 = _window(h, w, top2, left2, s)
             transpose = tf.cast(tf.random.stateless_uniform([], seed=seeds[4]) > 0.5, tf.int32)
@@ -336,8 +340,7 @@ class Square:
         return np.where(_np_bcast(correct, x), best, adv)
 
     def _host_run(self, query, x, y, seed):
-        n, image_shape = len(x), x.shape[1:]
-        draws = _draws_function(self, image_shape)
+        draws = _draws_function(self, x.shape[1:])
         eps = np.float32(self.eps)
         two_eps = np.float32(2.0) * eps
         zero, one = np.float32(0.0), np.float32(1.0)
@@ -352,13 +355,13 @@ class Square:
             if it % self.HOST_CHUNK == 0:
                 count = min(self.HOST_CHUNK, self.n_queries - it)
                 sides, tops, lefts, signs = (np.asarray(t) for t in draws(
-                    tf.constant(it), tf.constant(count), tf.constant(n), seed))
+                    tf.constant(it), tf.constant(count), seed))
             j = it % self.HOST_CHUNK
             it += 1
             s, top, left = int(sides[j]), int(tops[j]), int(lefts[j])
             window = (slice(None), slice(top, top + s), slice(left, left + s))
             best_window, x_window = best[window], xs[window]
-            new_window = best_window + two_eps * signs[j][rows][:, None, None, :]
+            new_window = best_window + two_eps * signs[j]  # [c]: one per channel
             # core.project, L-inf: clip the perturbation to the ball, the point to [0, 1].
             new_window = np.clip(x_window + np.clip(new_window - x_window, -eps, eps),
                                  zero, one)
@@ -386,18 +389,17 @@ class Square:
 
 @functools.lru_cache(maxsize=16)
 def _draws_function(attack, image_shape):
-    """tf.function (start, count, n, seed) -> the windows' sides, tops and lefts [count]
-    and the signs [count, n, c] of queries start..start+count-1 of an L-inf run on n
-    images: the draws of the traced loop (_linf_draws), made in one call."""
+    """tf.function (start, count, seed) -> the windows' sides, tops and lefts [count] and
+    the signs [count, c] of queries start..start+count-1 of an L-inf run: the draws of the
+    traced loop (_linf_draws), made in one call."""
     c = image_shape[-1]
 
-    def draws(start, count, n, seed):
+    def draws(start, count, seed):
         def body(i, sides, tops, lefts, signs):
             it = start + i
-            s, top, left, sign = attack._linf_draws(it, core.fold_seed(seed, it), n,
-                                                    image_shape)
+            s, top, left, sign = attack._linf_draws(it, core.fold_seed(seed, it), image_shape)
             return (i + 1, sides.write(i, s), tops.write(i, top), lefts.write(i, left),
-                    signs.write(i, tf.reshape(sign, tf.stack([n, c]))))
+                    signs.write(i, tf.reshape(sign, [c])))
 
         arrays = [tf.TensorArray(tf.int32, size=count) for _ in range(3)]
         arrays.append(tf.TensorArray(tf.float32, size=count))
@@ -405,8 +407,7 @@ def _draws_function(attack, image_shape):
         return tuple(a.stack() for a in arrays)
 
     return tf.function(draws, autograph=False, input_signature=[
-        tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.int32),
-        tf.TensorSpec([2], tf.int64)])
+        tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.int32), tf.TensorSpec([2], tf.int64)])
 
 
 def _np_true_margin(logits, labels):
