@@ -1,4 +1,5 @@
-"""SWA: the average is the mean of the snapshots; BN re-estimation touches only adv."""
+"""SWA: the average is the mean of the snapshots; BN re-estimation of each branch (adv on
+PGD examples, clean on the clean images) touches only that branch."""
 
 import json
 import os
@@ -8,7 +9,8 @@ import pytest
 import tensorflow as tf
 
 from keras_arat.attacks import PGD
-from keras_arat.training.swa import SWAState, branch_batch_norms, reestimate_bn
+from keras_arat.training.swa import (SWAState, branch_batch_norms, reestimate_bn,
+                                     reestimate_branches)
 from tests import helpers
 from tests.cli import run_cli
 from tests.test_cli import TINY
@@ -66,6 +68,44 @@ def test_reestimation_changes_only_adv_statistics_and_averages_batches():
                                rtol=1e-4, atol=1e-5)
 
 
+def test_clean_branch_reestimated_on_clean_images_for_the_averaged_weights():
+    """The clean branch's statistics belong to the averaged weights too: re-estimated on
+    the clean images (no attack), the equal-weight mean of the batches' statistics, the
+    adv branch untouched; reestimate_branches does both, one pass each."""
+    net = helpers.new_network(split_bn=True)
+    x, y = helpers.tiny_data().train
+    for _ in range(3):
+        net(x[:64], training=True, branch="clean")
+        net(x[64:128], training=True, branch="adv")
+    adv_before = [v.numpy().copy() for bn in branch_batch_norms(net, "adv")
+                  for v in (bn.moving_mean, bn.moving_variance)]
+    batches = [(tf.constant(x[i:i + 32]), tf.constant(y[i:i + 32])) for i in (0, 32, 64)]
+    assert reestimate_bn(net, batches, None, "clean") == 3
+    for a, bn_vars in zip(adv_before, [v for bn in branch_batch_norms(net, "adv")
+                                       for v in (bn.moving_mean, bn.moving_variance)]):
+        np.testing.assert_array_equal(a, bn_vars.numpy())
+    first = branch_batch_norms(net, "clean")[0]
+    conv1 = net.graph.get_layer("conv1")
+    outs = [conv1(xb).numpy() for xb, _ in batches]
+    np.testing.assert_allclose(first.moving_mean.numpy(),
+                               np.mean([o.mean(axis=(0, 1, 2)) for o in outs], 0),
+                               rtol=1e-4, atol=1e-5)
+    # PyTorch's running variance: each batch's unbiased variance, averaged.
+    unbiased = [o.reshape(-1, o.shape[-1]).var(axis=0, ddof=1) for o in outs]
+    np.testing.assert_allclose(first.moving_variance.numpy(), np.mean(unbiased, 0),
+                               rtol=1e-4, atol=1e-5)
+    passes = []
+
+    def batches_fn():
+        passes.append(1)
+        return batches
+    counts = reestimate_branches(net, batches_fn, PGD(eps=0.3, step_size=0.1, steps=1))
+    assert counts == {"adv": 3, "clean": 3} and len(passes) == 2
+    single = helpers.new_network(split_bn=False)
+    assert reestimate_branches(single, batches_fn, PGD(eps=0.3, step_size=0.1, steps=1),
+                               split=False) == {"adv": 3}
+
+
 @pytest.mark.slow
 def test_swa_cli_writes_its_checkpoint_and_results(tmp_path):
     workdir = str(tmp_path / "swa")
@@ -75,7 +115,7 @@ def test_swa_cli_writes_its_checkpoint_and_results(tmp_path):
     results = json.load(open(os.path.join(workdir, "results.json")))
     swa = results["swa"]
     assert swa["n_averaged"] == 2  # steps 6 and 8 of 8 (4 per epoch)
-    assert swa["bn_reestimation_batches"] == 4
+    assert swa["bn_reestimation_batches"] == 4 and swa["bn_reestimated"] == ["adv", "clean"]
     for key in ("clean_acc", "pgd20_acc", "clean_acc_clean_branch"):
         assert 0.0 <= swa[key] <= 1.0
     assert os.path.isdir(os.path.join(workdir, swa["checkpoint"]))

@@ -2,9 +2,12 @@
 
 From a start epoch, every N optimisation steps the network's trainable weights are
 added to a running mean (Izmailov et al., 2018). The averaged weights never saw their
-own BN statistics, so before evaluation the chosen branch's moving statistics are
-reset and re-estimated by one pass over the training set on PGD examples (training
-mode), as a cumulative (equal-weight) average over batches, like PyTorch's bn_update.
+own BN statistics, so before evaluation each branch's moving statistics are reset and
+re-estimated by one pass over the training set in training mode, as a cumulative
+(equal-weight) average over batches, like PyTorch's bn_update: the adv branch on PGD
+examples (as the official code's bn_update_adv), the clean branch on the clean images
+(the official code reports no clean-branch figure for SWA; keras_arat does, so its
+statistics must belong to the averaged weights too).
 """
 
 import keras
@@ -63,13 +66,13 @@ def branch_batch_norms(network, branch):
 
 
 def reestimate_bn(network, batches, attack, branch="adv", seed=0):
-    """Reset `branch`'s moving statistics and re-estimate them on attack examples.
+    """Reset `branch`'s moving statistics and re-estimate them on `batches`.
 
-    For each batch: attack examples are made against `branch` in training mode, then
-    one training-mode forward of those examples gives the batch statistics; the
+    For each batch (x, y): with an attack, attack examples are made against `branch` in
+    training mode and one training-mode forward of those examples gives the batch
+    statistics; with attack=None the forward is of x itself (the clean branch). The
     moving statistics become the equal-weight mean over all batches (the attack's own
-    forwards do not count). Other branches are untouched.
-    Returns the number of batches used.
+    forwards do not count). Other branches are untouched. Returns the number of batches.
     """
     bns = branch_batch_norms(network, branch)
     stats = [v for bn in bns for v in (bn.moving_mean, bn.moving_variance)]
@@ -79,15 +82,16 @@ def reestimate_bn(network, batches, attack, branch="adv", seed=0):
     for bn in bns:
         bn.momentum = 0.0
     try:
-        attack_fn = tf.function(lambda x, y, batch_seed: attack(
-            lambda z: network(z, training=True, branch=branch), x, y, batch_seed),
+        attack_fn = None if attack is None else tf.function(
+            lambda x, y, batch_seed: attack(
+                lambda z: network(z, training=True, branch=branch), x, y, batch_seed),
             autograph=False)  # tensor code already: no source conversion
         forward = tf.function(lambda x: network(x, training=True, branch=branch))
         means = [np.zeros(v.shape, np.float64) for v in stats]
         k = 0
         for x, y in batches:
-            x_adv = attack_fn(x, y, tf.constant([seed, k], tf.int64))
-            forward(x_adv)
+            forward(x if attack_fn is None else
+                    attack_fn(x, y, tf.constant([seed, k], tf.int64)))
             k += 1
             for i, v in enumerate(stats):
                 means[i] += (v.numpy().astype(np.float64) - means[i]) / k
@@ -100,3 +104,14 @@ def reestimate_bn(network, batches, attack, branch="adv", seed=0):
         v.assign(means[i].astype(np.float32) if k else
                  (np.ones if i % 2 else np.zeros)(v.shape, np.float32))
     return k
+
+
+def reestimate_branches(network, batches, attack, split=True, seed=0):
+    """Both branches of the averaged weights (one BN, split=False: that one, as adv).
+
+    batches: a function returning a fresh iterable of (x, y) training batches (one
+    pass each). Returns {branch: number of batches}."""
+    counts = {"adv": reestimate_bn(network, batches(), attack, "adv", seed)}
+    if split:
+        counts["clean"] = reestimate_bn(network, batches(), None, "clean", seed)
+    return counts
