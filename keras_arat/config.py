@@ -32,10 +32,10 @@ class RunConfig:
     method: str = "arat"
     invariance_weight: Optional[float] = None
     invariance: str = "asymmetric"
-    predictor: bool = True
+    predictor: bool = True  # resolved by config_from_flags (config.uses_predictor)
     beta: Optional[float] = None
     align_layers: Tuple[str, ...] = ()
-    a_prev_examples: int = 1024
+    a_prev_examples: int = 1000
     joint_pass: bool = False
     reference_noise_leak: bool = False
     # training attack
@@ -104,3 +104,15 @@ class RunConfig:
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
+
+
+def uses_predictor(invariance, predictor=None):
+    """Whether ARAT's invariance loss runs the adversarial features through predictors.
+
+    predictor=None is the official code's choice for the kind: its asymmetric loss
+    ("x->y") has one, its symmetric loss ("x<->y") none (loss.py ignores the predictor
+    there). predictor=True with "symmetric" is a variant the official code does not have
+    (the predictor on the adversarial side, no stop-gradient)."""
+    if invariance == "none":
+        return False
+    return invariance == "asymmetric" if predictor is None else bool(predictor)

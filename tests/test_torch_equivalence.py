@@ -59,11 +59,12 @@ def rel_norm(got, want):
 class Split:
     """The split-BN ResNet-18 and its ARAT trainer, with the fixture's weights."""
 
-    def __init__(self):
+    def __init__(self, **trainer_kwargs):
         self.state = seeded_state("r18s_")
         self.network, info = ct.build_network(self.state, "resnet18")
         assert info == {"split_bn": True, "num_classes": 10}
-        self.trainer = ARATModel(self.network, eps=EPS, step_size=STEP, attack_steps=10)
+        self.trainer = ARATModel(self.network, eps=EPS, step_size=STEP, attack_steps=10,
+                                 **trainer_kwargs)
         self.entries = ct.weight_map(self.network)
         for i, p in enumerate(self.trainer.predictors):
             prefix = f"r18s_pred{i}_"
@@ -88,17 +89,21 @@ def split():
     return Split()
 
 
-@pytest.fixture(scope="module")
-def split64():
-    """The same in float64 (weights, activations, losses), against the official code's
-    float64 run."""
+def float64_split(**trainer_kwargs):
+    """Split in float64 (weights, activations, losses), against the official code's
+    float64 runs."""
     keras.config.set_dtype_policy("float64")
     try:
-        s = Split()
+        s = Split(**trainer_kwargs)
     finally:
         keras.config.set_dtype_policy("float32")
     assert s.network.graph.get_layer("linear").kernel.dtype == "float64"
     return s
+
+
+@pytest.fixture(scope="module")
+def split64():
+    return float64_split()
 
 
 def test_seeded_weights_cover_every_keras_weight(split):

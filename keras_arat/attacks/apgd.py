@@ -164,8 +164,7 @@ class APGD:
         correct = core.is_correct(clean_logits, y)
         n_targets = 1
         if self.loss == "dlr-targeted":
-            num_classes = clean_logits.shape[-1]
-            n_targets = min(self.n_target_classes, (num_classes or 10) - 1)
+            n_targets = core.target_count(clean_logits, self.n_target_classes)
             targets = tf.cast(tf.math.top_k(clean_logits, k=n_targets + 1).indices[:, 1:],
                               tf.int64)
         else:

@@ -164,6 +164,15 @@ def targeted_dlr(logits, labels, target_labels):
     return -(z_y - z_t) / scale
 
 
+def target_count(logits, wanted):
+    """min(wanted, classes - 1): how many target classes a targeted attack takes, with the
+    class count read from the logits (their static shape, else at run time)."""
+    classes = logits.shape[-1]
+    if classes is None:
+        return tf.minimum(tf.constant(wanted, tf.int32), tf.shape(logits)[-1] - 1)
+    return min(wanted, classes - 1)
+
+
 def fold_seed(seed, *values):
     """A new [2] int64 seed derived from `seed` and integers (restart, target, batch...)."""
     seed = tf.cast(seed, tf.int64)

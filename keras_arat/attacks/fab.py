@@ -205,7 +205,7 @@ class FABTargeted:
         seed = tf.cast(seed, tf.int64)
         logits = model_fn(x)
         correct = core.is_correct(logits, y)
-        n_targets = min(self.n_target_classes, (logits.shape[-1] or 10) - 1)
+        n_targets = core.target_count(logits, self.n_target_classes)
         targets = tf.cast(tf.math.top_k(logits, k=n_targets + 1).indices[:, 1:], tf.int64)
 
         # One traced loop over the (target, restart) runs, each on the points no earlier

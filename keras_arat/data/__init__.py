@@ -11,7 +11,8 @@ from .datasets import (DATASET_NAMES, TFDS_NAMES, DataError, Dataset, load_datas
 
 # The pipelines need TensorFlow; loading data does not. They are imported on first use,
 # so a command can check its data set before TensorFlow loads (4-6 s).
-_PIPELINE = ("a_prev_subset", "epoch_order", "make_eval_dataset", "make_train_dataset")
+_PIPELINE = ("a_prev_batches", "a_prev_subset", "epoch_order", "make_eval_dataset",
+             "make_train_dataset")
 
 
 def __getattr__(name):
@@ -30,6 +31,7 @@ __all__ = [
     "load_test_images",
     "make_train_dataset",
     "make_eval_dataset",
+    "a_prev_batches",
     "a_prev_subset",
     "epoch_order",
 ]

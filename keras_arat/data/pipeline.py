@@ -23,6 +23,7 @@ from .datasets import DataError, Dataset
 __all__ = [
     "make_train_dataset",
     "make_eval_dataset",
+    "a_prev_batches",
     "a_prev_subset",
     "epoch_order",
 ]
@@ -205,3 +206,30 @@ def a_prev_subset(ds: Dataset, n: int = 1024, seed: int = 0) -> Tuple[np.ndarray
         rng = np.random.default_rng(int(seed) % (1 << 64))
         idx = np.sort(rng.choice(total, size=n, replace=False))
     return _to_float(ds.x_train[idx]), np.asarray(ds.y_train[idx], dtype=np.int64)
+
+
+# a_prev's draws are a random stream of their own: the run's seed plus this offset.
+A_PREV_SEED_OFFSET = 0x5EED << 32
+
+
+def a_prev_batches(ds: Dataset, n: int, batch_size: int, seed: int, epoch: int,
+                   crop_padding: int = 4, flip: Optional[bool] = None
+                   ) -> Tuple[np.ndarray, np.ndarray]:
+    """The training images ARAT's a_prev is measured on at the start of ``epoch``.
+
+    As the official code's ``test_single_bn(net, train_loader, max_n=n)``: whole batches
+    of a fresh, shuffled and augmented pass over the training set, until at least ``n``
+    images (``n=1000`` at batch 128: 8 batches, 1,024 images), or all batches if the set
+    is smaller. A new subset each epoch; the same one for the same ``(seed, epoch)``, so a
+    resumed run measures the a_prev the uninterrupted run did. Returns
+    ``(x float32 [0,1] NHWC, y int64)``.
+    """
+    n = _check_int("n", n, 1)
+    data, steps = make_train_dataset(ds, batch_size, epoch + 1,
+                                     (int(seed) + A_PREV_SEED_OFFSET) % (1 << 64),
+                                     initial_epoch=epoch, crop_padding=crop_padding, flip=flip)
+    xs, ys = [], []
+    for xb, yb in data.take(min(math.ceil(n / batch_size), steps)):
+        xs.append(xb.numpy())
+        ys.append(yb.numpy())
+    return np.concatenate(xs), np.concatenate(ys)

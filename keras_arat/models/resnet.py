@@ -1,31 +1,15 @@
 """CIFAR ResNet-18 (kuangliu / AR-AT layout) with split BatchNorm.
 
 Also holds the helpers shared by the PyTorch-derived models: a Conv2D with
-PyTorch's symmetric zero padding and PyTorch's default initialisers.
+PyTorch's symmetric zero padding (PyTorch's default initialisers are in
+keras_arat.layers.torch_init).
 """
-
-import math
 
 import keras
 
 from keras_arat.layers.split_batch_norm import SplitBatchNormalization
+from keras_arat.layers.torch_init import torch_bias_initializer, torch_kernel_initializer
 from keras_arat.network import SplitBNNetwork
-
-
-def torch_kernel_initializer():
-    """PyTorch's default Conv/Linear weight init, kaiming_uniform(a=sqrt(5)).
-
-    That is U(-b, b) with b = 1/sqrt(fan_in), i.e. variance scaling with
-    scale 1/3 over fan_in. A fresh instance per layer.
-    """
-    return keras.initializers.VarianceScaling(
-        scale=1.0 / 3.0, mode="fan_in", distribution="uniform")
-
-
-def torch_bias_initializer(fan_in):
-    """PyTorch's default Linear bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    bound = 1.0 / math.sqrt(fan_in)
-    return keras.initializers.RandomUniform(minval=-bound, maxval=bound)
 
 
 @keras.saving.register_keras_serializable(package="keras_arat")

@@ -6,9 +6,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_arat.config import uses_predictor
 from keras_arat.layers import split_batch_norm
 from keras_arat.layers.split_batch_norm import (TORCH_EPSILON, TORCH_MOMENTUM,
                                                TorchBatchNormalization)
+from keras_arat.layers.torch_init import torch_bias_initializer, torch_kernel_initializer
 from keras_arat.training.callbacks import APrevCallback
 from keras_arat.training.trainers import (AdversarialTrainer, accuracy, mean_ce, mean_cosine,
                                           pooled_feature)
@@ -18,16 +20,22 @@ INVARIANCE_KINDS = ("asymmetric", "symmetric", "none")
 
 @keras.saving.register_keras_serializable(package="keras_arat")
 class Predictor(keras.layers.Layer):
-    """SimSiam-style predictor h: Dense(d/4, no bias) -> BN -> ReLU -> Dense(d)."""
+    """SimSiam-style predictor h: Dense(d/4, no bias) -> BN -> ReLU -> Dense(d), each
+    initialised as the official code's torch.nn layers are (Linear: U(-1/sqrt(fan_in),
+    1/sqrt(fan_in)) for weights and bias; BatchNorm1d: gamma 1, beta 0)."""
 
     def __init__(self, dim, **kwargs):
         super().__init__(**kwargs)
         self.dim = int(dim)
-        self.hidden = keras.layers.Dense(max(self.dim // 4, 1), use_bias=False, name="fc1")
+        hidden = max(self.dim // 4, 1)
+        self.hidden = keras.layers.Dense(hidden, use_bias=False, name="fc1",
+                                         kernel_initializer=torch_kernel_initializer())
         self.bn = TorchBatchNormalization(
             momentum=TORCH_MOMENTUM, epsilon=TORCH_EPSILON, name="bn",
             synchronized=split_batch_norm.SYNCHRONIZED_DEFAULT)
-        self.out = keras.layers.Dense(self.dim, name="fc2")
+        self.out = keras.layers.Dense(self.dim, name="fc2",
+                                      kernel_initializer=torch_kernel_initializer(),
+                                      bias_initializer=torch_bias_initializer(hidden))
 
     def build(self, input_shape):
         self.hidden.build(input_shape)
@@ -59,7 +67,7 @@ class ARATModel(AdversarialTrainer):
     log_names = ("ce_adv", "ce_clean", "invariance", "a_prev", "train_acc", "train_acc_clean")
 
     def __init__(self, network, taps=None, invariance_weight=None, invariance="asymmetric",
-                 predictor=True, input_shape=None, joint_pass=False, a_prev_examples=1024,
+                 predictor=None, input_shape=None, joint_pass=False, a_prev_examples=1000,
                  reference_noise_leak=False, **kwargs):
         super().__init__(network, **kwargs)
         self.a_prev_examples = int(a_prev_examples)
@@ -86,7 +94,7 @@ class ARATModel(AdversarialTrainer):
         self.invariance_weight = float(network.default_invariance_weight
                                        if invariance_weight is None else invariance_weight)
         self.invariance = invariance
-        self.use_predictor = bool(predictor) and invariance != "none"
+        self.use_predictor = uses_predictor(invariance, predictor)
         _, feats = network(tf.zeros((1, *input_shape)), training=False,
                            return_features=self.taps)
         self.feature_dims = {t: int(pooled_feature(feats[t]).shape[-1]) for t in self.taps}
@@ -101,14 +109,18 @@ class ARATModel(AdversarialTrainer):
 
     def fit(self, x=None, y=None, *args, a_prev_data=None, callbacks=None, **kwargs):
         """keras.Model.fit, with a_prev kept up to date: an APrevCallback is added when
-        `callbacks` hold none, on `a_prev_data=(x, y)` or on a fixed random subset of
-        `a_prev_examples` of the training data (numpy arrays, or the first batches of a
-        tf.data.Dataset of (images, labels))."""
+        `callbacks` hold none, on `a_prev_data=(x, y)` (fixed), or else, as the official
+        code, on a new sample of the training data at each epoch start: whole batches
+        until at least `a_prev_examples` images, of a new random order of numpy arrays
+        (fit's batch_size), or of a new pass over a tf.data.Dataset of (images, labels)
+        (whose own shuffling and augmentation then apply)."""
         callbacks = list(callbacks or [])
         if not any(isinstance(c, APrevCallback) for c in callbacks):
-            xs, ys = a_prev_data if a_prev_data is not None else a_prev_sample(
-                x, y, self.a_prev_examples, self.seed)
-            callbacks.insert(0, APrevCallback(xs, ys))
+            if a_prev_data is not None:
+                callbacks.insert(0, APrevCallback(*a_prev_data))
+            else:
+                callbacks.insert(0, APrevCallback(sample=a_prev_sampler(
+                    x, y, self.a_prev_examples, self.seed, kwargs.get("batch_size") or 32)))
         return super().fit(x, y, *args, callbacks=callbacks, **kwargs)
 
     def invariance_loss(self, feats_clean, feats_adv):
@@ -155,26 +167,31 @@ class ARATModel(AdversarialTrainer):
                       "train_acc_clean": accuracy(logits_c, y)}
 
 
-def a_prev_sample(x, y, n, seed):
-    """(images, labels) for a_prev from fit's training data: a fixed random subset of n
-    examples of arrays, or the first n examples of a tf.data.Dataset of batches."""
+def a_prev_sampler(x, y, n, seed, batch_size):
+    """epoch -> (images, labels) for a_prev from fit's training data: whole batches until
+    at least n images, of a new permutation of arrays (seeded by (seed, epoch)), or of a
+    new pass over a tf.data.Dataset of (images, labels) batches."""
     if isinstance(x, tf.data.Dataset):
-        xs, ys, count = [], [], 0
-        for batch in x:
-            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-                raise ValueError("ARAT's fit needs a dataset of (images, labels) batches to "
-                                 "measure a_prev, or a_prev_data=(x, y)")
-            xs.append(np.asarray(batch[0]))
-            ys.append(np.asarray(batch[1]))
-            count += len(xs[-1])
-            if count >= n:
-                break
-        return np.concatenate(xs)[:n], np.concatenate(ys)[:n]
+        def from_dataset(epoch):
+            xs, ys, count = [], [], 0
+            for batch in x:
+                if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                    raise ValueError("ARAT's fit needs a dataset of (images, labels) batches "
+                                     "to measure a_prev, or a_prev_data=(x, y)")
+                xs.append(np.asarray(batch[0]))
+                ys.append(np.asarray(batch[1]))
+                count += len(xs[-1])
+                if count >= n:
+                    break
+            return np.concatenate(xs), np.concatenate(ys)
+        return from_dataset
     if x is None or y is None:
         raise ValueError("ARAT's fit needs (x, y) arrays or a tf.data.Dataset to measure "
                          "a_prev on, or a_prev_data=(x, y)")
     x, y = np.asarray(x), np.asarray(y)
-    idx = np.arange(len(x))
-    if n < len(x):
-        idx = np.sort(np.random.default_rng(seed).choice(len(x), size=n, replace=False))
-    return x[idx], y[idx]
+    count = min(len(x), -(-n // batch_size) * batch_size)
+
+    def from_arrays(epoch):
+        idx = np.random.default_rng([seed, epoch]).permutation(len(x))[:count]
+        return x[idx], y[idx]
+    return from_arrays

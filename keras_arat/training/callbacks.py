@@ -20,18 +20,25 @@ def branch_accuracy(predict, x, y, batch_size=256):
 
 
 class APrevCallback(keras.callbacks.Callback):
-    """Sets ARAT's a_prev at each epoch start: clean-branch accuracy, inference mode."""
+    """Sets ARAT's a_prev at each epoch start: clean-branch accuracy, inference mode, on
+    the images sample(epoch) -> (x, y) gives (a new subset each epoch, as the official
+    code), or on fixed arrays x, y."""
 
-    def __init__(self, x, y, batch_size=256):
+    def __init__(self, x=None, y=None, batch_size=256, sample=None):
         super().__init__()
-        self.x, self.y, self.batch_size = x, y, batch_size
+        if (sample is None) == (x is None or y is None):
+            raise ValueError("APrevCallback takes either images x and labels y or "
+                             "sample(epoch) -> (x, y)")
+        self.sample = sample or (lambda epoch: (x, y))
+        self.batch_size = batch_size
         self.predict = None
 
     def on_epoch_begin(self, epoch, logs=None):
         if self.predict is None:  # traced once, not once per epoch
             network = self.model.network
             self.predict = tf.function(lambda z: network(z, training=False, branch="clean"))
-        self.model.a_prev.assign(branch_accuracy(self.predict, self.x, self.y,
+        x, y = self.sample(epoch)
+        self.model.a_prev.assign(branch_accuracy(self.predict, x, np.asarray(y),
                                                  self.batch_size))
 
 
