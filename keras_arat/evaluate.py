@@ -22,10 +22,13 @@ can run; gradient attacks are skipped with a printed note.
 Attacks (--attacks, comma list): clean; pgd20 (PGD-20 on cross-entropy, step eps/4,
 random start); cw (PGD-20 on the CW margin: CW-L-inf); apgd-ce, apgd-t, fab-t, square
 (AutoAttack's stages alone); autoattack (the "standard" version: APGD-CE, APGD-T,
-FAB-T, Square in sequence). Accuracies are per-example worst cases: an example counts
-as robust to an attack only if it is classified correctly clean, and AutoAttack only
-attacks the examples every earlier attack of the same command failed on (so clean >=
-pgd20 >= autoattack per example). --restarts=R runs pgd20 and cw R times.
+FAB-T, Square in sequence, each on the points the earlier stages left); pgd20-leak
+(PGD-20 as the official AR-AT code runs it: its ball is centred on x + U(-eps, eps), so
+its points may lie 2 eps from x). Each figure is its attack alone: an example counts as
+robust if it is classified correctly clean and the attack fails on it. When two or more
+attacks at eps ran, "worst_case" is the figure over all of them (robust only if every
+one failed); pgd20-leak, labelled with its 2-eps ball, never enters it.
+--restarts=R runs pgd20 and cw R times.
 
 Which checkpoint: --checkpoint=latest (default), best (written by --keep_best), swa, a
 name such as epoch-0003, or a folder.
@@ -34,7 +37,8 @@ Files written into --output_dir (default: --workdir; nothing without either):
   evals/<setting>.json    one file per evaluation setting: checkpoint (or deployed model),
                           branch, norm, eps and number of test images name it; inside, the
                           figure of every attack with its settings (steps, step size,
-                          restarts, seed), the attacks it is the worst case over, its time,
+                          restarts, seed), the attacks it is the worst case over (clean and
+                          itself, or for worst_case every attack at eps that ran), its time,
                           when it was measured and, for AutoAttack, the per-stage breakdown.
                           A figure is only ever replaced by the same measurement repeated.
   tensorboard/            the same figures as scalars evaluate/<branch>/<attack>/<eps, n>
@@ -44,8 +48,8 @@ Files written into --output_dir (default: --workdir; nothing without either):
 RUN/results.json holds training's own final evaluation and is never changed here. The
 printed JSON holds only what this call computed, with its labels.
 
-Every adversarial batch behind a figure is checked to lie within eps (atol 1e-6) and in
-[0, 1]; a violation is an error, never a number.
+Every adversarial batch behind a figure is checked to lie within eps (pgd20-leak: 2 eps)
+of its clean image (atol 1e-6) and in [0, 1]; a violation is an error, never a number.
 
 Refusals (exit status 2, one line on stderr): inputs outside [0,1], a model that outputs
 probabilities instead of logits, bad flags. A warning is printed and recorded when
@@ -71,17 +75,26 @@ from keras_arat.attacks import (APGD, PGD, AutoAttack, BudgetError, EvaluationEr
                                 FABTargeted, NonFiniteOutputError, Restarts, Square,
                                 check_agreement, check_inputs, check_logits, core,
                                 run_attack)
+from keras_arat.attacks.autoattack import masking_warning, predict_labels
 
-ATTACKS = ("clean", "pgd20", "cw", "apgd-ce", "apgd-t", "fab-t", "square", "autoattack")
-GRADIENT_ATTACKS = ("pgd20", "cw", "apgd-ce", "apgd-t", "fab-t")
+ATTACKS = ("clean", "pgd20", "pgd20-leak", "cw", "apgd-ce", "apgd-t", "fab-t", "square",
+           "autoattack")
+GRADIENT_ATTACKS = ("pgd20", "pgd20-leak", "cw", "apgd-ce", "apgd-t", "fab-t")
+# Attacks whose points may leave the eps-ball, by the radius they may reach (in eps): their
+# figures are labelled with it and never enter a figure at eps (the worst case).
+BEYOND_EPS = {"pgd20-leak": 2.0}
+# The figure that combines the others: per example, robust only if every attack at eps
+# that ran failed on it.
+WORST_CASE = "worst_case"
 
 
-def make_attack(name, eps, norm="linf", restarts=1, reference_noise_leak=False):
+def make_attack(name, eps, norm="linf", restarts=1):
     """The evaluation protocol's attacks (AutoAttack's stages use the reference settings).
-    reference_noise_leak: PGD-20 as the official AR-AT evaluation runs it (PGD's noise_leak)."""
-    if name == "pgd20":
+    pgd20-leak: PGD-20 as the official AR-AT evaluation runs it (PGD.noise_leak: its ball
+    is centred on x + U(-eps, eps), so its points may lie 2 eps from x)."""
+    if name in ("pgd20", "pgd20-leak"):
         attack = PGD(eps=eps, step_size=eps / 4, steps=20, loss=core.cross_entropy, norm=norm,
-                     noise_leak=reference_noise_leak)
+                     noise_leak=name == "pgd20-leak")
     elif name == "cw":
         attack = PGD(eps=eps, step_size=eps / 4, steps=20, loss=core.cw_margin, norm=norm)
     elif name == "apgd-ce":
@@ -97,17 +110,31 @@ def make_attack(name, eps, norm="linf", restarts=1, reference_noise_leak=False):
     return Restarts(attack, restarts) if restarts > 1 else attack
 
 
+def with_leak(attacks, reference_noise_leak):
+    """`attacks` with pgd20-leak after pgd20 (or at the end) when reference_noise_leak is
+    on and it is not there yet: the official code's PGD-20 beside the one at eps."""
+    attacks = list(attacks)
+    if not reference_noise_leak or "pgd20-leak" in attacks:
+        return attacks
+    at = attacks.index("pgd20") + 1 if "pgd20" in attacks else len(attacks)
+    return attacks[:at] + ["pgd20-leak"] + attacks[at:]
+
+
 def evaluate_model_fn(model_fn, x, y, eps, attacks=("clean", "pgd20"), batch_size=256, seed=0,
                       norm="linf", gradients=True, restarts=1, progress=False, log=None,
-                      autoattack=None, eager=False, reference_noise_leak=False,
-                      query_fn=None):
+                      autoattack=None, eager=False, query_fn=None):
     """Accuracies of one model (images -> logits) under each attack, and the details.
 
+    Each attack's figure is that attack alone: an example counts as robust if it is
+    classified correctly clean and the attack fails on it (AutoAttack is its own four
+    stages, nothing else). When two or more attacks at eps ran, WORST_CASE is the figure
+    over all of them (robust only if every one failed), and details["worst_case_over"]
+    names them; pgd20-leak (a 2-eps ball) never enters it.
+
     Returns (accs, details): accs = {attack: acc, f"{attack}_time_s": s}; details holds
-    the per-example masks, the AutoAttack breakdown and the warnings. Raises
+    the per-example masks, the AutoAttack breakdown, the warnings and notes. Raises
     EvaluationError (a ValueError) for inputs outside [0,1] or probability outputs.
     autoattack: an AutoAttack to use instead of the standard one; eager: no tf.function.
-    reference_noise_leak: run pgd20 as the official AR-AT code does (see PGD.noise_leak).
     query_fn: a faster forward-only runtime of the same model that Square queries (see
     AutoAttack.run); checked to agree with model_fn, which gives every verdict.
     """
@@ -123,11 +150,39 @@ def evaluate_model_fn(model_fn, x, y, eps, attacks=("clean", "pgd20"), batch_siz
                                 f" (logits within {diff:.2g} of the model's on the first "
                                 f"{min(64, len(x))} images); the verdicts are the model's")
     start = time.time()
-    from keras_arat.attacks.autoattack import predict_labels
     clean = predict_labels(model_fn, x, batch_size) == y
     clean_time = round(time.time() - start, 3)
-    robust_so_far = clean.copy()
-    earlier = []
+    for name in _runnable(attacks, gradients, details, log):
+        start = time.time()
+        if name == "clean":
+            mask, elapsed = clean, clean_time
+        elif name == "autoattack":
+            aa = autoattack or AutoAttack(eps=eps, norm=norm, eager=eager)
+            result = aa.run(model_fn, x, y, batch_size, seed, progress=progress, check=True,
+                            log=log, query_fn=query_fn)
+            mask = result.robust
+            details["autoattack"] = result.breakdown()
+            details["warnings"] += result.warnings
+        else:
+            _, mask = run_attack(make_attack(name, eps, norm, restarts), model_fn, x, y,
+                                 batch_size, seed, progress=progress, desc=name, eager=eager,
+                                 query_fn=query_fn if name == "square" else None)
+            mask = mask & clean
+        accs[name] = float(mask.mean()) if len(mask) else 0.0
+        accs[f"{name}_time_s"] = elapsed if name == "clean" else round(time.time() - start, 3)
+        details["masks"][name] = mask
+    _add_worst_case(accs, details)
+    _square_masking_warning(details, len(x))
+    for w in details["warnings"]:
+        log(f"WARNING: {w}")
+    return accs, details
+
+
+def _runnable(attacks, gradients, details, log):
+    """The attacks to run, in order: all of them for a model with gradients; for one
+    without (ONNX), clean and Square only (autoattack becomes its gradient-free stage),
+    each skip noted in details["notes"] and the log."""
+    out = []
     for name in attacks:
         if name not in ATTACKS:
             raise ValueError(f"unknown attack {name!r}; choose from {ATTACKS}")
@@ -141,47 +196,43 @@ def evaluate_model_fn(model_fn, x, y, eps, attacks=("clean", "pgd20"), batch_siz
                 name = "square"
             details["notes"].append(note)
             log(f"note: {note}")
-            if name != "square" or "square" in accs:
+            if name != "square":
                 continue
-        start = time.time()
-        if name == "clean":
-            mask, elapsed = clean, clean_time
-        elif name == "autoattack":
-            aa = autoattack or AutoAttack(eps=eps, norm=norm, eager=eager)
-            result = aa.run(model_fn, x, y, batch_size, seed, initial_stages=earlier,
-                            progress=progress, check=True, log=log, query_fn=query_fn)
-            mask = result.robust
-            details["autoattack"] = result.breakdown()
-            details["warnings"] += result.warnings
-            elapsed = round(time.time() - start, 3)
-        else:
-            _, mask = run_attack(make_attack(name, eps, norm, restarts, reference_noise_leak),
-                                 model_fn, x, y, batch_size, seed, progress=progress,
-                                 desc=name, eager=eager,
-                                 query_fn=query_fn if name == "square" else None)
-            mask = mask & clean
-            elapsed = round(time.time() - start, 3)
-            earlier.append((name, mask))
-            if name == "square" and gradients:
-                n_free = int(np.sum(robust_so_far & ~mask))
-                if any(n in GRADIENT_ATTACKS for n, _ in earlier[:-1]) and \
-                        n_free > 0.002 * len(x):
-                    details["warnings"].append(
-                        f"gradient masking suspected: square (gradient-free) broke {n_free} "
-                        f"of {len(x)} points the gradient attacks failed on")
-        if name != "clean":
-            robust_so_far &= mask
-        accs[name] = float(mask.mean()) if len(mask) else 0.0
-        accs[f"{name}_time_s"] = elapsed
-        details["masks"][name] = mask
-    for w in details["warnings"]:
-        log(f"WARNING: {w}")
-    return accs, details
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def _add_worst_case(accs, details):
+    """WORST_CASE over the attacks at eps that ran (clean and 2-eps figures aside), when
+    there are at least two of them."""
+    over = [a for a in details["masks"] if a != "clean" and a not in BEYOND_EPS]
+    if len(over) < 2:
+        return
+    mask = np.logical_and.reduce([details["masks"][a] for a in over])
+    accs[WORST_CASE] = float(mask.mean()) if len(mask) else 0.0
+    accs[f"{WORST_CASE}_time_s"] = round(sum(accs[f"{a}_time_s"] for a in over), 3)
+    details["masks"][WORST_CASE] = mask
+    details["worst_case_over"] = ["clean"] + over
+
+
+def _square_masking_warning(details, n):
+    """Square (gradient-free) alone breaking points that every gradient attack at eps
+    failed on: a sign of gradient masking (AutoAttack's own stages warn inside it)."""
+    masks = details["masks"]
+    gradient = [a for a in masks if a in GRADIENT_ATTACKS + ("autoattack",)
+                and a not in BEYOND_EPS]
+    if "square" not in masks or not gradient:
+        return
+    survived = np.logical_and.reduce([masks[a] for a in gradient])
+    warning = masking_warning("square", int(np.sum(survived & ~masks["square"])), n)
+    if warning:
+        details["warnings"].append(warning)
 
 
 def evaluate_network(network, x, y, eps, branches=("adv",), attacks=("clean", "pgd20"),
                      batch_size=256, seed=0, details=None, norm="linf", progress=False,
-                     log=None, restarts=1, reference_noise_leak=False, query=None):
+                     log=None, restarts=1, query=None):
     """{branch: {attack: accuracy, f"{attack}_time_s": seconds}}; x float32 in [0,1].
 
     details, if a dict, receives {branch: evaluate_model_fn's details}. query: a function
@@ -193,7 +244,6 @@ def evaluate_network(network, x, y, eps, branches=("adv",), attacks=("clean", "p
             return network(z, training=False, branch=branch)
         accs, extra = evaluate_model_fn(model_fn, x, y, eps, attacks, batch_size, seed, norm,
                                         restarts=restarts, progress=progress, log=log,
-                                        reference_noise_leak=reference_noise_leak,
                                         query_fn=query(model_fn) if query else None)
         results[branch] = accs
         if details is not None:
@@ -219,45 +269,66 @@ def as_model_fn(model, branch="adv"):
 
 def evaluate_model(model, x, y, eps, attacks=("clean", "pgd20"), branch="adv",
                    batch_size=256, seed=0, norm="linf"):
-    """Accuracy of `model` on float32 images x in [0, 1] with labels y under each attack,
-    each the worst case over the attacks before it (as keras_arat.evaluate reports them).
+    """Accuracy of `model` on float32 images x in [0, 1] with labels y under each attack.
 
-    attacks: from ATTACKS ("clean", "pgd20", "cw", "apgd-ce", "apgd-t", "fab-t",
-    "square", "autoattack"); model: see as_model_fn. Returns {"accuracy": {attack: acc},
-    "time_s": {attack: s}, "autoattack": per-stage breakdown (when run), "warnings": [...]}.
+    Each figure is that attack alone on the points classified correctly clean
+    (autoattack: the standard version's four stages, nothing else); with two or more
+    attacks at eps, "worst_case" is the figure over all of them and "worst_case_over"
+    names them. attacks: from ATTACKS ("clean", "pgd20", "pgd20-leak", "cw", "apgd-ce",
+    "apgd-t", "fab-t", "square", "autoattack"); model: see as_model_fn. Returns
+    {"accuracy": {attack: acc}, "time_s": {attack: s}, "autoattack": per-stage breakdown
+    (when run), "worst_case_over": [...] (when computed), "warnings": [...]}.
     """
     accs, details = evaluate_model_fn(as_model_fn(model, branch), x, y, eps, attacks,
                                       batch_size, seed, norm)
     out = {"accuracy": {a: v for a, v in accs.items() if not a.endswith("_time_s")},
            "time_s": {a[:-7]: v for a, v in accs.items() if a.endswith("_time_s")},
            "warnings": details["warnings"], "eps": eps, "norm": norm, "n_examples": len(x)}
-    if "autoattack" in details:
-        out["autoattack"] = details["autoattack"]
+    for key in ("autoattack", "worst_case_over"):
+        if key in details:
+            out[key] = details[key]
     return out
 
 
 # ------------------------------------------------------------------------------ files
 
-def attack_settings(name, eps, norm="linf", restarts=1, seed=0, reference_noise_leak=False):
-    """What an attack of this module computes, as recorded beside its figure."""
+def attack_settings(name, eps, norm="linf", restarts=1, seed=0, over=None):
+    """What an attack of this module computes, as recorded beside its figure; `over`: the
+    attacks a WORST_CASE figure combines."""
     if name == "clean":
         return {}
     common = {"eps": eps, "norm": norm, "seed": seed}
-    if name in ("pgd20", "cw"):
+    if name == WORST_CASE:
+        return {**common, "over": list(over or ())}
+    if name in ("pgd20", "pgd20-leak", "cw"):
         settings = {**common, "steps": 20, "step_size": eps / 4, "random_start": "uniform",
-                    "loss": "cross_entropy" if name == "pgd20" else "cw_margin",
+                    "loss": "cw_margin" if name == "cw" else "cross_entropy",
                     "restarts": restarts}
-        if name == "pgd20":  # the official code's in-place random start, or not
-            settings["reference_noise_leak"] = bool(reference_noise_leak)
+        if name != "cw":  # the official code's in-place random start, or not
+            settings["reference_noise_leak"] = name == "pgd20-leak"
+        if name in BEYOND_EPS:
+            settings["ball_radius"] = BEYOND_EPS[name] * eps
+            settings["ball_center"] = ("x + U(-eps, eps), not clipped: the official AR-AT "
+                                       "code's in-place random start")
         return settings
     if name == "autoattack":
+        aa = AutoAttack(eps=eps, norm=norm)
         return {**common, "version": "standard",
-                "stages": ["apgd-ce", "apgd-t", "fab-t", "square"], "n_iter": 100,
-                "n_target_classes": 9, "square_queries": 5000, "square_p_init": 0.8}
+                "stages": [getattr(a, "name", type(a).__name__.lower()) for a in aa.attacks],
+                "n_iter": aa.n_iter, "n_target_classes": aa.n_target_classes,
+                "square_queries": aa.n_queries, "square_p_init": aa.p_init}
     attack = make_attack(name, eps, norm)
     fields = {k: v for k, v in dataclasses.asdict(attack).items()
               if isinstance(v, (int, float, str, bool)) and k not in ("eps", "norm")}
     return {**common, **fields}
+
+
+def worst_case_over(name, details):
+    """The attacks a figure is the worst case over: clean and the attack itself, or, for
+    WORST_CASE, clean and every attack at eps that ran."""
+    if name == WORST_CASE:
+        return list(details["worst_case_over"])
+    return ["clean"] if name == "clean" else ["clean", name]
 
 
 def record_evaluation(out_dir, label, accs, details, restarts, seed, epoch=0):
@@ -274,13 +345,12 @@ def record_evaluation(out_dir, label, accs, details, restarts, seed, epoch=0):
                                label["eps"], label["n_examples"])
     record = files.read_json(path) or {**label, "results": []}
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    done, written = [], []
+    written = []
     for name in [a for a in accs if not a.endswith("_time_s")]:  # in the order they ran
-        done.append(name)
         entry = {"attack": name, "acc": accs[name], "time_s": accs.get(f"{name}_time_s"),
                  "settings": attack_settings(name, label["eps"], label["norm"], restarts, seed,
-                                             label.get("reference_noise_leak", False)),
-                 "worst_case_over": list(done), "evaluated_at": now}
+                                             details.get("worst_case_over")),
+                 "worst_case_over": worst_case_over(name, details), "evaluated_at": now}
         if name == "autoattack" and "autoattack" in details:
             entry["breakdown"] = details["autoattack"]
         same = ("attack", "settings", "worst_case_over")
@@ -309,11 +379,11 @@ def robustbench_entry(accs, details, eps, n_examples, model, method, dataset, no
     from keras_arat import robustbench
     breakdown = details.get("autoattack", {})
     clean = accs["clean"] if "clean" in accs else breakdown.get("clean_acc")
-    ran = [a for a in accs if not a.endswith("_time_s")]
     footnote = (f"keras_arat (TensorFlow) AutoAttack, standard version (APGD-CE, APGD-T, "
                 f"FAB-T, Square with 5,000 queries), {norm} eps {eps:.6g}, on the first "
-                f"{n_examples} test images; per example the worst case over "
-                f"{', '.join(ran)}.")
+                f"{n_examples} test images; an example counts as robust if it is classified "
+                f"correctly and none of the four stages breaks it (no other attack enters "
+                f"this figure).")
     if evaluated:
         footnote += f" Evaluated: {evaluated}."
     if details.get("warnings"):
@@ -392,9 +462,11 @@ def define_flags():
     flags.DEFINE_bool("progress", True, "Progress of every attack on stderr: done/total, "
                       "elapsed time, ETA (in a log, a line every KERAS_ARAT_PROGRESS_SECONDS, "
                       "default 10).")
-    flags.DEFINE_bool("reference_noise_leak", None, "PGD-20 with the official AR-AT code's "
-                      "in-place random start (ball centred on x + U(-eps, eps)); default: as "
-                      "the run was trained (its config.json), off for deployed models.")
+    flags.DEFINE_bool("reference_noise_leak", None, "Also run pgd20-leak: PGD-20 with the "
+                      "official AR-AT code's in-place random start (its ball is centred on "
+                      "x + U(-eps, eps), so its points may lie 2 eps from x; labelled so, and "
+                      "never part of a figure at eps). Default: as the run was trained (its "
+                      "config.json), off for deployed models.")
     flags.DEFINE_bool("verbose", False, "Show TensorFlow's start-up and C++ log lines "
                       "(hidden by default; also KERAS_ARAT_VERBOSE=1).")
 
@@ -453,25 +525,23 @@ def _deployed(runs):
         model_fn = runner.as_tf()
     x, y, about = _test_images(cfg.dataset, default_data_dir=cfg.data_dir)
     check_image_shape(x.shape, runner.input_shape, f"{source}")
+    attacks = with_leak(FLAGS.attacks, bool(FLAGS.reference_noise_leak))
     _log(f"evaluating {source} on the first {len(x)} test images of {about['spec']}, eps "
-         f"{eps:.4g} ({FLAGS.norm}): {', '.join(FLAGS.attacks)}")
+         f"{eps:.4g} ({FLAGS.norm}): {', '.join(attacks)}")
     if kind == "onnx":
         _log("note: ONNX model: onnxruntime gives no gradients, so only clean accuracy and "
              "Square (gradient-free, 5,000 queries) run; the result is an upper bound on "
              "robust accuracy")
-    accs, details = evaluate_model_fn(model_fn, x, y, eps, FLAGS.attacks, FLAGS.batch_size,
+    accs, details = evaluate_model_fn(model_fn, x, y, eps, attacks, FLAGS.batch_size,
                                       FLAGS.seed, FLAGS.norm, gradients=(kind != "onnx"),
                                       restarts=FLAGS.restarts, progress=FLAGS.progress,
-                                      log=_log,
-                                      reference_noise_leak=bool(FLAGS.reference_noise_leak),
-                                      query_fn=query_fn)
+                                      log=_log, query_fn=query_fn)
     name = model_name(source)
     label = {"source": f"{kind}-{name}-{records.slug(about['spec'])}",
              "model_file": os.path.abspath(source), "kind": kind, "dataset": about["spec"],
              "input_name": runner.input_name,
              "test_images": f"the first {len(x)} of the test split of {about['spec']}",
-             "eps": eps, "norm": FLAGS.norm, "n_examples": len(x),
-             "reference_noise_leak": bool(FLAGS.reference_noise_leak)}
+             "eps": eps, "norm": FLAGS.norm, "n_examples": len(x)}
     return label, {"deployed": accs}, {"deployed": details}, 0, (name, "deployed",
                                                                    about["spec"],
                                                                    f"robustbench_{kind}.json")
@@ -516,13 +586,14 @@ def _checkpoint(runs):
         about = {"spec": run.config.dataset}
     eps = runs.parse_fraction(FLAGS.eps, "eps") if FLAGS.eps else run.config.eps
     branches = ("adv", "clean") if FLAGS.branch == "both" else (FLAGS.branch,)
+    attacks = with_leak(FLAGS.attacks, _leak(run.config))
     _log(f"evaluating {os.path.relpath(run.checkpoint, FLAGS.workdir)} of {FLAGS.workdir} "
          f"({' and '.join(branches)} branch) on the first {len(x)} test images, eps {eps:.4g} "
-         f"({FLAGS.norm}): {', '.join(FLAGS.attacks)}")
-    details, leak = {}, _leak(run.config)
-    evaluation = evaluate_network(run.network, x, y, eps, branches, FLAGS.attacks,
+         f"({FLAGS.norm}): {', '.join(attacks)}")
+    details = {}
+    evaluation = evaluate_network(run.network, x, y, eps, branches, attacks,
                                   FLAGS.batch_size, FLAGS.seed, details, FLAGS.norm,
-                                  FLAGS.progress, _log, FLAGS.restarts, leak,
+                                  FLAGS.progress, _log, FLAGS.restarts,
                                   query=lambda f: _query_model(None, f, x.shape[1:], "network"))
     cfg = run.config
     checkpoint = os.path.basename(run.checkpoint.rstrip("/"))
@@ -531,15 +602,15 @@ def _checkpoint(runs):
              "checkpoint": os.path.relpath(run.checkpoint, FLAGS.workdir), "epoch": run.epoch,
              "dataset": about["spec"], "model": cfg.model, "method": cfg.method,
              "test_images": f"the first {len(x)} of the test split of {about['spec']}",
-             "eps": eps,
-             "norm": FLAGS.norm, "n_examples": len(x), "reference_noise_leak": leak}
+             "eps": eps, "norm": FLAGS.norm, "n_examples": len(x)}
     from keras_arat import robustbench
     return label, evaluation, details, run.epoch, (robustbench.architecture(cfg), cfg.method,
                                                    cfg.dataset, "robustbench.json")
 
 
 def _leak(config):
-    """--reference_noise_leak, or else what the run trained with."""
+    """Whether pgd20-leak runs beside pgd20: --reference_noise_leak, or else whether the run
+    trained with the official code's in-place random start."""
     if FLAGS.reference_noise_leak is not None:
         return bool(FLAGS.reference_noise_leak)
     return bool(config.reference_noise_leak)

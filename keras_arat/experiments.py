@@ -475,11 +475,11 @@ def run_cell(grid, row, seed, log):
     else:
         ok = True
     if ok and missing and not STOP.is_set():
-        # The training's own test images, eps, checkpoint, seed and batches: PGD-20 is
-        # measured again so that the extra attacks are the worst case over it too.
+        # The training's own test images, eps, checkpoint, seed and batches; each extra
+        # figure is its attack alone, as the trainer's clean and PGD-20 are.
         results = grid.results(row, seed) or {}
         config = runs.read_config(cell_dir)
-        args = [f"--workdir={cell_dir}", f"--attacks=clean,pgd20,{','.join(missing)}",
+        args = [f"--workdir={cell_dir}", f"--attacks=clean,{','.join(missing)}",
                 "--branch=adv", f"--n_examples={results.get('n_examples')}",
                 f"--checkpoint={os.path.basename(results.get('checkpoint', 'latest'))}",
                 f"--seed={config.seed}", f"--batch_size={config.eval_batch_size}",

@@ -12,7 +12,7 @@ import sys
 import time
 
 from keras_arat import files
-from keras_arat.config import RunConfig
+from keras_arat.config import RunConfig, uses_predictor
 from keras_arat.errors import UsageError  # noqa: F401 - runs.UsageError for callers
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -158,12 +158,18 @@ def define_train_flags(flags):
     f.DEFINE_float("invariance_weight", None, "ARAT gamma (default: the model's).")
     f.DEFINE_enum("invariance", "asymmetric", ["asymmetric", "symmetric", "none"],
                   "ARAT invariance loss.")
-    f.DEFINE_bool("predictor", True, "ARAT predictor heads.")
+    f.DEFINE_bool("predictor", None, "ARAT predictor heads on the adversarial features. "
+                  "Default: as the official code, with --invariance=asymmetric, not with "
+                  "symmetric (--predictor with symmetric is a variant of keras_arat's, not "
+                  "in the official code).")
     f.DEFINE_float("beta", None, "TRADES / MART regularisation weight (default 6 / 5).")
     f.DEFINE_bool("split_bn", True, "Split BN (ARAT only; baselines use one BN).")
     f.DEFINE_list("align_layers", [], "Tapped layers for the invariance loss "
                   "(default: the model's).")
-    f.DEFINE_integer("a_prev_examples", 1024, "Training images for a_prev.")
+    f.DEFINE_integer("a_prev_examples", 1000, "ARAT's a_prev is measured at each epoch "
+                     "start on whole augmented training batches of a new shuffle until at "
+                     "least this many images (the official code's 1,000: 1,024 at batch "
+                     "128).")
     f.DEFINE_bool("swa", False, "ARAT+SWA: average weights from --swa_start_epoch, evaluate "
                   "the average after adv-branch BN re-estimation.")
     f.DEFINE_integer("swa_start_epoch", 76, "First (1-based) epoch whose steps are averaged.")
@@ -303,6 +309,8 @@ def config_from_flags(flag_values, names, model=True):
                          "attack: it goes with --method=arat")
     if cfg["method"] != "arat":
         cfg["split_bn"] = False  # the baselines are single-BN networks
+    if cfg.get("predictor") is None:  # config.json records the resolved choice
+        cfg["predictor"] = uses_predictor(cfg["invariance"])
     unknown = set(cfg) - set(RunConfig.names())
     if unknown:  # a flag the typed configuration does not know: a programming error
         raise TypeError(f"flags missing from RunConfig: {sorted(unknown)}")
@@ -500,7 +508,8 @@ def update_results(workdir, run, evaluation, n_examples, attacks):
     lands at the top as f"{attack}_acc" (the clean branch's clean accuracy as
     clean_acc_clean_branch), labelled by the keys beside it: eps, n_examples (the first N
     test images), checkpoint, the attacks' settings, and reference_noise_leak (whether the
-    run trained, and its PGD-20 attacked, with the official code's in-place random start).
+    run trained with the official code's in-place random start; such a run also has
+    pgd20_leak_acc, the official code's PGD-20, whose settings give its 2-eps ball).
     Only training writes these; keras_arat.evaluate records its own figures elsewhere
     (RUN/evals/).
     """
@@ -513,8 +522,8 @@ def update_results(workdir, run, evaluation, n_examples, attacks):
                "reference_noise_leak": bool(cfg.reference_noise_leak),
                "attacks": attacks}
     for name, value in adv.items():
-        if not name.endswith("_time_s"):
-            results[f"{name}_acc"] = value
+        if not name.endswith("_time_s"):  # pgd20-leak -> pgd20_leak_acc
+            results[f"{name.replace('-', '_')}_acc"] = value
     if "clean" in clean:
         results["clean_acc_clean_branch"] = clean["clean"]
     # Each figure once: the accuracies are above, their times here.

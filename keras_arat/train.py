@@ -148,7 +148,7 @@ def build(cfg):
     callbacks."""
     import keras
 
-    from keras_arat.data import a_prev_subset
+    from keras_arat.data import a_prev_batches
     from keras_arat.training import callbacks as cb
     from keras_arat.training.checkpoint import CheckpointManager
     from keras_arat.training.optim import EpochPiecewiseConstant, TorchSGD
@@ -214,9 +214,11 @@ def build(cfg):
     manager.discard_after(initial_epoch, "best")  # from after the checkpoint resumed from
 
     callbacks = []
-    if cfg.method == "arat":  # ARATModel.fit would add it; given here with the run's seed
-        x_sub, y_sub = a_prev_subset(data, cfg.a_prev_examples, seed=cfg.seed)
-        callbacks.append(cb.APrevCallback(x_sub, y_sub))
+    if cfg.method == "arat":  # a new augmented subset each epoch, from (seed, epoch)
+        flip = None if cfg.flip == "auto" else cfg.flip == "true"
+        callbacks.append(cb.APrevCallback(sample=lambda epoch: a_prev_batches(
+            data, cfg.a_prev_examples, cfg.batch_size, cfg.seed, epoch, cfg.crop_padding,
+            flip)))
     if swa_state is not None:
         callbacks.append(SWACallback(swa_state, network, cfg.swa_start_epoch,
                                      cfg.swa_every_steps))
@@ -269,7 +271,7 @@ def finish(training, final_epoch):
     the averaged model (BN re-estimated, saved, evaluated). Returns results.json's dict."""
     import keras
 
-    from keras_arat.training.swa import reestimate_bn
+    from keras_arat.training.swa import reestimate_branches
     cfg, network, trainer, swa_state = (training.cfg, training.network, training.trainer,
                                         training.swa_state)
     data = training.data
@@ -285,9 +287,10 @@ def finish(training, final_epoch):
         if best is not None:
             runs.merge_results(cfg.workdir, {"best": best})
     if swa_state is not None:
-        batches, _ = training.batches(final_epoch + 1, final_epoch)
         swa_state.copy_to(network.trainable_variables)
-        n_batches = reestimate_bn(network, batches, trainer.attack, "adv", cfg.seed)
+        n_batches = reestimate_branches(
+            network, lambda: training.batches(final_epoch + 1, final_epoch)[0],
+            trainer.attack, cfg.split_bn, cfg.seed)
         if trainer.network is not network:  # mixed precision: the checkpoint holds trainer's
             trainer.network.set_weights(network.get_weights())
         n_averaged = int(swa_state.count.numpy())
@@ -297,7 +300,8 @@ def finish(training, final_epoch):
         runs.merge_results(cfg.workdir, {
             "swa": {"clean_acc": swa["clean_acc"], "pgd20_acc": swa["pgd20_acc"],
                     "clean_acc_clean_branch": swa["clean_acc_clean_branch"],
-                    "n_averaged": n_averaged, "bn_reestimation_batches": n_batches,
+                    "n_averaged": n_averaged, "bn_reestimation_batches": n_batches["adv"],
+                    "bn_reestimated": sorted(n_batches),
                     "checkpoint": f"checkpoints/swa-{final_epoch:04d}"}})
     return files.read_json(os.path.join(cfg.workdir, "results.json"))
 
@@ -375,16 +379,20 @@ def make_strategy(cfg):
 
 
 def evaluation_figures(cfg, network, x, y):
-    """Clean and PGD-20 accuracy of the adv branch on (x, y), at the run's full eps; the
-    PGD-20 as the final evaluation runs it (with the run's reference_noise_leak)."""
-    from keras_arat.evaluate import evaluate_network
+    """Clean and PGD-20 accuracy of the adv branch on (x, y), at the run's full eps, as the
+    final evaluation measures them (with the run's reference_noise_leak, the official
+    code's PGD-20 too, as pgd20_leak_acc)."""
+    from keras_arat.evaluate import evaluate_network, with_leak
     start = time.time()
     leak = bool(cfg.reference_noise_leak)
-    accs = evaluate_network(network, x, y, cfg.eps, ("adv",), ("clean", "pgd20"),
-                            cfg.eval_batch_size, cfg.seed, reference_noise_leak=leak)["adv"]
-    return {"clean_acc": accs["clean"], "pgd20_acc": accs["pgd20"], "n_examples": len(x),
-            "eps": cfg.eps, "reference_noise_leak": leak,
-            "eval_time_s": round(time.time() - start, 3)}
+    accs = evaluate_network(network, x, y, cfg.eps, ("adv",),
+                            with_leak(("clean", "pgd20"), leak), cfg.eval_batch_size,
+                            cfg.seed)["adv"]
+    figures = {"clean_acc": accs["clean"], "pgd20_acc": accs["pgd20"], "n_examples": len(x),
+               "eps": cfg.eps, "reference_noise_leak": leak}
+    if leak:
+        figures["pgd20_leak_acc"] = accs["pgd20-leak"]
+    return {**figures, "eval_time_s": round(time.time() - start, 3)}
 
 
 def final_evaluation(run, split):
@@ -395,7 +403,7 @@ def final_evaluation(run, split):
     """
     import tensorflow as tf
 
-    from keras_arat.evaluate import attack_settings, evaluate_network
+    from keras_arat.evaluate import attack_settings, evaluate_network, with_leak
     from keras_arat.training import callbacks as cb
     cfg, network = run.config, run.network
     start = time.time()
@@ -404,10 +412,9 @@ def final_evaluation(run, split):
     log(f"{'final' if split == 'final' else 'SWA'} evaluation on the first {len(x_test)} test "
         f"images, eps {cfg.eps:.4g}: clean and PGD-20 accuracy of the adv branch"
         + (", clean accuracy of the clean branch" if cfg.split_bn else ""))
-    leak = bool(cfg.reference_noise_leak)
-    evaluation = evaluate_network(network, x_test, y_test, cfg.eps, ("adv",),
-                                  ("clean", "pgd20"), cfg.eval_batch_size, cfg.seed,
-                                  progress=True, reference_noise_leak=leak)
+    attacks = with_leak(("clean", "pgd20"), cfg.reference_noise_leak)
+    evaluation = evaluate_network(network, x_test, y_test, cfg.eps, ("adv",), attacks,
+                                  cfg.eval_batch_size, cfg.seed, progress=True)
     if cfg.split_bn:
         evaluation.update(evaluate_network(network, x_test, y_test, cfg.eps, ("clean",),
                                            ("clean",), cfg.eval_batch_size, cfg.seed))
@@ -416,10 +423,11 @@ def final_evaluation(run, split):
     figures = {"clean_acc": evaluation["adv"]["clean"], "pgd20_acc": evaluation["adv"]["pgd20"],
                "clean_acc_clean_branch": evaluation["clean"]["clean"], "n_examples": len(x_test),
                "eps": cfg.eps}
+    if "pgd20-leak" in attacks:
+        figures["pgd20_leak_acc"] = evaluation["adv"]["pgd20-leak"]
     if split == "final":
         runs.update_results(cfg.workdir, run, evaluation, len(x_test), attacks={
-            "pgd20": attack_settings("pgd20", cfg.eps, seed=cfg.seed,
-                                     reference_noise_leak=leak)})
+            name: attack_settings(name, cfg.eps, seed=cfg.seed) for name in attacks[1:]})
     cb.append_metrics(os.path.join(cfg.workdir, "metrics.jsonl"),
                       {"split": split, "epoch": run.epoch, **figures,
                        "eval_time_s": round(time.time() - start, 3)},

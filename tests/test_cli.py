@@ -263,8 +263,10 @@ def test_evaluate_cli_on_the_run(trained_run):
     assert [e["branch"] for e in evaluated] == ["adv", "clean"]
     for entry in evaluated:
         accs = entry["accuracy"]
-        assert entry["n_examples"] == 64 and set(accs) == {"clean", "pgd20", "cw"}
+        assert entry["n_examples"] == 64
+        assert set(accs) == {"clean", "pgd20", "cw", "worst_case"}
         assert accs["pgd20"] <= accs["clean"] and accs["cw"] <= accs["clean"]
+        assert accs["worst_case"] <= min(accs["pgd20"], accs["cw"])
     results = json.load(open(os.path.join(workdir, "results.json")))
     assert results["n_examples"] == 128  # training's figures keep their own label
     proc = cli.run_cli("keras_arat.evaluate", f"--workdir={workdir}/nope")

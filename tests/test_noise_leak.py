@@ -77,25 +77,33 @@ def test_cli_records_the_leak_and_refuses_it_for_other_methods(tmp_path):
                       "--reference_noise_leak", f"--workdir={workdir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.load(open(os.path.join(workdir, "config.json")))["reference_noise_leak"]
-    # The PGD-20 during training is the final one's, and its record says so.
+    # During training and at the end: PGD-20 at eps, and the official code's PGD-20 beside
+    # it under a name and settings of its own (its 2-eps ball).
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         during = [r for r in map(json.loads, f) if r.get("split") == "test"]
     assert len(during) == 1 and during[0]["reference_noise_leak"] is True, during
+    assert {"pgd20_acc", "pgd20_leak_acc"} <= set(during[0])
     results = json.load(open(os.path.join(workdir, "results.json")))
     assert results["reference_noise_leak"] is True
-    assert results["attacks"]["pgd20"]["reference_noise_leak"] is True
-    # evaluate follows the run unless told otherwise, and records what it did
-    for flag, leak in (("--reference_noise_leak", True), ("--noreference_noise_leak", False)):
+    assert results["attacks"]["pgd20"]["reference_noise_leak"] is False
+    leak = results["attacks"]["pgd20-leak"]
+    assert leak["reference_noise_leak"] is True
+    assert leak["ball_radius"] == pytest.approx(2 * results["eps"])
+    assert 0.0 <= results["pgd20_leak_acc"] <= results["clean_acc"]
+    # evaluate adds pgd20-leak for such a run unless told otherwise, never in place of pgd20
+    for flag, leak in (("--reference_noise_leak", True), ("--noreference_noise_leak", False),
+                       (None, True)):
         proc, _ = run_cli("keras_arat.evaluate", f"--workdir={workdir}", "--n_examples=32",
-                          "--attacks=clean,pgd20", flag, "--noprogress")
+                          "--attacks=clean,pgd20", *([flag] if flag else []), "--noprogress")
         assert proc.returncode == 0, proc.stderr[-3000:]
         (entry,) = json.loads(proc.stdout)["evaluated"]
-        assert entry["reference_noise_leak"] is leak
+        assert list(entry["accuracy"]) == (["clean", "pgd20", "pgd20-leak"] if leak
+                                           else ["clean", "pgd20"])
     assert json.load(open(os.path.join(workdir, "results.json"))) == results  # untouched
     record = json.load(open(os.path.join(workdir, entry["record"])))
     leaks = sorted(r["settings"]["reference_noise_leak"] for r in record["results"]
-                   if r["attack"] == "pgd20")
-    assert leaks == [False, True]  # two settings, two figures side by side
+                   if r["attack"].startswith("pgd20"))
+    assert leaks == [False, True]  # two figures side by side, each labelled
     proc, _ = run_cli("keras_arat.train", *TINY, "--epochs=1", "--method=pgd_at",
                       "--reference_noise_leak", f"--workdir={tmp_path / 'other'}")
     assert proc.returncode == 2

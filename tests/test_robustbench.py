@@ -69,7 +69,9 @@ def test_entry_of_an_evaluation():
     assert entry["architecture"] == "ResNet-18" and entry["dataset"] == "cifar10"
     assert entry["name"] == "ARAT (ResNet-18), trained with keras_arat"
     assert entry["unreliable"] is False and "first 1000 test images" in entry["footnote"]
-    assert "clean, pgd20, autoattack" in entry["footnote"]
+    # The figure is AutoAttack's alone: the PGD-20 that ran beside it is not in it.
+    assert "none of the four stages breaks it (no other attack enters this figure)" in \
+        entry["footnote"] and "pgd20" not in entry["footnote"]
 
 
 def test_autoattack_alone_fills_clean_accuracy_from_autoattack():

@@ -71,6 +71,16 @@ def threat_model(attack):
     return eps, getattr(attack, "norm", "linf")
 
 
+def masking_warning(name, n_free, n):
+    """The warning when gradient-free attack `name` broke `n_free` of `n` points that the
+    gradient attacks failed on (more than the reference's 0.2%), else None."""
+    if n_free <= SQUARE_WARNING_FRACTION * n:
+        return None
+    return (f"gradient masking suspected: {name} (gradient-free) broke {n_free} of {n} "
+            f"points the gradient attacks failed on ({n_free / n:.2%} of robust accuracy); "
+            "this evaluation may overestimate robustness")
+
+
 def check_adversarial(x_adv, x, eps, norm="linf", name="attack"):
     """Refuse adversarial examples outside the eps-ball around x or outside [0, 1].
 
@@ -361,13 +371,9 @@ class AutoAttack:
                 log(f"{name}: broke {stage['n_broken']}, {int(robust.sum())} of {len(x)} left "
                     f"({stage['time_s']:.1f} s)")
             if name in GRADIENT_FREE and i > 0:
-                n_free = int(broken.sum())
-                if n_free > SQUARE_WARNING_FRACTION * len(x):
-                    warnings.append(
-                        f"gradient masking suspected: {name} (gradient-free) broke {n_free} of "
-                        f"{len(x)} points the gradient attacks failed on "
-                        f"({n_free / len(x):.2%} of robust accuracy); this evaluation may "
-                        f"overestimate robustness")
+                warning = masking_warning(name, int(broken.sum()), len(x))
+                if warning:
+                    warnings.append(warning)
         check_adversarial(x_adv, x, float(self.eps), self.norm, "AutoAttack")
         if check and any(getattr(a, "name", "") not in GRADIENT_FREE for a in self.attacks):
             zero = zero_gradient_fraction(model_fn, x, y)
