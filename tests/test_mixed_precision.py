@@ -98,3 +98,93 @@ def test_auto_policy(monkeypatch):
     assert runs.precision_policy(RunConfig(mixed_precision="float16")) == "mixed_float16"
     monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: ["GPU:0"])
     assert runs.precision_policy(RunConfig(mixed_precision="auto")) == "mixed_float16"
+
+
+def test_attack_losses_and_margins_are_float32_for_float16_logits():
+    """Every attack loss and margin reads float16 logits as float32: the margins' 1e9 mask
+    is inf in float16 (inf * 0 = NaN there), and a confident prediction's softmax rounds
+    its other classes to 0."""
+    import numpy as np
+    import tensorflow as tf
+
+    from keras_arat.attacks import core
+    logits = tf.constant([[12.0, -3.0, 1.5, 0.0], [0.5, 9.0, -1.0, 2.0]], tf.float16)
+    labels = tf.constant([0, 1], tf.int64)
+    target = tf.constant([2, 3], tf.int64)
+    outputs = {"cross_entropy": core.cross_entropy(logits, labels),
+               "cw_margin": core.cw_margin(logits, labels),
+               "true_margin": core.true_margin(logits, labels),
+               "dlr": core.dlr(logits, labels),
+               "targeted_dlr": core.targeted_dlr(logits, labels, target),
+               "kl_to_target": core.kl_to_target(logits, tf.nn.softmax(tf.cast(logits,
+                                                                                tf.float32)))}
+    for name, value in outputs.items():
+        assert value.dtype == tf.float32, name
+        assert np.all(np.isfinite(value.numpy())), (name, value.numpy())
+    np.testing.assert_allclose(outputs["cw_margin"].numpy(), [-10.5, -7.0])
+    np.testing.assert_allclose(outputs["kl_to_target"].numpy(), [0.0, 0.0], atol=1e-6)
+
+
+# An overconfident user model under mixed_float16, and the same weights in float32: a
+# Sequential (conv, BatchNormalization, dense) trained on the digits, its last layer then
+# scaled by 16, so that a confident prediction's cross-entropy gradient (~1e-12) is zero
+# in float16.
+OVERCONFIDENT = r'''
+import keras, numpy as np, tensorflow as tf
+from keras_arat.attacks import PGD, Square, core, run_attack
+from tests import helpers
+
+def build():
+    return keras.Sequential([
+        keras.Input((32, 32, 3)),
+        keras.layers.Conv2D(8, 3, padding="same", use_bias=False),
+        keras.layers.BatchNormalization(), keras.layers.Flatten(), keras.layers.Dense(10)])
+
+keras.mixed_precision.set_dtype_policy("mixed_float16")
+keras.utils.set_random_seed(0)
+x, y = helpers.tiny_data().train
+xt, yt = helpers.tiny_data().test
+half = build()
+half.compile(optimizer=keras.optimizers.Adam(1e-3),
+             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+half.fit(x, y, batch_size=64, epochs=5, verbose=0)
+kernel, bias = half.layers[-1].get_weights()
+half.layers[-1].set_weights([16 * kernel, 16 * bias])
+keras.mixed_precision.set_dtype_policy("float32")
+full = build()
+full.set_weights(half.get_weights())
+eps = 0.1
+figures = {}
+for name, model in (("float16", half), ("float32", full)):
+    f = lambda z, model=model: model(z, training=False)
+    assert (name == "float16") == (f(xt[:2]).dtype == tf.float16)
+    adv = PGD(eps=eps, step_size=eps / 4, steps=10)(
+        f, tf.constant(xt), tf.constant(yt), tf.constant([0, 0], tf.int64)).numpy()
+    delta = adv - xt
+    at_bound = (np.abs(np.abs(delta) - eps) < 1e-3) | (adv <= 1e-6) | (adv >= 1 - 1e-6)
+    _, square = run_attack(Square(eps=eps, n_queries=200), f, xt, yt, 256, 0)
+    figures[name] = {
+        "at_bound": float(at_bound.mean()),
+        "cw_finite": bool(np.all(np.isfinite(core.cw_margin(f(xt), yt).numpy()))),
+        "clean": float(np.mean(np.argmax(f(xt).numpy(), 1) == yt)),
+        "pgd10": float(np.mean(np.argmax(f(adv).numpy(), 1) == yt)),
+        "square": float(square.mean())}
+print("FIGURES", figures)
+'''
+
+
+@pytest.mark.slow  # 25 s: trains a small model under mixed_float16 in its own process
+def test_attacks_on_a_float16_user_model_match_float32():
+    """PGD moves the points of an overconfident float16 model (per-example loss scaling),
+    CW margins stay finite, Square breaks points, and the figures are those of the same
+    weights in float32, within 2 points."""
+    proc = run_cli("-c", OVERCONFIDENT, timeout=600)
+    assert "FIGURES" in proc.stdout, proc.stderr[-3000:]
+    figures = eval(proc.stdout.split("FIGURES", 1)[1].strip())
+    print(figures)
+    half, full = figures["float16"], figures["float32"]
+    assert half["at_bound"] >= 0.9, half  # PGD-10 reached the ball's surface or the box
+    assert half["cw_finite"] and full["cw_finite"]
+    assert half["square"] < half["clean"] - 0.2, half  # Square breaks an undefended model
+    for key in ("clean", "pgd10", "square"):
+        assert abs(half[key] - full[key]) <= 0.02, (key, half, full)

@@ -58,15 +58,7 @@ def apgd_single_run(model_fn, x, y, loss_fn, eps, norm, n_iter, rho, seed, x_ini
     x_adv = apgd_start(x, eps, seed, norm) if x_init is None else x_init
 
     def loss_grad(z):
-        with tf.GradientTape() as tape:
-            tape.watch(z)
-            logits = model_fn(z)
-            loss = loss_fn(logits)
-            total = tf.reduce_sum(loss)
-        grad = tape.gradient(total, z)
-        if grad is None:  # a model with no gradient path behaves as a zero gradient
-            grad = tf.zeros_like(z)
-        return logits, tf.stop_gradient(loss), tf.stop_gradient(grad)
+        return core.loss_and_gradient(model_fn, loss_fn, z)
 
     logits, loss, grad = loss_grad(x_adv)
     correct = core.is_correct(logits, y)

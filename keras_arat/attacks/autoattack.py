@@ -155,12 +155,8 @@ def check_agreement(model_fn, query_fn, x, rtol=QUERY_RTOL):
 def zero_gradient_fraction(model_fn, x, y):
     """Fraction of examples whose cross-entropy input gradient is exactly zero."""
     x = tf.convert_to_tensor(x[:64], tf.float32)
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        loss = tf.reduce_sum(core.cross_entropy(model_fn(x), y[:64]))
-    grad = tape.gradient(loss, x)
-    if grad is None:
-        return 1.0
+    _, _, grad = core.loss_and_gradient(
+        model_fn, lambda logits: core.cross_entropy(logits, y[:64]), x)
     return float(np.mean(np.abs(grad.numpy()).reshape(len(x), -1).sum(1) == 0))
 
 

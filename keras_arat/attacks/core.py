@@ -92,15 +92,25 @@ def ascent_step(x_adv, grad, step_size, norm="linf"):
     raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
 
 
-# Losses: per-example, (logits, target) -> [N]. The attack maximises their sum.
+# Losses: per-example, (logits, target) -> [N]. The attack maximises their sum. Each is
+# computed on float32 logits (float64 ones stay float64), whatever the model computes in:
+# a float16 model's softmax rounds a confident prediction's other classes to 0, and 1e9
+# (the margins' mask) is inf in float16.
+
+def wide(logits):
+    """logits as float32 (float64 kept): the dtype of every attack loss and margin."""
+    logits = tf.convert_to_tensor(logits)
+    return logits if logits.dtype == tf.float64 else tf.cast(logits, tf.float32)
+
 
 def cross_entropy(logits, labels):
     return tf.nn.sparse_softmax_cross_entropy_with_logits(
-        labels=tf.cast(labels, tf.int32), logits=logits)
+        labels=tf.cast(labels, tf.int32), logits=wide(logits))
 
 
 def cw_margin(logits, labels):
     """Carlini-Wagner margin: best other logit minus the true logit."""
+    logits = wide(logits)
     num_classes = tf.shape(logits)[-1]
     onehot = tf.one_hot(tf.cast(labels, tf.int32), num_classes, dtype=logits.dtype)
     true_logit = tf.reduce_sum(onehot * logits, axis=-1)
@@ -110,7 +120,8 @@ def cw_margin(logits, labels):
 
 def kl_to_target(logits, target_probs):
     """KL(target || softmax(logits)): TRADES' inner maximisation objective."""
-    log_p = tf.nn.log_softmax(logits, axis=-1)
+    log_p = tf.nn.log_softmax(wide(logits), axis=-1)
+    target_probs = tf.cast(target_probs, log_p.dtype)
     safe_target = tf.maximum(target_probs, 1e-12)
     return tf.reduce_sum(target_probs * (tf.math.log(safe_target) - log_p), axis=-1)
 
@@ -147,6 +158,7 @@ def dlr(logits, labels):
     -(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3 + 1e-12), pi the logits sorted decreasingly.
     Invariant to shifts and rescaling of the logits.
     """
+    logits = wide(logits)
     top = tf.math.top_k(logits, k=3).values
     scale = top[:, 0] - top[:, 2] + 1e-12
     return cw_margin(logits, labels) / scale
@@ -154,6 +166,7 @@ def dlr(logits, labels):
 
 def targeted_dlr(logits, labels, target_labels):
     """Targeted DLR, to maximise: -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12)."""
+    logits = wide(logits)
     num_classes = tf.shape(logits)[-1]
     z_y = tf.reduce_sum(tf.one_hot(tf.cast(labels, tf.int32), num_classes,
                                    dtype=logits.dtype) * logits, axis=-1)
@@ -162,6 +175,40 @@ def targeted_dlr(logits, labels, target_labels):
     top = tf.math.top_k(logits, k=4).values
     scale = top[:, 0] - 0.5 * (top[:, 2] + top[:, 3]) + 1e-12
     return -(z_y - z_t) / scale
+
+
+def loss_and_gradient(model_fn, loss_fn, x):
+    """(logits, loss [N], gradient): the per-example loss_fn(logits) at x and the gradient
+    of its sum with respect to x, each example's row of it in its exact direction and at an
+    arbitrary positive scale (what sign and normalised steps use).
+
+    The loss's gradient reaches the logits in float32 (loss_fn sees wide logits); each
+    example's row is multiplied by the power of two that brings its largest entry into
+    [1, 2) before it flows back through the model. A float16 model's backward pass then
+    neither underflows (a confident prediction's cross-entropy gradient is ~1e-20, zero in
+    float16: its points would not move) nor overflows, and in float32 a power of two is an
+    exact factor, so the direction is the unscaled gradient's bit for bit. A model with no
+    gradient path gives zeros.
+    """
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        logits = model_fn(x)
+    logits32 = wide(logits)
+    with tf.GradientTape() as inner:
+        inner.watch(logits32)
+        loss = loss_fn(logits32)
+        total = tf.reduce_sum(loss)
+    upstream = inner.gradient(total, logits32)
+    if upstream is None:
+        return logits, tf.stop_gradient(loss), tf.zeros_like(x)
+    top = tf.reduce_max(tf.abs(upstream), axis=-1, keepdims=True)
+    exponent = tf.where(top > 0, -tf.floor(tf.math.log(top) / tf.math.log(
+        tf.constant(2.0, top.dtype))), tf.zeros_like(top))
+    scale = tf.pow(tf.constant(2.0, top.dtype), tf.clip_by_value(exponent, -100.0, 100.0))
+    grad = tape.gradient(logits, x, output_gradients=tf.cast(upstream * scale, logits.dtype))
+    if grad is None:
+        grad = tf.zeros_like(x)
+    return logits, tf.stop_gradient(loss), tf.stop_gradient(grad)
 
 
 def target_count(logits, wanted):

@@ -98,7 +98,7 @@ def fab_targeted_run(model_fn, x, y, target, eps, norm, n_iter, alpha_max, eta, 
     def diff_and_grad(z):
         with tf.GradientTape() as tape:
             tape.watch(z)
-            logits = model_fn(z)
+            logits = core.wide(model_fn(z))  # float32 arithmetic, whatever the model's
             k = tf.shape(logits)[-1]
             df = (tf.reduce_sum(tf.one_hot(target, k, dtype=logits.dtype) * logits, -1)
                   - tf.reduce_sum(tf.one_hot(y, k, dtype=logits.dtype) * logits, -1))

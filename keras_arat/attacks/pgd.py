@@ -68,10 +68,8 @@ class PGD:
         center = x_adv if self.noise_leak else x
 
         def body(i, x_adv):
-            with tf.GradientTape() as tape:
-                tape.watch(x_adv)
-                loss = tf.reduce_sum(self.loss(model_fn(x_adv), target))
-            grad = tape.gradient(loss, x_adv)
+            _, _, grad = core.loss_and_gradient(
+                model_fn, lambda logits: self.loss(logits, target), x_adv)
             x_adv = core.ascent_step(x_adv, grad, self.step_size, self.norm)
             return i + 1, core.project(x_adv, center, self.eps, self.norm)
 
