@@ -16,8 +16,8 @@ a SplitBatchNormalization whose branches both start from the original layer's we
 
 import keras
 
-from keras_arat.layers.split_batch_norm import (BOTH, BRANCHES, TORCH_MOMENTUM,
-                                                SplitBatchNormalization, branch_scope)
+from keras_arat.layers.split_batch_norm import (BOTH, BRANCHES, SplitBatchNormalization,
+                                                branch_scope)
 
 DEFAULT_INVARIANCE_WEIGHT = 30.0
 
@@ -162,35 +162,44 @@ def _check_rewritable(graph):
                 "does not show; build that block with the functional API")
 
 
-def to_split_bn(model, split=True, momentum=TORCH_MOMENTUM, taps=None,
-                features=None, default_invariance_weight=DEFAULT_INVARIANCE_WEIGHT,
-                name=None):
+def to_split_bn(model, split=True, momentum=None, taps=None, features=None,
+                default_invariance_weight=DEFAULT_INVARIANCE_WEIGHT, name=None, **bn_settings):
     """The same graph with every BatchNormalization replaced by SplitBatchNormalization.
 
     Both branches of each split layer start from the original layer's weights and moving
-    statistics; every other layer is a copy with the original's weights (the original
-    model is left unchanged). Works for functional and Sequential models, nested ones
-    included.
+    statistics, and keep every one of its settings (momentum, epsilon, center, scale,
+    initializers, regularizers, constraints, renorm, trainable, dtype policy); every other
+    layer and operation (`h * 0.5 + 1`, keras.ops calls) is a copy with the original's
+    weights, and the original model is left unchanged. Works for functional and Sequential
+    models, nested ones included.
 
     Args:
-      momentum: BN momentum of the split layers (Keras' convention): 0.9 is PyTorch's
-        default and the paper's; None keeps each layer's own (Keras' 0.99 leaves the
-        moving statistics unusable after short runs).
+      momentum, **bn_settings: override a BatchNormalization setting in every split layer,
+        e.g. momentum=0.9 (PyTorch's default and the paper's: Keras' 0.99 leaves the moving
+        statistics unusable after short runs), epsilon=1e-5, gamma_regularizer=...;
+        None keeps each layer's own. synchronized: a layer's True stays; Keras' default
+        False becomes None, which reduces the batch statistics across replicas whenever a
+        tf.distribute strategy runs several (N devices train as one); pass
+        synchronized=False for per-replica statistics.
       taps / features / default_invariance_weight: see SplitBNNetwork (taps are its
         default_taps; default: the classifier's input).
       split: False gives one shared BN per site (single-BN baselines and ablations).
+    A graph without any BatchNormalization is returned as a SplitBNNetwork all the same
+    (there is nothing to split: clean and adv are the same network), with a one-line
+    note on stderr.
     Raises ValueError naming a layer it cannot rewrite (e.g. a subclassed block with a
     BatchNormalization inside).
     """
     graph = as_functional(model)
     _check_rewritable(graph)
+    overrides = {"momentum": momentum, **bn_settings}
     pairs = []
 
     def clone(layer):
         if isinstance(layer, SplitBatchNormalization):
             new = layer.__class__.from_config(layer.get_config())
         elif isinstance(layer, keras.layers.BatchNormalization):
-            new = SplitBatchNormalization.from_batch_norm(layer, split=split, momentum=momentum)
+            new = SplitBatchNormalization.from_batch_norm(layer, split=split, **overrides)
         else:
             try:
                 new = layer.__class__.from_config(layer.get_config())
@@ -207,8 +216,12 @@ def to_split_bn(model, split=True, momentum=TORCH_MOMENTUM, taps=None,
         if isinstance(old, keras.layers.BatchNormalization) and \
                 isinstance(new, SplitBatchNormalization):
             new.copy_from(old)
-        elif old.weights:
+        elif getattr(old, "weights", None):  # operations (x * 0.5) hold none
             new.set_weights(old.get_weights())
+    if not any(isinstance(new, SplitBatchNormalization) for _, new in pairs):
+        import sys
+        print(f"note: {graph.name} has no BatchNormalization: nothing to split, its clean and "
+              "adv branches are the same network", file=sys.stderr)
     cloned = keras.Model(cloned.inputs[0], cloned.outputs[0], name=name)
     return SplitBNNetwork(cloned, features=features, default_taps=taps,
                           default_invariance_weight=default_invariance_weight, name=name)

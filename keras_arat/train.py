@@ -348,15 +348,12 @@ def check_tf_config():
 def make_strategy(cfg):
     """The tf.distribute strategy named by --strategy (with --cpu_devices logical CPUs)."""
     import tensorflow as tf
-
-    from keras_arat.layers import split_batch_norm
     if cfg.strategy == "multi_worker":
         if cfg.cpu_devices:
             raise runs.UsageError("--cpu_devices goes with --strategy=mirrored; a multi-worker "
                                   "run uses each worker's GPUs, or its CPU")
         check_tf_config()
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
-        split_batch_norm.SYNCHRONIZED_DEFAULT = strategy.num_replicas_in_sync > 1
         resolver = strategy.cluster_resolver
         print(f"strategy multi_worker: {strategy.num_replicas_in_sync} replicas; this is "
               f"{resolver.task_type} {resolver.task_id}"
@@ -372,8 +369,6 @@ def make_strategy(cfg):
     if cfg.cpu_devices and not tf.config.list_physical_devices("GPU"):
         devices = [d.name for d in tf.config.list_logical_devices("CPU")]
     strategy = tf.distribute.MirroredStrategy(devices=devices)
-    if strategy.num_replicas_in_sync > 1:
-        split_batch_norm.SYNCHRONIZED_DEFAULT = True  # N replicas train as one device
     print(f"strategy {cfg.strategy}: {strategy.num_replicas_in_sync} replicas", flush=True)
     return strategy
 

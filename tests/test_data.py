@@ -123,6 +123,8 @@ def test_train_batches_format(digits):
     ds = small(digits, 256)
     data, steps = make_train_dataset(ds, batch_size=32, epochs=2, seed=3)
     assert steps == 8
+    # Its length is known (fit under a tf.distribute strategy needs it to end an epoch).
+    assert int(data.cardinality()) == 2 * steps
     xs, ys = collect(data)
     assert len(xs) == 2 * steps
     for x, y in zip(xs, ys):

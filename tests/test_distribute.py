@@ -11,7 +11,7 @@ import keras, numpy as np, tensorflow as tf
 cpus = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
 from keras_arat.attacks import core
-from keras_arat.layers import split_batch_norm
+from keras_arat.layers.split_batch_norm import SplitBatchNormalization
 from keras_arat.training import ARATModel
 from tests import helpers
 x, y = helpers.tiny_data().train
@@ -20,7 +20,8 @@ ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(64)
 mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 
 def make(strategy, fixed_attack=False, attack_steps=2, dtype="float32"):
-    split_batch_norm.SYNCHRONIZED_DEFAULT = strategy.num_replicas_in_sync > 1
+    # No setting anywhere: the split layers (synchronized=None) reduce their batch
+    # statistics across replicas because the strategy runs two.
     keras.config.set_dtype_policy(dtype)  # float64: weights, activations and losses
     try:
         with strategy.scope():
@@ -31,6 +32,8 @@ def make(strategy, fixed_attack=False, attack_steps=2, dtype="float32"):
     finally:
         keras.config.set_dtype_policy("float32")
     assert all(w.dtype == dtype for w in trainer.weights if w.dtype.startswith("float"))
+    assert all(layer.synchronized is None for layer in net.graph.layers
+               if isinstance(layer, SplitBatchNormalization))
     if fixed_attack:  # a smooth function of x in place of PGD: see part 2 for why
         trainer.adversarial = lambda x_, y_, branch="adv": tf.clip_by_value(
             x_ + 0.2 * tf.sin(40.0 * x_ + 1.0), 0.0, 1.0)
@@ -52,8 +55,9 @@ def one_step_each(fixed_attack, dtype="float32"):
 # Synchronized BN sums its statistics in another order, and BN's backward pass amplifies
 # that rounding in the network's gradients: measured 1.2e-3 of their norm in float32
 # and 6e-13 in float64, so it is rounding and nothing else. Bounds: float64 1e-10;
-# float32 5e-3 for the network (4x the measured figure, for CPUs that round otherwise),
-# 2e-5 for all gradients, the predictors' much larger ones included (measured 4e-6). The
+# float32 5e-3 for the network (4x the measured figure, for CPUs that round otherwise) and
+# for all gradients, the predictors' included (measured 1.4e-3: with PyTorch's Linear
+# init the predictors' gradients no longer dwarf the network's). The
 # logged losses are Keras' float32 metrics whatever the dtype: 1e-5 in float32, 1e-6
 # (their own rounding) in float64.
 def flat(model, start, keep):  # the gradient (= minus the step) as one vector
@@ -61,7 +65,7 @@ def flat(model, start, keep):  # the gradient (= minus the step) as one vector
                            if w.trainable and keep(w.path)])
 gaps = {}
 for dtype, loss_rtol, tols in (("float64", 1e-6, (1e-10, 1e-10)),
-                               ("float32", 1e-5, (5e-3, 2e-5))):
+                               ("float32", 1e-5, (5e-3, 5e-3))):
     one, two, start, h1, h2 = one_step_each(fixed_attack=True, dtype=dtype)
     for key in ("loss", "ce_adv", "ce_clean", "invariance", "train_acc", "train_acc_clean"):
         np.testing.assert_allclose(h2[key][0], h1[key][0], rtol=loss_rtol, err_msg=key)
@@ -210,3 +214,52 @@ def test_multi_worker_needs_tf_config(tmp_path):
     assert proc.returncode != 0
     assert "--strategy=multi_worker needs TF_CONFIG" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# The library as a user writes it under strategy.scope(), and what the command line builds
+# for the same run (keras_arat.train: the same seed, data pipeline, network, trainer and
+# optimizer): one step on the same global batch of 64 on two logical CPU devices.
+LIBRARY_RUN = r'''
+import json
+import keras, tensorflow as tf
+cpus = tf.config.list_physical_devices("CPU")
+tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras_arat
+from keras_arat.data import a_prev_batches, load_dataset, make_train_dataset
+from keras_arat.training.callbacks import APrevCallback
+data = load_dataset("digits", n_train=64, n_test=32)
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+keras.utils.set_random_seed(0)
+with strategy.scope():
+    net = keras_arat.build_model("small_cnn", num_classes=10, width=8, input_shape=(32, 32, 3))
+    arat = keras_arat.ARATModel(net, eps=0.3, step_size=0.1, attack_steps=2)
+    arat.compile(optimizer=keras_arat.TorchSGD(0.05, momentum=0.9, l2_weight_decay=5e-4))
+batches, _ = make_train_dataset(data, 64, 1, 0, crop_padding=2, flip=False)
+a_prev = APrevCallback(sample=lambda epoch: a_prev_batches(data, 64, 64, 0, epoch, 2, False))
+history = arat.fit(batches, epochs=1, verbose=0, callbacks=[a_prev])
+print("HISTORY", json.dumps({k: float(v[0]) for k, v in history.history.items()}))
+'''
+
+
+def test_library_under_a_strategy_scope_trains_as_the_command_line(tmp_path):
+    import json
+
+    from tests.test_cli import read_jsonl, run_cli
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="-1", PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, "-c", LIBRARY_RUN], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert "HISTORY" in proc.stdout, proc.stderr[-3000:]
+    library = json.loads(proc.stdout.split("HISTORY", 1)[1])
+    workdir = str(tmp_path / "cli")
+    proc, _ = run_cli("keras_arat.train", "--dataset=digits", "--n_train=64", "--n_test=32",
+                      "--batch_size=64", "--cnn_width=8", "--eps=0.3", "--step_size=0.1",
+                      "--attack_steps=2", "--lr_values=0.05", "--lr_boundaries=", "--epochs=1",
+                      "--a_prev_examples=64", "--crop_padding=2", "--flip=false", "--seed=0",
+                      "--strategy=mirrored", "--cpu_devices=2", "--eval_examples=32",
+                      f"--workdir={workdir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (line,) = [r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+               if r.get("split", "train") == "train"]
+    for key in ("loss", "ce_adv", "ce_clean", "invariance", "a_prev", "train_acc"):
+        assert abs(library[key] - line[key]) <= 1e-5 * max(abs(line[key]), 1e-12), \
+            (key, library[key], line[key])

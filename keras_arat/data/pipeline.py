@@ -147,6 +147,9 @@ def make_train_dataset(
         return x, tf.gather(y_all, idx)
 
     data = tf.data.Dataset.range(initial_epoch, epochs).flat_map(per_epoch)
+    # flat_map hides the length: stated, so that fit knows where an epoch ends (under a
+    # tf.distribute strategy, a dataset of unknown length made fit run one step too many).
+    data = data.apply(tf.data.experimental.assert_cardinality((epochs - initial_epoch) * steps))
     data = data.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     data = data.prefetch(tf.data.AUTOTUNE)
     return data, steps

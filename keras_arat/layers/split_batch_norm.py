@@ -14,9 +14,12 @@ BOTH = "both"
 # PyTorch's BatchNorm2d defaults, in Keras terms: torch momentum 0.1 is keras 0.9.
 TORCH_MOMENTUM = 0.9
 TORCH_EPSILON = 1e-5
-# Default of `synchronized` for layers built while it is set; the trainer sets it for
-# multi-device strategies (see keras_arat.train).
-SYNCHRONIZED_DEFAULT = False
+# keras.layers.BatchNormalization's own settings: what a split layer passes to each branch
+# and what to_split_bn carries over from a user's layer.
+BN_SETTINGS = ("axis", "momentum", "epsilon", "center", "scale", "beta_initializer",
+               "gamma_initializer", "moving_mean_initializer", "moving_variance_initializer",
+               "beta_regularizer", "gamma_regularizer", "beta_constraint", "gamma_constraint",
+               "synchronized", "renorm", "renorm_clipping", "renorm_momentum")
 
 # The branch of the SplitBatchNormalization calls that do not name one: set by
 # branch_scope around a call of a whole graph (a functional model cannot pass a Python
@@ -43,16 +46,35 @@ def active_branch(default="adv"):
     return getattr(_ACTIVE, "branch", None) or default
 
 
+def _replicas():
+    """Replicas of the strategy whose replica context this runs in (1 outside any)."""
+    ctx = tf.distribute.get_replica_context()
+    return 1 if ctx is None else ctx.num_replicas_in_sync
+
+
 @keras.saving.register_keras_serializable(package="keras_arat")
 class TorchBatchNormalization(keras.layers.BatchNormalization):
-    """keras.layers.BatchNormalization with PyTorch's moving variance.
+    """keras.layers.BatchNormalization with PyTorch's moving variance, synchronized by the
+    strategy it runs under.
 
     Both frameworks normalise a training batch with its biased variance, but PyTorch
     averages the unbiased one, var * n / (n - 1), into running_var (n values per channel,
     over all replicas when synchronized). Keras averages the biased one, so its moving
     variance drifts (n - 1) / n low: 0.8% for a batch-128 BatchNorm1d such as ARAT's
-    predictors. The weights and everything else are Keras' own.
+    predictors.
+
+    synchronized: None (the default here) reduces the batch statistics across replicas
+    whenever a tf.distribute strategy runs more than one, so N devices train as one
+    device on the global batch; True always (as Keras'); False never (per-replica
+    statistics). The weights and everything else are Keras' own.
     """
+
+    def __init__(self, synchronized=None, **kwargs):
+        super().__init__(synchronized=synchronized, **kwargs)
+
+    def synchronizes(self):
+        """Whether this call's batch statistics are reduced across replicas."""
+        return self.synchronized is True or (self.synchronized is None and _replicas() > 1)
 
     def _moments(self, inputs, mask):
         """Batch mean and (biased) variance. Synchronized across replicas, in two passes
@@ -60,8 +82,7 @@ class TorchBatchNormalization(keras.layers.BatchNormalization):
         it) instead of Keras' E[x^2] - E[x]^2, which cancels catastrophically in float32
         when a channel's mean is large against its spread."""
         ctx = tf.distribute.get_replica_context()
-        if (mask is not None or not self.synchronized or ctx is None
-                or ctx.num_replicas_in_sync == 1):
+        if mask is not None or not self.synchronizes() or _replicas() == 1:
             return super()._moments(inputs, mask)
         axes = self._reduction_axes
         total = ctx.all_reduce(tf.distribute.ReduceOp.SUM, self._count(inputs))
@@ -83,9 +104,8 @@ class TorchBatchNormalization(keras.layers.BatchNormalization):
         inputs = keras.ops.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))
         mean, variance = self._moments(inputs, None)
         n = self._count(inputs)
-        ctx = tf.distribute.get_replica_context()
-        if self.synchronized and ctx is not None and ctx.num_replicas_in_sync > 1:
-            n = ctx.all_reduce(tf.distribute.ReduceOp.SUM, n)
+        if self.synchronizes() and _replicas() > 1:
+            n = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, n)
         unbiased = variance * (n / tf.maximum(n - 1.0, 1.0))
         m = self.momentum
         self.moving_mean.assign(
@@ -117,26 +137,27 @@ class SplitBatchNormalization(keras.layers.Layer):
 
     def __init__(self, split=True, momentum=TORCH_MOMENTUM, epsilon=TORCH_EPSILON,
                  axis=-1, synchronized=None, center=True, scale=True, **kwargs):
+        settings = {k: kwargs.pop(k) for k in BN_SETTINGS if k in kwargs}
         super().__init__(**kwargs)
         self.split = bool(split)
-        self.momentum = momentum
-        self.epsilon = epsilon
-        self.axis = axis
-        self.center, self.scale = bool(center), bool(scale)
-        # Under a multi-device tf.distribute strategy, batch statistics are reduced
-        # across replicas, so N devices train exactly as one device on the global batch.
-        self.synchronized = (SYNCHRONIZED_DEFAULT if synchronized is None
-                             else bool(synchronized))
+        # Every branch is a BatchNormalization with these settings (Keras' own arguments);
+        # synchronized=None: across replicas whenever a strategy runs several.
+        self.settings = {"axis": axis, "momentum": momentum, "epsilon": epsilon,
+                         "center": bool(center), "scale": bool(scale),
+                         "synchronized": synchronized, **settings}
         names = BRANCHES if self.split else ("shared",)
-        self.bns = {
-            name: TorchBatchNormalization(
-                axis=axis, momentum=momentum, epsilon=epsilon, name=name,
-                synchronized=self.synchronized, center=self.center, scale=self.scale)
-            for name in names
-        }
+        self.bns = {name: TorchBatchNormalization(name=name, dtype=self.dtype_policy,
+                                                  **self.settings)
+                    for name in names}
         # Attribute assignment makes Keras track the sublayers and their weights.
         for name, bn in self.bns.items():
             setattr(self, f"bn_{name}", bn)
+
+    def __getattr__(self, name):
+        # axis, momentum, epsilon, center, scale, synchronized, ...: the branches' settings
+        if name in BN_SETTINGS and "settings" in self.__dict__:
+            return self.__dict__["settings"][name]
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     def branch_layer(self, branch):
         """The BatchNormalization serving `branch` ('clean' or 'adv')."""
@@ -164,20 +185,33 @@ class SplitBatchNormalization(keras.layers.Layer):
         return input_shape
 
     @classmethod
-    def from_batch_norm(cls, bn, split=True, momentum=None, name=None):
-        """An unbuilt split layer to stand in for keras BatchNormalization `bn`: its axis,
-        epsilon, center and scale, and its momentum unless `momentum` is given. Once
-        built, `copy_from(bn)` puts bn's weights and statistics into every branch."""
+    def from_batch_norm(cls, bn, split=True, name=None, **overrides):
+        """An unbuilt split layer to stand in for keras BatchNormalization `bn`, each
+        branch with every setting of bn's (momentum, epsilon, center, scale, initializers,
+        regularizers, constraints, renorm, dtype policy) except those in `overrides`
+        (an override of None keeps bn's). bn's synchronized=True stays; its False, Keras'
+        default, becomes None (across replicas whenever a strategy runs several) unless
+        synchronized=False is given. Once built, `copy_from(bn)` puts bn's weights and
+        statistics into every branch."""
         if not isinstance(bn, keras.layers.BatchNormalization):
             raise TypeError(f"{bn.name} is a {type(bn).__name__}, not a BatchNormalization")
-        axis = bn.axis
+        unknown = sorted(set(overrides) - set(BN_SETTINGS))
+        if unknown:
+            raise TypeError(f"unknown BatchNormalization settings {unknown}; known: "
+                            f"{list(BN_SETTINGS)}")
+        config = bn.get_config()
+        settings = {k: config[k] for k in BN_SETTINGS if k in config}
+        settings["synchronized"] = True if config.get("synchronized") else None
+        settings.update({k: v for k, v in overrides.items() if v is not None})
+        if overrides.get("synchronized") is False:
+            settings["synchronized"] = False
+        axis = settings.pop("axis")
         if isinstance(axis, (list, tuple)):
             if len(axis) != 1:
                 raise ValueError(f"{bn.name} normalises over several axes {axis}")
             axis = axis[0]
-        return cls(split=split, momentum=bn.momentum if momentum is None else momentum,
-                   epsilon=bn.epsilon, axis=axis, center=bn.center, scale=bn.scale,
-                   name=name or bn.name)
+        return cls(split=split, axis=axis, name=name or bn.name, dtype=bn.dtype_policy,
+                   trainable=bn.trainable, **settings)
 
     def copy_from(self, bn):
         """Every branch takes the weights and moving statistics of BatchNormalization bn."""
@@ -185,9 +219,7 @@ class SplitBatchNormalization(keras.layers.Layer):
             sub.set_weights(bn.get_weights())
 
     def get_config(self):
-        config = super().get_config()
-        config.update(split=self.split, momentum=self.momentum, epsilon=self.epsilon,
-                      axis=self.axis, synchronized=self.synchronized, center=self.center,
-                      scale=self.scale)
-        return config
+        branch = next(iter(self.bns.values())).get_config()  # settings, serialized
+        return {**super().get_config(), "split": self.split,
+                **{k: branch[k] for k in BN_SETTINGS if k in branch}}
 

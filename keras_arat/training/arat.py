@@ -7,7 +7,6 @@ import numpy as np
 import tensorflow as tf
 
 from keras_arat.config import uses_predictor
-from keras_arat.layers import split_batch_norm
 from keras_arat.layers.split_batch_norm import (TORCH_EPSILON, TORCH_MOMENTUM,
                                                TorchBatchNormalization)
 from keras_arat.layers.torch_init import torch_bias_initializer, torch_kernel_initializer
@@ -30,9 +29,8 @@ class Predictor(keras.layers.Layer):
         hidden = max(self.dim // 4, 1)
         self.hidden = keras.layers.Dense(hidden, use_bias=False, name="fc1",
                                          kernel_initializer=torch_kernel_initializer())
-        self.bn = TorchBatchNormalization(
-            momentum=TORCH_MOMENTUM, epsilon=TORCH_EPSILON, name="bn",
-            synchronized=split_batch_norm.SYNCHRONIZED_DEFAULT)
+        self.bn = TorchBatchNormalization(momentum=TORCH_MOMENTUM, epsilon=TORCH_EPSILON,
+                                          name="bn")  # synchronized by the strategy
         self.out = keras.layers.Dense(self.dim, name="fc2",
                                       kernel_initializer=torch_kernel_initializer(),
                                       bias_initializer=torch_bias_initializer(hidden))
