@@ -320,6 +320,8 @@ def export_network(network, out, x=None, y=None, eps=None, branch="adv", name="m
         y = None
         source.setdefault("parity_data", {"kind": "random_uniform", "range": [0.0, 1.0],
                                           "seed": seed})
+    source.setdefault("parity_data", {"kind": "given", "n_examples": len(x),
+                                      "labels": y is not None})
     x = np.asarray(x, np.float32)
     check_image_shape(x.shape, input_shape, "the network")
     kind = "test images" if source.get("parity_data", {}).get("kind") == "dataset" else "images"
@@ -388,7 +390,7 @@ def export_network(network, out, x=None, y=None, eps=None, branch="adv", name="m
         n_pgd = len(x) if pgd_examples is None else min(pgd_examples, len(x))
         if y is None or eps is None:
             n_pgd = 0
-            if y is None:
+            if y is None and source["parity_data"]["kind"] == "random_uniform":
                 log("checks on random images in [0,1]: "
                     + source["parity_data"].get("why", "no test images were given"))
         pgd = None

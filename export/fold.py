@@ -117,6 +117,8 @@ def fold_network(network, branch="adv", input_shape=None):
     except ValueError as e:
         raise FoldError(f"cannot fold: {e}") from None
     input_shape = tuple(input_shape or network_input_shape(graph))
+    if not any(isinstance(layer, BN_TYPES) for layer in _all_layers(graph)):
+        return _copy_without_bn(graph, input_shape, branch)
     into, merged = {}, {}  # id(BN layer) -> producer; id(producer) -> BN layer
     for layer in _all_layers(graph):
         if isinstance(layer, BN_TYPES):
@@ -125,11 +127,13 @@ def fold_network(network, branch="adv", input_shape=None):
             if producer is not None:
                 into[id(layer)], merged[id(producer)] = producer, layer
     used, counter = set(), [0]
-    originals = {}
+    originals, copies, done = {}, [], set()
 
     def clone(layer):
         if isinstance(layer, BN_TYPES):
             return layer  # never called: call() below maps or merges it
+        if not isinstance(layer, keras.layers.Layer):  # an operation: no weights, no config
+            return layer
         config, _ = _plain_config(layer, id(layer) in merged)
         cls = keras.layers.Conv2D if "torch_padding" in layer.get_config() else layer.__class__
         try:
@@ -138,9 +142,11 @@ def fold_network(network, branch="adv", input_shape=None):
             raise FoldError(f"cannot copy layer '{layer.name}' ({type(layer).__name__}): "
                             f"{e}") from None
         originals[id(new)] = layer
+        copies.append((new, layer))
         return new
 
     def set_weights(new, old):
+        done.add(id(new))
         values = [np.asarray(w.numpy(), np.float64) for w in old.weights]
         used.update(id(w) for w in old.weights)
         if id(old) in merged:
@@ -179,7 +185,9 @@ def fold_network(network, branch="adv", input_shape=None):
     def call(new, *args, **kwargs):
         if isinstance(new, BN_TYPES):
             return args[0] if id(new) in into else affine(new, args[0])
-        old = originals[id(new)]
+        old = originals.get(id(new), new)  # an operation (x * 0.5) Keras did not clone
+        if not isinstance(old, keras.layers.Layer):
+            return new(*args, **kwargs)
         _, pad = _plain_config(old, False)
         if pad:
             counter[0] += 1
@@ -203,6 +211,9 @@ def fold_network(network, branch="adv", input_shape=None):
     except Exception as e:  # noqa: BLE001 - anything Keras cannot rebuild
         raise FoldError(f"cannot rebuild the graph of {graph.name}: "
                         f"{str(e).splitlines()[0][:200]}") from None
+    for new, old in copies:  # inside a nested Sequential, Keras calls no call_function
+        if id(new) not in done and old.weights and new.built:
+            set_weights(new, old)
     left = [layer.name for layer in folded._flatten_layers(recursive=True)  # noqa: SLF001
             if isinstance(layer, BN_TYPES)]
     if left:
@@ -214,6 +225,18 @@ def fold_network(network, branch="adv", input_shape=None):
         raise FoldError(f"folding left {len(missing)} weight(s) unused (e.g. {missing[:3]}) "
                         "or read foreign ones")
     return keras.Model(folded.inputs[0], folded.outputs[0], name=f"{graph.name}_folded_{branch}")
+
+
+def _copy_without_bn(graph, input_shape, branch):
+    """A graph with no BatchNormalization has nothing to fold: a copy of it (weights and
+    all) on an input named INPUT_NAME, with a one-line note."""
+    import sys
+    print(f"note: {graph.name} has no BatchNormalization: nothing to fold, exported as it "
+          "is", file=sys.stderr)
+    images = keras.Input(shape=input_shape, dtype="float32", name=INPUT_NAME)
+    copy = keras.models.clone_model(graph, input_tensors=images)
+    copy.set_weights(graph.get_weights())
+    return keras.Model(copy.inputs[0], copy.outputs[0], name=f"{graph.name}_folded_{branch}")
 
 
 def _other_branch_weights(graph, branch):

@@ -142,16 +142,39 @@ def onnx_proto(model_fn, input_shape, opset=17, output_path=None):
     """ONNX of model_fn (images [N, *input_shape] -> logits) with tf2onnx, written to
     output_path if given. Converted from a tf.function with an explicit input signature
     (dynamic batch; input "images", output "logits"), not from_keras, which breaks on
-    some Keras 3 models."""
+    some Keras 3 models. Tensors the function captures (variables, and constants held
+    outside it such as keras Normalization's mean) are frozen into the graph: the ONNX
+    model has one input."""
     import logging
 
     import tensorflow as tf
     import tf2onnx
+    from tf2onnx import tf_loader
     logging.getLogger("tf2onnx").setLevel(logging.WARNING)
     spec = [tf.TensorSpec([None, *input_shape], tf.float32, name="images")]
     fn = tf.function(lambda images: {LOGITS: model_fn(images)}, input_signature=spec)
-    proto, _ = tf2onnx.convert.from_function(fn, input_signature=spec, opset=opset,
-                                             output_path=output_path)
+    concrete = fn.get_concrete_function(*spec)
+    inputs = [t.name for t in concrete.inputs if t.dtype != tf.resource]
+    outputs = [t.name for t in concrete.outputs if t.dtype != tf.resource]
+    # Captured tensors that are not variables enter the graph as placeholders, which
+    # tf2onnx would make inputs of the model: they become constants of their values.
+    held = {internal.name: external for external, internal in concrete.graph.captures
+            if internal.dtype != tf.resource}
+    with tf.device("/cpu:0"):
+        graph_def = tf_loader.from_function(concrete, inputs, outputs)
+        for node in graph_def.node:
+            if f"{node.name}:0" in held and node.op == "Placeholder":
+                value = held[f"{node.name}:0"]
+                node.op = "Const"
+                node.attr.clear()
+                node.attr["dtype"].type = value.dtype.as_datatype_enum
+                node.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(value.numpy()))
+        images = [name for name in inputs if name not in held]
+        proto, _ = tf2onnx.convert._convert_common(  # noqa: SLF001 - from_function's own
+            graph_def, name=concrete.name, continue_on_error=True, opset=opset,
+            input_names=images, output_names=outputs, output_path=output_path,
+            tensors_to_rename=tf2onnx.convert.tensor_names_from_structed(
+                concrete, images, outputs))
     return proto
 
 

@@ -45,16 +45,15 @@ class SplitBNNetwork(keras.Model):
             raise ValueError("graph must be a functional keras.Model with one input and one "
                              "output (the logits)")
         self.graph = graph
-        layer_names = {layer.name for layer in graph.layers}
+        tappable = operations_by_name(graph)
         self.features = dict(features or {})
-        unknown = {k: v for k, v in self.features.items() if v not in layer_names}
+        unknown = {k: v for k, v in self.features.items() if v not in tappable}
         if unknown:
             raise ValueError(f"features name layers the graph does not have: {unknown}")
         self.default_taps = tuple(default_taps or (penultimate_layer(graph),))
         self.default_invariance_weight = float(default_invariance_weight)
         self.tap_names = tuple(self.features) + tuple(
-            layer.name for layer in graph.layers
-            if layer.name not in self.features and not isinstance(layer, keras.layers.InputLayer))
+            name for name in tappable if name not in self.features)
         missing = [t for t in self.default_taps if t not in self.tap_names]
         if missing:
             raise ValueError(f"default_taps {missing} are neither features nor layers")
@@ -67,8 +66,8 @@ class SplitBNNetwork(keras.Model):
         return tuple(self.features) or self.default_taps
 
     def layer_of(self, tap):
-        """The graph layer whose output is feature `tap`."""
-        return self.graph.get_layer(self.features.get(tap, tap))
+        """The graph layer (or operation) whose output is feature `tap`."""
+        return operations_by_name(self.graph)[self.features.get(tap, tap)]
 
     def _feature_graph(self, names):
         if names not in self._feature_graphs:
@@ -110,6 +109,13 @@ class SplitBNNetwork(keras.Model):
         config = dict(config)
         config["graph"] = keras.saving.deserialize_keras_object(config["graph"])
         return cls(**config)
+
+
+def operations_by_name(graph):
+    """{name: layer or operation} of a functional graph, its input aside: layers and
+    operations on KerasTensors (x * 0.5, keras.ops.mean) alike can be tapped."""
+    return {op.name: op for op in graph.operations
+            if not isinstance(op, keras.layers.InputLayer)}
 
 
 def penultimate_layer(graph):

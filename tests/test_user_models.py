@@ -206,6 +206,83 @@ def test_to_split_bn_refuses_what_it_cannot_read():
         to_split_bn(keras.Sequential([keras.layers.Dense(2)]))
 
 
+def operator_model():
+    """Operators on KerasTensors (h * 0.5 + 1, keras.ops calls), a BN whose input is a
+    sum, and an operation (keras.ops.mean) as the classifier's input."""
+    images = keras.Input((32, 32, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same", use_bias=False)(images)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.ops.relu(x * 0.5 + 1.0)
+    h = keras.layers.Conv2D(8, 3, padding="same")(x)
+    x = keras.layers.BatchNormalization()(x + h)
+    pooled = keras.ops.mean(keras.ops.maximum(x, 0.0), axis=[1, 2])
+    return keras.Model(images, keras.layers.Dense(10)(pooled), name="user_operators")
+
+
+# keras.applications families with BatchNormalization at 32x32, weights=None. MobileNetV3
+# applies operators to KerasTensors (hard_sigmoid: x + 3, * 1/6); EfficientNet holds a
+# Normalization layer whose mean the ONNX conversion must freeze; NASNet has separable
+# convolutions and many concatenations. (The ResNets and EfficientNetV2 at 32x32 reach
+# 1x1 feature maps whose BN statistics, after two steps on 8 images, blow the logits up to
+# 1e3-1e10, where float32 alone differs by more than 1e-4 between runtimes.)
+APPLICATIONS = {"MobileNetV3Small": {}, "DenseNet121": {}, "EfficientNetB0": {},
+                "MobileNetV2": {"alpha": 0.35}, "NASNetMobile": {}}
+
+
+def application(name):
+    return getattr(keras.applications, name)(input_shape=(32, 32, 3), weights=None,
+                                               classes=10, classifier_activation=None,
+                                               **APPLICATIONS[name])
+
+
+@pytest.mark.parametrize("name", ["operators", *APPLICATIONS])
+def test_arat_steps_then_export_on_graphs_with_operators_and_applications(name, tmp_path):
+    """to_split_bn, two ARAT steps (run eagerly: tracing these graphs costs more than
+    the steps), then export_model: no BatchNormalization node left in the ONNX graph, and
+    every format within 1e-4 of the split-BN network's logits."""
+    from keras_arat import export_model
+    from keras_arat.training import ARATModel, TorchSGD
+    from tests import helpers
+    keras.utils.set_random_seed(0)
+    # The applications keep Keras' initial BN statistics: two steps then move them.
+    model = randomize_statistics(operator_model()) if name == "operators" else \
+        application(name)
+    net = to_split_bn(model, momentum=0.9)
+    x = images(8)
+    np.testing.assert_allclose(net(x, training=False).numpy(),
+                               model(x, training=False).numpy(), atol=1e-5, rtol=0)
+    (xt, yt), (xe, ye) = helpers.tiny_data().train, helpers.tiny_data().test
+    arat = ARATModel(net, eps=0.03, step_size=0.01, attack_steps=1)
+    arat.compile(optimizer=TorchSGD(0.01), run_eagerly=True)
+    history = arat.fit(xt[:16], yt[:16], batch_size=8, epochs=1, verbose=0)
+    assert int(arat.optimizer.iterations.numpy()) == 2
+    assert np.isfinite(history.history["loss"][0])
+    report = export_model(net, str(tmp_path / "out"), x=xe[:16], y=ye[:16])
+    diffs = report["max_abs_logit_diff_vs_original"]
+    print(f"{name}: {diffs}")
+    assert report["passed"] and max(diffs.values()) <= ATOL
+    assert "BatchNormalization" not in report["onnx"]["op_types"]
+    assert report["accuracy"]["onnxruntime"] == report["accuracy"]["original"]
+
+
+def test_a_graph_without_batch_norm_passes_through_with_a_note(capsys, tmp_path):
+    """ConvNeXt has LayerNormalization, no BatchNormalization: to_split_bn and fold_bn
+    pass it through with a one-line note each (its branches are the same network)."""
+    from keras_arat import fold_bn
+    model = keras.applications.ConvNeXtTiny(input_shape=(32, 32, 3), weights=None,
+                                            classes=10, classifier_activation=None)
+    net = to_split_bn(model)
+    folded = fold_bn(net)
+    err = capsys.readouterr().err
+    assert "has no BatchNormalization: nothing to split" in err
+    assert "has no BatchNormalization: nothing to fold" in err
+    x = images(4)
+    want = model(x, training=False).numpy()
+    for out in (net(x, training=False, branch="clean"), net(x, training=False, branch="adv"),
+                folded(x)):
+        np.testing.assert_allclose(np.asarray(out), want, atol=1e-5, rtol=0)
+
+
 def test_the_output_model_takes_images_as_its_input():
     net = to_split_bn(sequential_cnn())
     folded = fold.fold_network(net, "adv")

@@ -177,6 +177,8 @@ class AdversarialTrainer(keras.Model):
         x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
         with tf.GradientTape() as tape:
             loss, logs = self.losses_for(x, y)
+            if self.losses:  # the layers' regularizers (kernel_regularizer=..., ...)
+                loss = loss + tf.cast(tf.add_n(self.losses), loss.dtype)
             if self.uses_attack:
                 logs["attack_eps"] = self.attack.eps * self.warmup_fraction()
             # Replicas' gradients are summed: scale so they add up to the global mean.
