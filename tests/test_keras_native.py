@@ -10,7 +10,6 @@ import tensorflow as tf
 from keras_arat.layers.split_batch_norm import SplitBatchNormalization
 from keras_arat.network import to_split_bn
 from keras_arat.training import ARATModel, TorchSGD
-from tests import helpers
 
 
 def bn_model(**bn):
