@@ -76,6 +76,7 @@ from keras_arat.attacks import (APGD, PGD, AutoAttack, BudgetError, EvaluationEr
                                 check_agreement, check_inputs, check_logits, core,
                                 run_attack)
 from keras_arat.attacks.autoattack import masking_warning, predict_labels
+from keras_arat.attacks.base import model_function
 
 ATTACKS = ("clean", "pgd20", "pgd20-leak", "cw", "apgd-ce", "apgd-t", "fab-t", "square",
            "autoattack")
@@ -254,17 +255,7 @@ def evaluate_network(network, x, y, eps, branches=("adv",), attacks=("clean", "p
 def as_model_fn(model, branch="adv"):
     """images -> logits in inference mode: a network with split BN (its `branch`), any
     Keras model, or any callable (returned as it is)."""
-    import keras
-
-    from keras_arat.network import SplitBNNetwork
-    if isinstance(model, SplitBNNetwork) or hasattr(model, "default_taps"):
-        return lambda z: model(z, training=False, branch=branch)
-    if isinstance(model, keras.Model):
-        return lambda z: model(z, training=False)
-    if callable(model):
-        return model
-    raise TypeError(f"cannot evaluate a {type(model).__name__}: give a Keras model or a "
-                    "callable images -> logits")
+    return model_function(model, branch)
 
 
 def evaluate_model(model, x, y, eps, attacks=("clean", "pgd20"), branch="adv",
@@ -318,7 +309,8 @@ def attack_settings(name, eps, norm="linf", restarts=1, seed=0, over=None):
                 "n_iter": aa.n_iter, "n_target_classes": aa.n_target_classes,
                 "square_queries": aa.n_queries, "square_p_init": aa.p_init}
     attack = make_attack(name, eps, norm)
-    fields = {k: v for k, v in dataclasses.asdict(attack).items()
+    fields = {f.name: getattr(attack, f.name) for f in dataclasses.fields(attack)}
+    fields = {k: v for k, v in fields.items()
               if isinstance(v, (int, float, str, bool)) and k not in ("eps", "norm")}
     return {**common, **fields}
 

@@ -25,11 +25,16 @@ def test_readme_own_model_runs_as_printed(tmp_path):
     proc = run_cli(str(script), cwd=str(tmp_path), env={"PYTHONPATH": ROOT}, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    accuracy, diffs = eval(lines[-2]), eval(lines[-1])  # the two printed dicts
+    validation, accuracy, diffs = (eval(line) for line in lines[-3:])  # the printed dicts
     print(proc.stdout[-2000:])
+    # The best checkpoint by val_pgd_acc, reloaded, evaluated on the test images.
+    assert (tmp_path / "best.keras").exists()
+    assert set(validation) == {"loss", "clean_acc", "pgd_acc", "clean_acc_clean_branch"}
+    assert 1.0 >= validation["clean_acc"] >= validation["pgd_acc"] >= 0.0
     # Accuracies are fractions of the 40 test images: each attack alone, and the worst
     # case over both.
     assert set(accuracy) == {"clean", "pgd20", "autoattack", "worst_case"}
+    assert accuracy["clean"] == pytest.approx(validation["clean_acc"])  # the same model
     assert 1.0 >= accuracy["clean"] >= max(accuracy["pgd20"], accuracy["autoattack"])
     assert min(accuracy["pgd20"], accuracy["autoattack"]) >= accuracy["worst_case"] >= 0.0
     assert accuracy["clean"] >= 0.75 and accuracy["pgd20"] >= 0.2  # it learned, robustly

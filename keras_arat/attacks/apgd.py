@@ -19,6 +19,7 @@ import dataclasses
 import tensorflow as tf
 
 from keras_arat.attacks import core
+from keras_arat.attacks.base import Attack, as_seed
 
 LOSS_NAMES = ("ce", "dlr", "dlr-targeted")
 
@@ -118,16 +119,18 @@ def apgd_single_run(model_fn, x, y, loss_fn, eps, norm, n_iter, rho, seed, x_ini
             s["correct"])
 
 
-@dataclasses.dataclass(frozen=True)
-class APGD:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class APGD(Attack):
     """APGD on cross-entropy ("ce"), DLR ("dlr") or targeted DLR ("dlr-targeted", APGD-T).
 
-    __call__(model_fn, x, y, seed) -> x_adv: for examples some run misclassified, the
-    misclassified point; for the others the highest-loss point found. Restarts (and, for
+    attack(model_fn, x, y, seed) -> x_adv (or APGD(model, eps=...)(x, y), see base.py):
+    for examples some run misclassified, the misclassified point; for the others the
+    highest-loss point found. Restarts (and, for
     APGD-T, the n_target_classes most likely wrong classes at x, 1 run each by default)
     only change examples still classified correctly.
     """
 
+    model: object = dataclasses.field(default=None, kw_only=False, compare=False, repr=False)
     eps: float
     norm: str = "linf"
     loss: str = "ce"
@@ -148,10 +151,10 @@ class APGD:
     def name(self):
         return {"ce": "apgd-ce", "dlr": "apgd-dlr", "dlr-targeted": "apgd-t"}[self.loss]
 
-    def __call__(self, model_fn, x, y, seed):
+    def perturb(self, model_fn, x, y, seed):
         x = tf.convert_to_tensor(x)
         y = tf.cast(y, tf.int64)
-        seed = tf.cast(seed, tf.int64)
+        seed = as_seed(seed)
         clean_logits = model_fn(x)
         correct = core.is_correct(clean_logits, y)
         n_targets = 1

@@ -25,6 +25,7 @@ import tensorflow as tf
 
 from keras_arat.attacks import core
 from keras_arat.attacks.apgd import APGD
+from keras_arat.attacks.base import Attack, as_seed, model_function
 from keras_arat.attacks.fab import FABTargeted
 from keras_arat.attacks.square import Square
 
@@ -161,7 +162,7 @@ def zero_gradient_fraction(model_fn, x, y):
 
 
 @dataclasses.dataclass(frozen=True)
-class Restarts:
+class Restarts(Attack):
     """Run `attack` n times (seeds folded with the restart index); per example, keep the
     first misclassified result, else the last run's point. Works for any attack."""
 
@@ -172,9 +173,14 @@ class Restarts:
     def name(self):
         return f"{getattr(self.attack, 'name', 'attack')}x{self.n}"
 
-    def __call__(self, model_fn, x, y, seed):
+    @property
+    def model(self):
+        return getattr(self.attack, "model", None)
+
+    def perturb(self, model_fn, x, y, seed):
         x = tf.convert_to_tensor(x)
         y = tf.cast(y, tf.int64)
+        seed = as_seed(seed)
         best = None
         broken = tf.zeros(tf.shape(y), tf.bool)
         for r in range(self.n):
@@ -290,15 +296,21 @@ class AutoAttackResult:
                 "stages": self.stages, "warnings": self.warnings}
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class AutoAttack:
     """Sequential ensemble; attacks=None means the 'standard' version.
 
     run(model_fn, x, y, ...) attacks, stage by stage, only the examples still classified
     correctly (and, with initial_robust, only those earlier attacks failed on too, so the
-    result is the worst case over all of them).
+    result is the worst case over all of them). Made with a model,
+
+        x_adv, robust = AutoAttack(model, eps=8 / 255)(x, y)
+
+    attacks any Keras model or images -> logits callable (keras_arat.attacks.base) and
+    returns the adversarial images and the per-example verdicts (True: still correct).
     """
 
+    model: object = dataclasses.field(default=None, kw_only=False, compare=False, repr=False)
     eps: float
     norm: str = "linf"
     attacks: list = None
@@ -314,6 +326,15 @@ class AutoAttack:
         if self.attacks is None:
             self.attacks = standard_attacks(self.eps, self.norm, self.n_iter, self.n_queries,
                                             self.n_target_classes, self.p_init)
+
+    def __call__(self, x, y, seed=0, batch_size=250, branch="adv", **run_options):
+        """(x_adv, robust) of the model this AutoAttack was made with (see run)."""
+        if self.model is None:
+            raise ValueError("AutoAttack was made without a model: use run(model_fn, x, y) "
+                             "or AutoAttack(model, eps=...)(x, y)")
+        result = self.run(model_function(self.model, branch), x, y, batch_size, int(seed),
+                          **run_options)
+        return result.x_adv, result.robust
 
     def run(self, model_fn, x, y, batch_size=250, seed=0, initial_robust=None,
             initial_stages=(), progress=False, check=True, log=None, query_fn=None):

@@ -21,6 +21,7 @@ import dataclasses
 import tensorflow as tf
 
 from keras_arat.attacks import core
+from keras_arat.attacks.base import Attack, as_seed
 
 
 def _bcast(v, like):
@@ -173,15 +174,16 @@ def _search_found(model_fn, x, y, adv, found, eps, norm, steps):
     return tf.stop_gradient(adv), ok
 
 
-@dataclasses.dataclass(frozen=True)
-class FABTargeted:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FABTargeted(Attack):
     """FAB-T: for each of the n_target_classes most likely wrong classes (n_restarts runs
     each, random start from the second), attack the examples still classified correctly.
 
-    __call__(model_fn, x, y, seed) -> x_adv (x itself where no adversarial point within
-    eps was found).
+    attack(model_fn, x, y, seed) -> x_adv (x itself where no adversarial point within
+    eps was found), or FABTargeted(model, eps=...)(x, y) (base.py).
     """
 
+    model: object = dataclasses.field(default=None, kw_only=False, compare=False, repr=False)
     eps: float
     norm: str = "linf"
     n_iter: int = 100
@@ -199,10 +201,10 @@ class FABTargeted:
         if self.n_iter < 1 or self.n_restarts < 1 or self.n_target_classes < 1:
             raise ValueError("n_iter, n_restarts and n_target_classes must be >= 1")
 
-    def __call__(self, model_fn, x, y, seed):
+    def perturb(self, model_fn, x, y, seed):
         x = tf.convert_to_tensor(x)
         y = tf.cast(y, tf.int64)
-        seed = tf.cast(seed, tf.int64)
+        seed = as_seed(seed)
         logits = model_fn(x)
         correct = core.is_correct(logits, y)
         n_targets = core.target_count(logits, self.n_target_classes)

@@ -6,14 +6,20 @@ from typing import Callable
 import tensorflow as tf
 
 from keras_arat.attacks import core
+from keras_arat.attacks.base import Attack, as_seed
 
 
-@dataclasses.dataclass(frozen=True)
-class PGD:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PGD(Attack):
     """Iterated ascent on `loss` with projection after every step (Madry et al.).
 
+        PGD(eps=8 / 255, steps=20)(model_fn, x, y, seed)   # one batch, the parts' form
+        PGD(model, eps=8 / 255, steps=20)(x, y)            # any Keras model (base.py)
+
     Attributes:
-      eps, step_size, steps: budget in pixel units ([0,1] images).
+      model: the model of the bound form (optional).
+      eps, step_size, steps: budget in pixel units ([0,1] images); step_size defaults to
+        eps / 4, steps to 10.
       loss: per-example loss (logits, target) -> [N]; the attack maximises it.
       norm: "linf" or "l2".
       init: "uniform" (in the ball), "normal" (x + init_scale * N(0,1)) or "none".
@@ -24,9 +30,10 @@ class PGD:
         the eps-ball around x.
     """
 
+    model: object = dataclasses.field(default=None, kw_only=False, compare=False, repr=False)
     eps: float
-    step_size: float
-    steps: int
+    step_size: float = None
+    steps: int = 10
     loss: Callable = core.cross_entropy
     norm: str = "linf"
     init: str = "uniform"
@@ -34,6 +41,8 @@ class PGD:
     noise_leak: bool = False
 
     def __post_init__(self):
+        if self.step_size is None:
+            object.__setattr__(self, "step_size", self.eps / 4)
         if self.norm not in core.NORMS:
             raise ValueError(f"norm must be one of {core.NORMS}, got {self.norm!r}")
         if self.init not in ("uniform", "normal", "none"):
@@ -44,7 +53,7 @@ class PGD:
             raise ValueError("noise_leak reproduces the official L-inf PGD with a uniform "
                              f"start; got norm={self.norm!r}, init={self.init!r}")
 
-    def __call__(self, model_fn, x, target, seed, start=None, return_center=False):
+    def perturb(self, model_fn, x, target, seed, start=None, return_center=False):
         """Adversarial examples for `model_fn` (inputs -> logits).
 
         model_fn fixes the BN branch and mode, e.g. lambda z: net(z, training=True,
@@ -56,6 +65,7 @@ class PGD:
         The result is detached from the graph: no gradient flows back through it.
         """
         x = tf.convert_to_tensor(x)
+        seed = as_seed(seed)
         if start is not None:
             x_adv = tf.convert_to_tensor(start, x.dtype)
         elif self.noise_leak:

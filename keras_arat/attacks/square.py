@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_arat.attacks import core
+from keras_arat.attacks.base import Attack, as_seed
 
 P_SCHEDULE = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 
@@ -100,9 +101,10 @@ def _signs(seed, shape):
     return tf.where(tf.random.stateless_uniform(shape, seed=seed) < 0.5, -1.0, 1.0)
 
 
-@dataclasses.dataclass(frozen=True)
-class Square:
-    """Square Attack on the margin loss; __call__(model_fn, x, y, seed) -> x_adv.
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Square(Attack):
+    """Square Attack on the margin loss; attack(model_fn, x, y, seed) -> x_adv, or
+    Square(model, eps=...)(x, y) (base.py).
 
     Examples already misclassified at x are returned unchanged; the others get the best
     point found (misclassified if the attack succeeded, else the lowest-margin point). Each
@@ -110,6 +112,7 @@ class Square:
     is left.
     """
 
+    model: object = dataclasses.field(default=None, kw_only=False, compare=False, repr=False)
     eps: float
     norm: str = "linf"
     n_queries: int = 5000
@@ -287,10 +290,10 @@ class Square:
         out_margin = tf.tensor_scatter_nd_update(out_margin, rows[:, None], margin_min)
         return out_best, out_margin <= 0.0
 
-    def __call__(self, model_fn, x, y, seed):
+    def perturb(self, model_fn, x, y, seed):
         x = tf.convert_to_tensor(x)
         y = tf.cast(y, tf.int64)
-        seed = tf.cast(seed, tf.int64)
+        seed = as_seed(seed)
         correct = core.is_correct(model_fn(x), y)
         adv, best = x, x
         for r in range(self.n_restarts):

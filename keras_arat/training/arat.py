@@ -11,8 +11,8 @@ from keras_arat.layers.split_batch_norm import (TORCH_EPSILON, TORCH_MOMENTUM,
                                                TorchBatchNormalization)
 from keras_arat.layers.torch_init import torch_bias_initializer, torch_kernel_initializer
 from keras_arat.training.callbacks import APrevCallback
-from keras_arat.training.trainers import (AdversarialTrainer, accuracy, mean_ce, mean_cosine,
-                                          pooled_feature)
+from keras_arat.training.trainers import (AdversarialTrainer, accuracy, cosine, mean_ce,
+                                          pooled_feature, weighted_mean)
 
 INVARIANCE_KINDS = ("asymmetric", "symmetric", "none")
 
@@ -105,6 +105,13 @@ class ARATModel(AdversarialTrainer):
         self.a_prev = self.add_weight(shape=(), initializer="zeros", trainable=False,
                                       name="a_prev")
 
+    def get_config(self):
+        return {**super().get_config(), "taps": list(self.taps),
+                "invariance_weight": self.invariance_weight, "invariance": self.invariance,
+                "predictor": self.use_predictor, "joint_pass": self.joint_pass,
+                "a_prev_examples": self.a_prev_examples,
+                "reference_noise_leak": self.reference_noise_leak}
+
     def fit(self, x=None, y=None, *args, a_prev_data=None, callbacks=None, **kwargs):
         """keras.Model.fit, with a_prev kept up to date: an APrevCallback is added when
         `callbacks` hold none, on `a_prev_data=(x, y)` (fixed), or else, as the official
@@ -121,8 +128,9 @@ class ARATModel(AdversarialTrainer):
                     x, y, self.a_prev_examples, self.seed, kwargs.get("batch_size") or 32)))
         return super().fit(x, y, *args, callbacks=callbacks, **kwargs)
 
-    def invariance_loss(self, feats_clean, feats_adv):
-        """gamma / L * sum_l (1 - mean cos(h_l(z'_l), z_l)); clean side detached if asymmetric."""
+    def invariance_loss(self, feats_clean, feats_adv, sample_weight=None):
+        """gamma / L * sum_l (1 - mean cos(h_l(z'_l), z_l)); clean side detached if
+        asymmetric; each example's term weighted by its sample weight (weighted_mean)."""
         total = 0.0
         for i, tap in enumerate(self.taps):
             z_adv = pooled_feature(feats_adv[tap])
@@ -131,7 +139,7 @@ class ARATModel(AdversarialTrainer):
                 z_clean = tf.stop_gradient(z_clean)
             if self.use_predictor:
                 z_adv = self.predictors[i](z_adv, training=True)
-            total += 1.0 - mean_cosine(z_adv, z_clean)
+            total += weighted_mean(1.0 - cosine(z_adv, z_clean), sample_weight)
         return self.invariance_weight / len(self.taps) * total
 
     def clean_and_adv_pass(self, x, x_adv):
@@ -147,22 +155,22 @@ class ARATModel(AdversarialTrainer):
         return ((logits_c, {name: h[0] for name, h in halves.items()}),
                 (logits_a, {name: h[1] for name, h in halves.items()}))
 
-    def losses_for(self, x, y):
+    def losses_for(self, x, y, sample_weight=None):
         if self.reference_noise_leak:
             x_adv, x = self.adversarial(x, y, branch="adv", return_center=True)
         else:
             x_adv = self.adversarial(x, y, branch="adv")
         (logits_c, feats_c), (logits_a, feats_a) = self.clean_and_adv_pass(x, x_adv)
-        ce_adv, ce_clean = mean_ce(logits_a, y), mean_ce(logits_c, y)
+        ce_adv, ce_clean = mean_ce(logits_a, y, sample_weight), mean_ce(logits_c, y, sample_weight)
         a = tf.cast(self.a_prev, ce_adv.dtype)
         loss = a * ce_adv + (1.0 - a) * ce_clean
         inv = tf.zeros((), ce_adv.dtype)
         if self.invariance != "none":
-            inv = self.invariance_loss(feats_c, feats_a)
+            inv = self.invariance_loss(feats_c, feats_a, sample_weight)
             loss += inv
         return loss, {"ce_adv": ce_adv, "ce_clean": ce_clean, "invariance": inv, "a_prev": a,
-                      "train_acc": accuracy(logits_a, y),
-                      "train_acc_clean": accuracy(logits_c, y)}
+                      "train_acc": accuracy(logits_a, y, sample_weight),
+                      "train_acc_clean": accuracy(logits_c, y, sample_weight)}
 
 
 def a_prev_sampler(x, y, n, seed, batch_size):

@@ -11,16 +11,37 @@ import dataclasses
 import keras
 import tensorflow as tf
 
-from keras_arat.attacks import PGD, core
+from keras_arat.attacks import PGD, Restarts, core
 
 
-def mean_ce(logits, y):
-    return tf.reduce_mean(core.cross_entropy(logits, y))
+def weighted_mean(values, sample_weight=None):
+    """The batch mean of per-example values, each times its sample weight: the sum of
+    w * value over the batch size, as Keras' losses reduce (sum_over_batch_size), so a
+    weight of k counts an example k times."""
+    values = tf.cast(values, loss_dtype(values))
+    if sample_weight is None:
+        return tf.reduce_mean(values)
+    weights = tf.cast(tf.reshape(sample_weight, [-1]), values.dtype)
+    return tf.reduce_sum(values * weights) / tf.cast(tf.size(values), values.dtype)
 
 
-def accuracy(logits, y):
-    return tf.reduce_mean(tf.cast(tf.equal(tf.argmax(logits, -1), tf.cast(y, tf.int64)),
-                                  tf.float32))
+def mean_ce(logits, y, sample_weight=None):
+    return weighted_mean(core.cross_entropy(logits, y), sample_weight)
+
+
+def correct(logits, y):
+    """[N] float32: 1 where the prediction is the label."""
+    return tf.cast(tf.equal(tf.argmax(logits, -1), tf.cast(tf.reshape(y, [-1]), tf.int64)),
+                   tf.float32)
+
+
+def accuracy(logits, y, sample_weight=None):
+    """Accuracy on the batch, each example counted by its weight (as Keras' metrics)."""
+    hits = correct(logits, y)
+    if sample_weight is None:
+        return tf.reduce_mean(hits)
+    weights = tf.cast(tf.reshape(sample_weight, [-1]), tf.float32)
+    return tf.math.divide_no_nan(tf.reduce_sum(hits * weights), tf.reduce_sum(weights))
 
 
 def in_multi_worker_mode():
@@ -28,6 +49,23 @@ def in_multi_worker_mode():
     strategy = tf.distribute.get_strategy()
     return (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
             and strategy.extended._in_multi_worker_mode())  # noqa: SLF001
+
+
+def multi_worker_logs(logs):
+    """A step's logs as Keras 3.15 can average them across workers: under a multi-worker
+    strategy it reduces them with strategy.reduce("MEAN", v, axis=0), which needs a
+    leading axis."""
+    if in_multi_worker_mode():
+        return {name: tf.reshape(v, [1]) for name, v in logs.items()}
+    return logs
+
+
+def has_split_bn(network):
+    """Whether the network has a split BatchNormalization (two branches) anywhere."""
+    from keras_arat.layers.split_batch_norm import SplitBatchNormalization
+    model = getattr(network, "graph", network)
+    return any(isinstance(layer, SplitBatchNormalization) and layer.split
+               for layer in model._flatten_layers())  # noqa: SLF001
 
 
 def loss_dtype(t):
@@ -44,19 +82,32 @@ def pooled_feature(t):
     return t
 
 
-def mean_cosine(a, b):
+def cosine(a, b):
+    """[N] cosine similarity of each example's two vectors."""
     a = tf.math.l2_normalize(tf.cast(a, loss_dtype(a)), axis=-1, epsilon=1e-12)
     b = tf.math.l2_normalize(tf.cast(b, a.dtype), axis=-1, epsilon=1e-12)
-    return tf.reduce_mean(tf.reduce_sum(a * b, axis=-1))
+    return tf.reduce_sum(a * b, axis=-1)
+
+
+def mean_cosine(a, b):
+    return tf.reduce_mean(cosine(a, b))
 
 
 class AdversarialTrainer(keras.Model):
-    """Shared machinery: the PGD attack, seeding, loss trackers, inference calls.
+    """Shared machinery: the PGD attack, seeding, loss trackers, inference calls, and what
+    Keras' evaluate() and fit(validation_data=...) report.
 
-    Subclasses implement `losses_for(x, y)` returning (total_loss, {name: scalar}).
-    Every logged figure goes through a keras.metrics.Mean, so `fit` reports the
-    epoch mean of each (a raw tensor named "loss" would be shadowed by Keras'
+    Subclasses implement `losses_for(x, y, sample_weight=None)` returning (total_loss,
+    {name: scalar}). Every logged figure goes through a keras.metrics.Mean, so `fit`
+    reports the epoch mean of each (a raw tensor named "loss" would be shadowed by Keras'
     own loss tracker).
+
+    Validation (test_step: evaluate(), fit's validation_data): the figures of VAL_NAMES
+    (clean_acc_clean_branch only for a network with split BN), in inference mode, the
+    training figures, a_prev and every BN statistic untouched. The attack is PGD on
+    cross-entropy at the training attack's full eps (never a warm-up's) with
+    val_attack_steps steps of val_step_size (default: the training attack's step size)
+    and val_restarts random restarts (worst case kept).
     """
 
     uses_attack = True
@@ -68,21 +119,32 @@ class AdversarialTrainer(keras.Model):
     # The figures `losses_for` logs besides "loss"; their trackers are made up front
     # (a tf.distribute replica may not add state while training).
     log_names = ("train_acc",)
+    # What a validation (test_step) reports: "loss" is the cross-entropy of the adv branch
+    # on the validation PGD examples, "clean_acc" its accuracy on the clean images,
+    # "pgd_acc" the fraction classified correctly both clean and under the PGD,
+    # "clean_acc_clean_branch" the clean branch's clean accuracy.
+    VAL_NAMES = ("loss", "clean_acc", "pgd_acc", "clean_acc_clean_branch")
+    # The validation attack's seeds: (seed + this, optimiser step).
+    VAL_SEED_OFFSET = 1_000_003
 
     ATTACK_BN_MODES = ("default", "train", "inference")
 
     def __init__(self, network, eps=8 / 255, step_size=2 / 255, attack_steps=10, seed=0,
-                 nan_policy="stop", eps_warmup_steps=0, attack_bn="default", **kwargs):
+                 nan_policy="stop", eps_warmup_steps=0, attack_bn="default",
+                 val_attack_steps=10, val_step_size=None, val_restarts=1, **kwargs):
         super().__init__(**kwargs)
         if attack_bn not in self.ATTACK_BN_MODES:
             raise ValueError(f"attack_bn must be one of {self.ATTACK_BN_MODES}, got "
                              f"{attack_bn!r}")
+        self.attack_bn = attack_bn
         if attack_bn != "default":  # the method's reference choice unless told otherwise
             self.attack_training = attack_bn == "train"
         if nan_policy not in self.NAN_POLICIES:
             raise ValueError(f"nan_policy must be one of {self.NAN_POLICIES}, got {nan_policy!r}")
         if eps_warmup_steps < 0:
             raise ValueError(f"eps_warmup_steps must be >= 0, got {eps_warmup_steps}")
+        if val_attack_steps < 1 or val_restarts < 1:
+            raise ValueError("val_attack_steps and val_restarts must be >= 1")
         self.network = network
         self.attack = self.build_attack(eps, step_size, attack_steps)
         # The training attack's eps and step size grow linearly with the optimiser step,
@@ -90,14 +152,46 @@ class AdversarialTrainer(keras.Model):
         self.eps_warmup_steps = int(eps_warmup_steps)
         self.seed = int(seed)
         self.nan_policy = nan_policy
+        self.val_attack_steps, self.val_restarts = int(val_attack_steps), int(val_restarts)
+        self.val_step_size = None if val_step_size is None else float(val_step_size)
         names = ("loss",) + tuple(self.log_names) + (("attack_eps",) if self.uses_attack else ())
         self.trackers = {name: keras.metrics.Mean(name=name) for name in names}
         if nan_policy == "skip_batch":
             self.skipped = keras.metrics.Sum(name="skipped_batches")
+        self.split_bn = has_split_bn(network)
+        self.val_trackers = {name: keras.metrics.Mean(name=name) for name in self.VAL_NAMES
+                             if self.split_bn or name != "clean_acc_clean_branch"}
+        self._evaluating = False
+        # Built with its network: saving writes every weight, and a loaded trainer's
+        # optimizer is built (and its state restored) when it is compiled from the file.
+        self.built = True
+
+    def get_config(self):
+        """Everything __init__ takes, the network serialized: a trainer saves as .keras."""
+        return {**super().get_config(),
+                "network": keras.saving.serialize_keras_object(self.network),
+                "eps": float(self.attack.eps), "step_size": float(self.attack.step_size),
+                "attack_steps": int(self.attack.steps), "seed": self.seed,
+                "nan_policy": self.nan_policy, "eps_warmup_steps": self.eps_warmup_steps,
+                "attack_bn": self.attack_bn, "val_attack_steps": self.val_attack_steps,
+                "val_step_size": self.val_step_size, "val_restarts": self.val_restarts}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["network"] = keras.saving.deserialize_keras_object(config["network"])
+        return cls(**config)
 
     def build_attack(self, eps, step_size, steps):
         """The training attack: PGD on cross-entropy from a uniform random start."""
         return PGD(eps=eps, step_size=step_size, steps=steps)
+
+    def validation_attack(self):
+        """PGD on cross-entropy at the training attack's full eps (see the class doc)."""
+        attack = PGD(eps=self.attack.eps, norm=self.attack.norm,
+                     step_size=self.val_step_size or self.attack.step_size,
+                     steps=self.val_attack_steps)
+        return Restarts(attack, self.val_restarts) if self.val_restarts > 1 else attack
 
     def track(self, values, weight=None):
         for name, value in values.items():
@@ -105,16 +199,43 @@ class AdversarialTrainer(keras.Model):
         logs = {name: t.result() for name, t in self.trackers.items()}
         if self.nan_policy == "skip_batch":
             logs["skipped_batches"] = self.skipped.result()
-        if in_multi_worker_mode():
-            # Keras 3.15 averages a step's outputs across workers with
-            # strategy.reduce("MEAN", v, axis=0), which needs a leading axis.
-            logs = {name: tf.reshape(v, [1]) for name, v in logs.items()}
-        return logs
+        return multi_worker_logs(logs)
 
     @property
     def metrics(self):
+        """The training figures, or during evaluate() (fit's validation included) the
+        validation ones: Keras resets and reports exactly these, so an evaluation never
+        resets or mixes into the training figures."""
+        if self._evaluating:
+            return list(self.val_trackers.values())
         extra = [self.skipped] if self.nan_policy == "skip_batch" else []
         return list(self.trackers.values()) + extra
+
+    def evaluate(self, *args, **kwargs):
+        self._evaluating = True
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self._evaluating = False
+
+    def test_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        y = tf.reshape(tf.cast(y, tf.int64), [-1])
+
+        def deployed(z):
+            return self.network(z, training=False, branch="adv")
+        seed = tf.stack([tf.constant(self.seed + self.VAL_SEED_OFFSET, tf.int64),
+                         tf.cast(self.optimizer.iterations, tf.int64)])
+        x_adv = self.validation_attack()(deployed, x, y, seed)
+        clean_hits, adv_logits = correct(deployed(x), y), deployed(x_adv)
+        values = {"loss": core.cross_entropy(adv_logits, y), "clean_acc": clean_hits,
+                  "pgd_acc": clean_hits * correct(adv_logits, y)}
+        if self.split_bn:
+            values["clean_acc_clean_branch"] = correct(
+                self.network(x, training=False, branch="clean"), y)
+        for name, value in values.items():
+            self.val_trackers[name].update_state(value, sample_weight=sample_weight)
+        return multi_worker_logs({name: t.result() for name, t in self.val_trackers.items()})
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         """Build state from one replica's batch, never from a cross-replica reduction.
@@ -170,13 +291,15 @@ class AdversarialTrainer(keras.Model):
             lambda z: self.network(z, training=self.attack_training, branch=branch),
             x, target, self.attack_seed(), **attack_kwargs)
 
-    def losses_for(self, x, y):
+    def losses_for(self, x, y, sample_weight=None):
+        """(total loss, {figure: scalar}) of one batch; sample_weight [N] weights every
+        per-example term of the loss (weighted_mean) and the accuracies."""
         raise NotImplementedError
 
     def train_step(self, data):
-        x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         with tf.GradientTape() as tape:
-            loss, logs = self.losses_for(x, y)
+            loss, logs = self.losses_for(x, y, sample_weight)
             if self.losses:  # the layers' regularizers (kernel_regularizer=..., ...)
                 loss = loss + tf.cast(tf.add_n(self.losses), loss.dtype)
             if self.uses_attack:
