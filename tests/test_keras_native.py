@@ -226,6 +226,8 @@ def test_attacks_made_with_a_keras_applications_model():
     same = PGD(eps=0.3, steps=10)(lambda z: model(z, training=False), tf.constant(x),
                                   tf.constant(y), tf.constant([3, 0], tf.int64))
     np.testing.assert_allclose(x_adv, same.numpy(), atol=1e-6)  # batch 0 of seed 3
+    as_int = PGD(eps=0.3, steps=10)(lambda z: model(z, training=False), x, y, 3)
+    np.testing.assert_array_equal(as_int.numpy(), same.numpy())  # an int seed is (3, 0)
     x_aa, robust = AutoAttack(model, eps=0.3, n_iter=5, n_queries=50, n_target_classes=2)(
         x, y)
     assert robust.dtype == bool and robust.shape == (8,) and not robust.any()
