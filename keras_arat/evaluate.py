@@ -123,7 +123,7 @@ def with_leak(attacks, reference_noise_leak):
 
 def evaluate_model_fn(model_fn, x, y, eps, attacks=("clean", "pgd20"), batch_size=256, seed=0,
                       norm="linf", gradients=True, restarts=1, progress=False, log=None,
-                      autoattack=None, eager=False, query_fn=None):
+                      autoattack=None, query_fn=None):
     """Accuracies of one model (images -> logits) under each attack, and the details.
 
     Each attack's figure is that attack alone: an example counts as robust if it is
@@ -135,7 +135,7 @@ def evaluate_model_fn(model_fn, x, y, eps, attacks=("clean", "pgd20"), batch_siz
     Returns (accs, details): accs = {attack: acc, f"{attack}_time_s": s}; details holds
     the per-example masks, the AutoAttack breakdown, the warnings and notes. Raises
     EvaluationError (a ValueError) for inputs outside [0,1] or probability outputs.
-    autoattack: an AutoAttack to use instead of the standard one; eager: no tf.function.
+    autoattack: an AutoAttack to use instead of the standard one.
     query_fn: a faster forward-only runtime of the same model that Square queries (see
     AutoAttack.run); checked to agree with model_fn, which gives every verdict.
     """
@@ -158,7 +158,7 @@ def evaluate_model_fn(model_fn, x, y, eps, attacks=("clean", "pgd20"), batch_siz
         if name == "clean":
             mask, elapsed = clean, clean_time
         elif name == "autoattack":
-            aa = autoattack or AutoAttack(eps=eps, norm=norm, eager=eager)
+            aa = autoattack or AutoAttack(eps=eps, norm=norm)
             result = aa.run(model_fn, x, y, batch_size, seed, progress=progress, check=True,
                             log=log, query_fn=query_fn)
             mask = result.robust
@@ -166,7 +166,7 @@ def evaluate_model_fn(model_fn, x, y, eps, attacks=("clean", "pgd20"), batch_siz
             details["warnings"] += result.warnings
         else:
             _, mask = run_attack(make_attack(name, eps, norm, restarts), model_fn, x, y,
-                                 batch_size, seed, progress=progress, desc=name, eager=eager,
+                                 batch_size, seed, progress=progress, desc=name,
                                  query_fn=query_fn if name == "square" else None)
             mask = mask & clean
         accs[name] = float(mask.mean()) if len(mask) else 0.0

@@ -20,9 +20,9 @@ def setup():
     return (lambda z: net(z, training=False, branch="adv")), x[:N], y[:N]
 
 
-def small_autoattack(eps, norm="linf", n_iter=10, n_queries=300, n_targets=3, eager=False):
+def small_autoattack(eps, norm="linf", n_iter=10, n_queries=300, n_targets=3):
     return AutoAttack(eps=eps, norm=norm, n_iter=n_iter, n_queries=n_queries,
-                      n_target_classes=n_targets, eager=eager)
+                      n_target_classes=n_targets)
 
 
 def attacks_for(eps, norm, n_iter=3, n_queries=30):
@@ -51,8 +51,8 @@ def test_every_attack_stays_in_ball_and_box(setup, norm, eps):
         assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0, attack
         if not isinstance(attack, FABTargeted):  # FAB returns x where it found nothing
             assert norms(x_adv, x, norm).max() > 0.5 * eps, attack
-    result = small_autoattack(eps, norm, n_iter=3, n_queries=30, n_targets=2,
-                              eager=True).run(f, x, y, batch_size=8, seed=1)
+    result = small_autoattack(eps, norm, n_iter=3, n_queries=30, n_targets=2).run(
+        f, x, y, batch_size=8, seed=1)
     assert norms(result.x_adv, x, norm).max() <= eps + ATOL
     assert result.x_adv.min() >= 0.0 and result.x_adv.max() <= 1.0
 
@@ -135,7 +135,7 @@ def test_gradient_masking_defeats_gradient_attacks_not_square(setup):
 def test_same_seed_same_adversarial_examples(setup):
     f, x, y = setup
     x, y = x[:16], y[:16]
-    aa = small_autoattack(0.1, n_iter=2, n_queries=10, n_targets=2, eager=True)
+    aa = small_autoattack(0.1, n_iter=2, n_queries=10, n_targets=2)
     a = aa.run(f, x, y, batch_size=8, seed=3).x_adv
     b = aa.run(f, x, y, batch_size=8, seed=3).x_adv
     np.testing.assert_array_equal(a, b)

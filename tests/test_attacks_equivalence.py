@@ -14,7 +14,7 @@ import tensorflow as tf
 from keras_arat.attacks import APGD, FABTargeted, Square, core
 from keras_arat.attacks.apgd import apgd_single_run
 from keras_arat.attacks.fab import fab_targeted_run, final_search, project_on_hyperplane
-from keras_arat.attacks.square import _bcast, _rand_position, _signs, _window
+from keras_arat.attacks.square import _rand_position, _signs, _window
 from tests import helpers
 
 N = 48
@@ -97,12 +97,12 @@ def test_apgd_t_same_verdicts_as_one_run_per_target(setup):
             0.75, core.fold_seed(SEED, t, 0))
         newly = correct & ~still
         first_broken_by[newly.numpy()] = t
-        adv = tf.where(_bcast(newly, x), x_best_adv, adv)
+        adv = tf.where(core.bcast(newly, x), x_best_adv, adv)
         better = correct & (loss_best > best_loss)
-        best = tf.where(_bcast(better, x), x_best, best)
+        best = tf.where(core.bcast(better, x), x_best, best)
         best_loss = tf.where(better, loss_best, best_loss)
         correct &= still
-    want = wrong(f, tf.where(_bcast(correct, x), best, adv).numpy(), y)
+    want = wrong(f, tf.where(core.bcast(correct, x), best, adv).numpy(), y)
     assert (first_broken_by > 0).any(), "no point broken after the first target: weak test"
     assert 0 < want.sum() < N
     np.testing.assert_array_equal(got, want)
@@ -123,7 +123,7 @@ def test_fab_t_same_verdicts_as_one_run_per_target(setup):
                                      1.05, 0.9)
         newly = correct & ok
         first_broken_by[newly.numpy()] = t
-        adv = tf.where(_bcast(newly, x), x_run, adv)
+        adv = tf.where(core.bcast(newly, x), x_run, adv)
         correct &= ~ok
     want = wrong(f, adv.numpy(), y)
     assert (first_broken_by > 0).any(), "no point broken after the first target: weak test"
@@ -141,19 +141,19 @@ def test_fab_final_search_same_as_bisecting_the_whole_batch(setup):
     adv = tf.clip_by_value(x + tf.sign(noise) * tf.linspace(0.05, 0.8, N)[:, None, None, None],
                            0.0, 1.0)
     found = tf.logical_not(core.is_correct(f(adv), y))
-    adv = tf.where(_bcast(found, x), adv, x)
+    adv = tf.where(core.bcast(found, x), adv, x)
     # The composition it replaced: the bisection over the whole batch, kept where found.
     delta, lo, hi = adv - x, tf.zeros([N]), tf.ones([N])
     for _ in range(steps):
         mid = (lo + hi) / 2.0
-        bad = tf.logical_not(core.is_correct(f(x + _bcast(mid, x) * delta), y))
+        bad = tf.logical_not(core.is_correct(f(x + core.bcast(mid, x) * delta), y))
         lo, hi = tf.where(bad, lo, mid), tf.where(bad, mid, hi)
-    searched = tf.where(_bcast(found, x), x + _bcast(hi, x) * delta, x)
+    searched = tf.where(core.bcast(found, x), x + core.bcast(hi, x) * delta, x)
     dist = core.lp_norm(searched - x, "linf").numpy()
     # eps between the found points' distances: some kept, some dropped.
     eps = float(np.median(dist[found.numpy()]))
     want_ok = found & (dist <= eps) & ~core.is_correct(f(searched), y)
-    want_adv = tf.where(_bcast(want_ok, x), searched, x)
+    want_adv = tf.where(core.bcast(want_ok, x), searched, x)
     got_adv, got_ok = final_search(f, x, y, adv, found, eps, "linf", steps)
     kept, n_found = int(tf.reduce_sum(tf.cast(want_ok, tf.int32))), int(np.sum(found))
     assert 0 < kept < n_found < N, f"need kept, dropped and unfound points: {kept}, {n_found}"
@@ -204,7 +204,7 @@ def plain_square(attack, f, x, y, seed):
         loss_min = tf.where(improved, margin, loss_min)
         take = active & (improved | (margin <= 0))
         margin_min = tf.where(take, margin, margin_min)
-        x_best = tf.where(_bcast(take, x), x_new, x_best)
+        x_best = tf.where(core.bcast(take, x), x_new, x_best)
         broken_at[(take & (margin <= 0)).numpy()] = it
     return x_best.numpy(), (margin_min <= 0).numpy(), broken_at, queried
 

@@ -117,7 +117,7 @@ def test_every_reported_batch_is_checked_against_the_threat_model(net_and_data):
     with pytest.raises(BudgetError, match="overshoot moved example"):
         run_attack(Overshoot(eps), predict(net), x, y, batch_size=32)
     with pytest.raises(BudgetError):
-        AutoAttack(eps=eps, attacks=[Overshoot(eps)], eager=True).run(predict(net), x, y, 32)
+        AutoAttack(eps=eps, attacks=[Overshoot(eps)]).run(predict(net), x, y, 32)
     # A correct attack's figure is still produced.
     _, correct = run_attack(PGD(eps=eps, step_size=eps / 4, steps=2), predict(net), x, y, batch_size=32)
     assert correct.dtype == bool and correct.shape == (len(x),)

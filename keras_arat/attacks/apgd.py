@@ -24,11 +24,6 @@ from keras_arat.attacks.base import Attack, as_seed
 LOSS_NAMES = ("ce", "dlr", "dlr-targeted")
 
 
-def _bcast(v, like):
-    """[N] -> [N, 1, 1, ...] matching `like`'s rank."""
-    return tf.reshape(v, [-1] + [1] * (len(like.shape) - 1))
-
-
 def apgd_start(x, eps, seed, norm):
     """AutoAttack's random start: a point on the surface of the (L-inf or L2) ball, clipped."""
     if norm == "linf":
@@ -41,7 +36,7 @@ def apgd_start(x, eps, seed, norm):
 
 def _momentum_step(x_adv, x_adv_old, grad, x, eps, step_size, norm, a):
     """z = P(x_k + eta * s(grad)); x_{k+1} = P(x_k + a (z - x_k) + (1 - a)(x_k - x_{k-1}))."""
-    eta = _bcast(step_size, x)
+    eta = core.bcast(step_size, x)
     z = core.project(core.ascent_step(x_adv, grad, eta, norm), x, eps, norm)
     return core.project(x_adv + a * (z - x_adv) + (1.0 - a) * (x_adv - x_adv_old), x, eps, norm)
 
@@ -79,12 +74,12 @@ def apgd_single_run(model_fn, x, y, loss_fn, eps, norm, n_iter, rho, seed, x_ini
         logits, loss, grad = loss_grad(x_new)
         pred_ok = core.is_correct(logits, y)
         fooled_now = tf.logical_not(pred_ok)
-        x_best_adv = tf.where(_bcast(fooled_now, x), x_new, s["x_best_adv"])
+        x_best_adv = tf.where(core.bcast(fooled_now, x), x_new, s["x_best_adv"])
         correct = tf.logical_and(s["correct"], pred_ok)
         loss_steps = tf.tensor_scatter_nd_update(s["loss_steps"], [[i]], loss[None])
         improved = loss > s["loss_best"]
-        x_best = tf.where(_bcast(improved, x), x_new, s["x_best"])
-        grad_best = tf.where(_bcast(improved, x), grad, s["grad_best"])
+        x_best = tf.where(core.bcast(improved, x), x_new, s["x_best"])
+        grad_best = tf.where(core.bcast(improved, x), grad, s["grad_best"])
         loss_best = tf.where(improved, loss, s["loss_best"])
         counter = s["counter"] + 1
         k = s["k"]
@@ -101,8 +96,8 @@ def apgd_single_run(model_fn, x, y, loss_fn, eps, norm, n_iter, rho, seed, x_ini
                                  s["loss_best_last_check"] >= loss_best)
         halve = tf.logical_and(check, tf.logical_or(oscillating, stalled))
         step_size = tf.where(halve, s["step_size"] / 2.0, s["step_size"])
-        x_next = tf.where(_bcast(halve, x), x_best, x_new)
-        grad_next = tf.where(_bcast(halve, x), grad_best, grad)
+        x_next = tf.where(core.bcast(halve, x), x_best, x_new)
+        grad_next = tf.where(core.bcast(halve, x), grad_best, grad)
         reduced_last_check = tf.where(check, halve, s["reduced_last_check"])
         loss_best_last_check = tf.where(check, loss_best, s["loss_best_last_check"])
         k = tf.where(check, tf.maximum(k - size_decr, n_iter_min), k)
@@ -199,4 +194,4 @@ class APGD(Attack):
             lambda k, *s: tf.logical_and(k < n_targets * self.n_restarts,
                                          tf.reduce_any(s[-1])),
             run, (tf.constant(0), x, best_loss, x, correct))
-        return tf.stop_gradient(tf.where(_bcast(correct, x), best, adv))
+        return tf.stop_gradient(tf.where(core.bcast(correct, x), best, adv))

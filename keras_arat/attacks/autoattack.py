@@ -318,7 +318,6 @@ class AutoAttack:
     n_queries: int = 5000
     n_target_classes: int = 9
     p_init: float = 0.8
-    eager: bool = False  # run the stages without tf.function (tests with tiny budgets)
 
     def __post_init__(self):
         if self.norm not in core.NORMS:
@@ -373,7 +372,7 @@ class AutoAttack:
             if robust.any():
                 adv_i, still = run_attack(
                     attack, model_fn, x, y, batch_size, seed=seed * 7919 + i, only=robust,
-                    progress=progress, desc=name, eager=self.eager,
+                    progress=progress, desc=name,
                     query_fn=query_fn if name in GRADIENT_FREE else None)
                 broken = robust & ~still
                 x_adv[broken] = adv_i[broken]

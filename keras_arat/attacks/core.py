@@ -220,6 +220,11 @@ def target_count(logits, wanted):
     return min(wanted, classes - 1)
 
 
+def bcast(v, like):
+    """A per-example vector [N] shaped to broadcast against a batch like `like`."""
+    return tf.reshape(v, [-1] + [1] * (len(like.shape) - 1))
+
+
 def fold_seed(seed, *values):
     """A new [2] int64 seed derived from `seed` and integers (restart, target, batch...)."""
     seed = tf.cast(seed, tf.int64)

@@ -24,9 +24,6 @@ from keras_arat.attacks import core
 from keras_arat.attacks.base import Attack, as_seed
 
 
-def _bcast(v, like):
-    return tf.reshape(v, [-1] + [1] * (len(like.shape) - 1))
-
 
 def project_on_hyperplane(t, w, b, norm="linf", max_steps=64):
     """Smallest (L-inf or L2) d with w.(t + d) = b and t + d in [0,1]; t, w: [N, D], b: [N].
@@ -129,9 +126,9 @@ def fab_targeted_run(model_fn, x, y, target, eps, norm, n_iter, alpha_max, eta, 
         is_adv = tf.logical_not(core.is_correct(model_fn(x1), y))
         dist = core.lp_norm(x1 - x, norm)
         better = tf.logical_and(is_adv, dist < res)
-        adv = tf.where(_bcast(better, x), x1, adv)
+        adv = tf.where(core.bcast(better, x), x1, adv)
         res = tf.where(better, dist, res)
-        x1 = tf.where(_bcast(is_adv, x), x + beta * (x1 - x), x1)
+        x1 = tf.where(core.bcast(is_adv, x), x + beta * (x1 - x), x1)
         return i + 1, tf.stop_gradient(x1), tf.stop_gradient(adv), res
 
     _, _, adv, res = tf.while_loop(lambda i, *_: i < n_iter, body,
@@ -160,17 +157,17 @@ def _search_found(model_fn, x, y, adv, found, eps, norm, steps):
 
     def bisect(i, lo, hi):
         mid = (lo + hi) / 2.0
-        bad = tf.logical_not(core.is_correct(model_fn(xf + _bcast(mid, xf) * delta), yf))
+        bad = tf.logical_not(core.is_correct(model_fn(xf + core.bcast(mid, xf) * delta), yf))
         return i + 1, tf.where(bad, lo, mid), tf.where(bad, mid, hi)
 
     m = tf.shape(at)[0]
     _, _, hi = tf.while_loop(lambda i, *_: i < steps, bisect,
                              (tf.constant(0), tf.zeros([m], x.dtype), tf.ones([m], x.dtype)))
-    adv_f = xf + _bcast(hi, xf) * delta
+    adv_f = xf + core.bcast(hi, xf) * delta
     ok_f = tf.logical_and(core.lp_norm(adv_f - xf, norm) <= eps,
                           tf.logical_not(core.is_correct(model_fn(adv_f), yf)))
     ok = tf.tensor_scatter_nd_update(tf.zeros_like(found), at[:, None], ok_f)
-    adv = tf.tensor_scatter_nd_update(x, at[:, None], tf.where(_bcast(ok_f, xf), adv_f, xf))
+    adv = tf.tensor_scatter_nd_update(x, at[:, None], tf.where(core.bcast(ok_f, xf), adv_f, xf))
     return tf.stop_gradient(adv), ok
 
 

@@ -38,9 +38,6 @@ def p_selection(p_init, it):
     return p_init / tf.pow(2.0, halvings)
 
 
-def _bcast(v, like):
-    return tf.reshape(v, [-1] + [1] * (len(like.shape) - 1))
-
 
 def _eta_rectangle(rows, cols):
     delta = np.zeros([rows, cols], np.float64)
@@ -225,7 +222,7 @@ class Square(Attack):
             delta = x_best - x
             sq = lambda t: tf.reduce_sum(tf.square(t), axis=[1, 2], keepdims=True)  # noqa
             norm_w1 = tf.sqrt(sq(delta * mask1))  # [n, 1, 1, c]
-            norm_image = _bcast(core.lp_norm(delta, "l2"), x)
+            norm_image = core.bcast(core.lp_norm(delta, "l2"), x)
             norm_windows = tf.sqrt(sq(delta * tf.maximum(mask1, mask2)))
             signs = tf.gather(_signs(seeds[5], [n, 1, 1, c]), rows)
             new = eta * signs + delta * mask1 / (1e-12 + norm_w1)
@@ -300,11 +297,11 @@ class Square(Attack):
             x_run, fooled = self._single_run(model_fn, x, y, core.fold_seed(seed, r))
             fooled = tf.logical_and(fooled, tf.logical_not(core.is_correct(model_fn(x_run), y)))
             newly = tf.logical_and(correct, fooled)
-            adv = tf.where(_bcast(newly, x), x_run, adv)
+            adv = tf.where(core.bcast(newly, x), x_run, adv)
             best = x_run
             correct = tf.logical_and(correct, tf.logical_not(fooled))
         # Still correct: the lowest-margin point of the last run (inside the ball too).
-        return tf.stop_gradient(tf.where(_bcast(correct, x), best, adv))
+        return tf.stop_gradient(tf.where(core.bcast(correct, x), best, adv))
 
     # The L-inf attack again, with its query loop on the host, for a model that a host
     # runtime computes (onnxruntime: numpy images in, numpy logits out). Inside the traced
