@@ -226,7 +226,7 @@ def main():
 
     import numpy as np
     import tensorflow as tf
-    from keras_arat.evaluate import evaluate_model_fn
+    from keras_arat.evaluation import evaluate_model_fn
 
     model_fn, x, y, eps, what = load_model(args)
     attacks = args.attacks.split(",")

@@ -56,7 +56,7 @@ def main():
     import tensorflow as tf
     from absl import logging
 
-    from export import cli
+    from keras_arat.export import exporter, sources
     logging.set_verbosity(logging.WARNING)
 
     tmp = None
@@ -67,11 +67,11 @@ def main():
     try:
         start = time.time()
         try:
-            report = cli.export(cli.default_args(
+            report = exporter.export_run(
                 workdir=args.workdir, keras_model=args.keras_model, branch=args.branch,
-                out=out, overwrite=args.out is not None, n_examples=args.n_examples),
+                out=out, overwrite=args.out is not None, n_examples=args.n_examples,
                 log=lambda *_: None)
-        except (cli.UsageError, cli.ExportCheckError) as e:
+        except (exporter.UsageError, exporter.ExportCheckError) as e:
             print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
             sys.exit(1)
         export_s = time.time() - start
@@ -92,7 +92,7 @@ def main():
               f"   (eps {pgd['eps']:.4g}, step eps/4, seed {pgd['seed']}, "
               f"{pgd['n_examples']} images)")
 
-        network, x, _, _, _ = cli.load_source(cli.default_args(
+        network, x, _, _, _ = sources.load_source(exporter.ExportRequest(
             workdir=args.workdir, keras_model=args.keras_model, n_examples=128))
         branch = args.branch
         keras_fn = tf.function(lambda z: network(z, training=False, branch=branch))

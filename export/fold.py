@@ -227,6 +227,14 @@ def fold_network(network, branch="adv", input_shape=None):
     return keras.Model(folded.inputs[0], folded.outputs[0], name=f"{graph.name}_folded_{branch}")
 
 
+def fold_bn(network, branch="adv", input_shape=None):
+    """A plain functional Keras model computing network(x, training=False, branch=branch)
+    with every BatchNormalization folded into the layer before it (or into a per-channel
+    scale-and-shift where no Conv/Dense precedes it). Works for a SplitBNNetwork and for
+    any functional or Sequential model (keras_arat.fold_bn)."""
+    return fold_network(network, branch, input_shape)
+
+
 def _copy_without_bn(graph, input_shape, branch):
     """A graph with no BatchNormalization has nothing to fold: a copy of it (weights and
     all) on an input named INPUT_NAME, with a one-line note."""

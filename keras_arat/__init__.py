@@ -25,6 +25,29 @@ BN folding and export
 """
 
 import importlib
+import importlib.util
+import os
+import sys
+
+
+def _checkout_export():
+    """In a checkout, the repository's top-level export/ folder is this package's `export`
+    subpackage, as a wheel installs it (pyproject.toml's package-dir): the export code is
+    imported by one name, keras_arat.export, installed or not."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    folder = os.path.join(os.path.dirname(here), "export")
+    if os.path.isdir(os.path.join(here, "export")) or "keras_arat.export" in sys.modules \
+            or not os.path.isfile(os.path.join(folder, "__init__.py")):
+        return
+    spec = importlib.util.spec_from_file_location(
+        "keras_arat.export", os.path.join(folder, "__init__.py"),
+        submodule_search_locations=[folder])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["keras_arat.export"] = module
+    spec.loader.exec_module(module)
+
+
+_checkout_export()
 
 _API = {
     "SplitBatchNormalization": "keras_arat.layers.split_batch_norm",
@@ -43,9 +66,9 @@ _API = {
     "FABTargeted": "keras_arat.attacks",
     "Square": "keras_arat.attacks",
     "AutoAttack": "keras_arat.attacks",
-    "evaluate_model": "keras_arat.evaluate",
-    "fold_bn": "keras_arat.export_api",
-    "export_model": "keras_arat.export_api",
+    "evaluate_model": "keras_arat.evaluation",
+    "fold_bn": "keras_arat.export.fold",
+    "export_model": "keras_arat.export.exporter",
 }
 __all__ = sorted(_API)  # noqa: PLE0605 - the public names are _API's keys
 

@@ -242,14 +242,14 @@ def resolve_attacks(names, log):
         return list(BUILTIN_ATTACKS)
     from keras_arat import quiet
     quiet.import_tensorflow()  # evaluate imports it: only when extra attacks are asked
-    from keras_arat import evaluate
-    available = tuple(getattr(evaluate, "ATTACKS", ()))
+    from keras_arat import evaluation
+    available = tuple(getattr(evaluation, "ATTACKS", ()))
     kept = []
     for name in extra:
         if name in available:
             kept.append(name)
         elif name == "autoattack":
-            log(f"warning: autoattack is not in keras_arat.evaluate.ATTACKS {available}: "
+            log(f"warning: autoattack is not in keras_arat.evaluation.ATTACKS {available}: "
                 "skipped (the table reports clean and PGD-20 only)")
         else:
             raise runs.UsageError(f"unknown attack '{name}'; choose from "

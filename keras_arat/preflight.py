@@ -152,15 +152,6 @@ def evaluate_argv(argv):
     return values.verbose
 
 
-def evaluate_main():
-    """The installed keras-arat-evaluate: the checks python -m keras_arat.evaluate makes
-    before TensorFlow loads, then TensorFlow loaded quietly, then the command."""
-    from keras_arat import quiet
-    quiet.import_tensorflow(exit_on_error(evaluate_argv, sys.argv[1:]))
-    from keras_arat import evaluate
-    evaluate.run_main()
-
-
 def exit_on_error(check, *args, **kwargs):
     """Run a check; on UsageError print its one `error:` line and exit with status 2."""
     try:

@@ -377,7 +377,7 @@ def evaluation_figures(cfg, network, x, y):
     """Clean and PGD-20 accuracy of the adv branch on (x, y), at the run's full eps, as the
     final evaluation measures them (with the run's reference_noise_leak, the official
     code's PGD-20 too, as pgd20_leak_acc)."""
-    from keras_arat.evaluate import evaluate_network, with_leak
+    from keras_arat.evaluation import evaluate_network, with_leak
     start = time.time()
     leak = bool(cfg.reference_noise_leak)
     accs = evaluate_network(network, x, y, cfg.eps, ("adv",),
@@ -398,7 +398,7 @@ def final_evaluation(run, split):
     """
     import tensorflow as tf
 
-    from keras_arat.evaluate import attack_settings, evaluate_network, with_leak
+    from keras_arat.evaluation import attack_settings, evaluate_network, with_leak
     from keras_arat.training import callbacks as cb
     cfg, network = run.config, run.network
     start = time.time()

@@ -6,7 +6,7 @@ import tensorflow as tf
 
 from keras_arat.attacks import (APGD, PGD, AutoAttack, FABTargeted, InputRangeError,
                                 ProbabilityOutputError, Restarts, Square, core, run_attack)
-from keras_arat.evaluate import evaluate_model_fn
+from keras_arat.evaluation import evaluate_model_fn
 from tests import helpers
 
 ATOL = 1e-6

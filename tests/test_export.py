@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from keras_arat.deployed import OnnxRunner, SavedModelRunner
-from export import cli, convert, fold
+from keras_arat.export import convert, exporter, fold
 from keras_arat.layers.split_batch_norm import SplitBatchNormalization
 from tests.cli import assert_error, run_cli, without_tensorflow
 from tests.helpers import new_network
@@ -208,10 +208,9 @@ def test_onnx_graph_contract_and_dynamic_batch(exported, net_file):
 
 @pytest.mark.slow
 def test_clean_branch_from_keras_file(run_dir, net_file, tmp_path):
-    report = cli.export(cli.default_args(
+    report = exporter.export_run(log=lambda *_: None, **dict(
         keras_model=net_file[0], workdir=run_dir, out=str(tmp_path / "clean"),
-        branch="clean", formats=["onnx"], pgd_examples=0, n_examples=32),
-        log=lambda *_: None)
+        branch="clean", formats=["onnx"], pgd_examples=0, n_examples=32))
     assert report["branch"] == "clean" and report["passed"] and report["name"] == "net"
     assert report["pgd20_accuracy"] is None
     assert report["source"]["parity_data"]["dataset"] == "digits"  # the run's test set
@@ -220,9 +219,9 @@ def test_clean_branch_from_keras_file(run_dir, net_file, tmp_path):
     rng = np.random.default_rng(3)
     np.savez(npz, x_test=rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8),
              y_test=rng.integers(0, 10, 8))
-    other = cli.export(cli.default_args(
+    other = exporter.export_run(log=lambda *_: None, **dict(
         keras_model=net_file[0], workdir=run_dir, dataset=npz, out=str(tmp_path / "npz"),
-        formats=["onnx"], pgd_examples=0, n_examples=32), log=lambda *_: None)
+        formats=["onnx"], pgd_examples=0, n_examples=32))
     assert other["passed"] and other["source"]["parity_data"]["dataset"] == npz
     assert other["n_examples"] == 8
     assert sorted(os.listdir(tmp_path / "clean")) == ["export_report.json", "model.onnx"]
@@ -242,10 +241,10 @@ def test_checkpoint_export_or_refusal(run_dir, tmp_path):
     # Every network weight, BN moving statistics of both branches included, is saved.
     assert len([n for n in names if "moving_mean" in n and "network" in n]) == 8
     for checkpoint in (None, ckpt):
-        args = cli.default_args(workdir=run_dir, checkpoint=checkpoint,
+        args = dict(workdir=run_dir, checkpoint=checkpoint,
                                 out=str(tmp_path / "ck"), formats=["onnx"],
                                 pgd_examples=0, n_examples=32, overwrite=True)
-        report = cli.export(args, log=lambda *_: None)
+        report = exporter.export_run(log=lambda *_: None, **args)
         assert report["passed"] and report["source"]["epoch"] == 1
         run = runs.load_run(run_dir, checkpoint)
         x, _ = run.test_arrays(9)
@@ -290,8 +289,8 @@ def test_errors_are_one_line_and_write_nothing(run_dir, net_file, tmp_path):
     from keras_arat import runs
     for overrides, message in cases:
         overrides.setdefault("out", str(tmp_path / "out"))
-        with pytest.raises((cli.UsageError, runs.UsageError), match=message):
-            cli.export(cli.default_args(**overrides), log=lambda *_: None)
+        with pytest.raises((exporter.UsageError, runs.UsageError), match=message):
+            exporter.export_run(log=lambda *_: None, **overrides)
         assert not os.path.exists(tmp_path / "out"), overrides
         assert no_leftovers(str(tmp_path / "out"))
     assert os.listdir(existing) == []
@@ -329,21 +328,21 @@ def test_parity_failure_fails_loudly_and_keeps_old_output(run_dir, net_file, tmp
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("previous export")
-    with pytest.raises(cli.ExportCheckError, match="above --atol"):
-        cli.export(cli.default_args(keras_model=net_file[0], workdir=run_dir, out=str(out),
-                                    overwrite=True, atol=1e-15, formats=["keras"], pgd_examples=0,
-                                    n_examples=64), log=lambda *_: None)
+    with pytest.raises(exporter.ExportCheckError, match="above --atol"):
+        exporter.export_run(keras_model=net_file[0], workdir=run_dir, out=str(out),
+                            overwrite=True, atol=1e-15, formats=["keras"], pgd_examples=0,
+                            n_examples=64, log=lambda *_: None)
     assert os.listdir(out) == ["old.txt"] and no_leftovers(str(out))
     # --overwrite replaces it when the checks pass.
-    cli.export(cli.default_args(keras_model=net_file[0], workdir=run_dir, out=str(out),
-                                overwrite=True, formats=["keras"], pgd_examples=0, n_examples=64),
-               log=lambda *_: None)
+    exporter.export_run(keras_model=net_file[0], workdir=run_dir, out=str(out),
+                        overwrite=True, formats=["keras"], pgd_examples=0, n_examples=64,
+                        log=lambda *_: None)
     assert sorted(os.listdir(out)) == ["export_report.json", "model.keras"]
     assert no_leftovers(str(out))
 
 
 def test_output_folder_parents_are_created_but_a_file_in_the_way_is_an_error(tmp_path):
-    from export.cli import UsageError, check_out
+    from keras_arat.export.exporter import UsageError, check_out
     nested = str(tmp_path / "a" / "b" / "out")
     assert check_out(nested, False) == nested
     (tmp_path / "taken").mkdir()

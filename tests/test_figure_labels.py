@@ -22,7 +22,7 @@ import pytest
 import tensorflow as tf
 
 from keras_arat.attacks import AutoAttack
-from keras_arat.evaluate import (WORST_CASE, evaluate_model, evaluate_model_fn,
+from keras_arat.evaluation import (WORST_CASE, evaluate_model, evaluate_model_fn,
                                  write_outputs)
 from tests import cli
 

@@ -13,7 +13,7 @@ import pytest
 
 from keras_arat import robustbench
 from keras_arat.config import RunConfig
-from keras_arat.evaluate import robustbench_entry
+from keras_arat.evaluation import robustbench_entry
 
 THEIR_FIELDS = {"link", "name", "authors", "additional_data", "number_forward_passes",
                 "dataset", "venue", "architecture", "eps", "clean_acc", "reported",

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from keras_arat.deployed import OnnxRunner
-from export import convert, fold
-from export.client import ClientInputError, GrpcClient, RestClient, ServingError
-from export.standin import StandIn
+from keras_arat.export import convert, fold
+from keras_arat.export.client import ClientInputError, GrpcClient, RestClient, ServingError
+from keras_arat.export.standin import StandIn
 from tests.cli import assert_error, run_cli, start_cli, without_tensorflow
 from tests.helpers import new_network, tiny_data
 from tests.test_export import randomize_bn

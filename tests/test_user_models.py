@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from keras_arat.deployed import OnnxRunner, SavedModelRunner
-from export import convert, fold
+from keras_arat.export import convert, fold
 from keras_arat.layers.split_batch_norm import SplitBatchNormalization
 from keras_arat.network import SplitBNNetwork, to_split_bn
 from tests.cli import assert_error, error_lines, run_cli
