@@ -52,24 +52,24 @@ sys.path.insert(0, ROOT)
 def train_quickstart(workdir):
     """Train configs/quickstart.flags into workdir; return the Run holding the live network."""
     from absl import flags
-    from keras_arat import runs, train
+    from keras_arat import config, results, train, train_flags
     captured = {}
-    original = runs.update_results
+    original = results.update_results
 
     def capture(workdir_, run, *a, **k):
         captured["run"] = run
         return original(workdir_, run, *a, **k)
 
-    argv = runs.resolve_flagfiles(["train", "--flagfile=configs/quickstart.flags",
+    argv = train_flags.resolve_flagfiles(["train", "--flagfile=configs/quickstart.flags",
                                    f"--workdir={workdir}", "--verbose=2", "--overwrite"])
     flags.FLAGS(argv)
-    cfg = runs.config_from_flags(flags.FLAGS, train.TRAIN_FLAGS)
-    runs.update_results = capture
+    cfg = config.config_from_flags(flags.FLAGS, train.TRAIN_FLAGS)
+    results.update_results = capture
     try:
         start = time.time()
         train.train(cfg)
     finally:
-        runs.update_results = original
+        results.update_results = original
     print(f"trained the quickstart in {time.time() - start:.0f} s", flush=True)
     return captured["run"]
 

@@ -58,7 +58,7 @@ def main():
     import keras
     import tensorflow as tf
 
-    from keras_arat import runs
+    from keras_arat import config, runs
     from keras_arat.attacks import PGD
     from keras_arat.data import load_dataset, make_train_dataset
     from keras_arat.training import TorchSGD
@@ -91,7 +91,7 @@ def main():
     trainers = {}
     for method in args.methods.split(","):
         base = "arat" if method == "arat_two_pass" else method
-        cfg = runs.RunConfig(model=args.model, cnn_width=args.cnn_width,
+        cfg = config.RunConfig(model=args.model, cnn_width=args.cnn_width,
                              wrn_depth=args.wrn_depth, wrn_width=args.wrn_width, method=base,
                              split_bn=base == "arat", attack_steps=args.attack_steps,
                              joint_pass=method != "arat_two_pass")

@@ -83,8 +83,8 @@ def main(argv=None):
             _fail(f"error: export failed: {type(e).__name__}: {_one_line(e)[:300]} "
                   f"(EXPORT_DEBUG=1 for the traceback)", 1)
 
-    from keras_arat import runs as train_runs
-    app.run(run, argv=argv, flags_parser=train_runs.parse_flags)
+    from keras_arat import train_flags
+    app.run(run, argv=argv, flags_parser=train_flags.parse_flags)
 
 
 def _fail(line, status):

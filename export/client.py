@@ -216,7 +216,7 @@ def load_npy(path, n):
 
 
 def main(argv=None):
-    from keras_arat import preflight, runs
+    from keras_arat import errors, preflight, runs
     parser = preflight.argument_parser(description="Query a TF Serving model.")
     parser.add_argument("--rest", help="e.g. http://localhost:8501")
     parser.add_argument("--grpc", help="e.g. localhost:8500")
@@ -241,7 +241,7 @@ def main(argv=None):
             data = runs.load_data(cfg.replace(n_train=1, n_test=args.n))
             images = data.x_test[:args.n].astype(np.float32) / 255.0
             labels = data.y_test[:args.n]
-    except (ClientInputError, runs.UsageError) as e:
+    except (ClientInputError, errors.UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     try:

@@ -12,7 +12,7 @@ def load_source(a):
     """(network, x_test, y_test, eps, source-info dict) from the flags.
 
     y_test is None when the images are random (source["parity_data"] says which)."""
-    from keras_arat import runs
+    from keras_arat import config, runs
     if a.workdir and not os.path.isdir(a.workdir):
         raise UsageError(f"--workdir={a.workdir} is not a folder")
     source = {}
@@ -20,7 +20,7 @@ def load_source(a):
         network = load_keras_network(a.keras_model)
         source["keras_model"] = os.path.abspath(a.keras_model)
         if a.workdir:  # the run's eps, and its test images unless --dataset is given
-            cfg = runs.read_config(a.workdir)
+            cfg = config.read_config(a.workdir)
             eps = cfg.eps
             if a.dataset:
                 x, y, source["parity_data"] = test_images(a.dataset, a.n_examples)
@@ -33,7 +33,7 @@ def load_source(a):
         else:
             if not a.eps:
                 raise UsageError("--keras_model without --workdir needs --eps")
-            eps = runs.parse_fraction(a.eps, "eps")
+            eps = config.parse_fraction(a.eps, "eps")
             x, y, source["parity_data"] = test_images(a.dataset or "digits", a.n_examples)
     else:
         run = runs.load_run(a.workdir, a.checkpoint)

@@ -274,16 +274,16 @@ def run_config(model, info, dataset, method, workdir, epochs):
     architecture found in the checkpoint and what it was converted from."""
     from absl import flags
 
-    from keras_arat import runs
+    from keras_arat import config, errors, train_flags
     argv = ["convert_torch", f"--dataset={dataset}", f"--model={model}", f"--method={method}",
             f"--split_bn={str(info['split_bn']).lower()}", f"--workdir={workdir}",
             f"--epochs={epochs}"]
     if model == "wrn":
         argv += [f"--wrn_depth={info['wrn_depth']}", f"--wrn_width={info['wrn_width']}"]
     try:
-        values, names = runs.train_flag_values(argv)
-        cfg = runs.config_from_flags(values, names)
-    except (flags.Error, runs.UsageError) as e:
+        values, names = train_flags.train_flag_values(argv)
+        cfg = config.config_from_flags(values, names)
+    except (flags.Error, errors.UsageError) as e:
         raise ConversionError(_one_line(e)) from None
     # Read by keras_arat.runs.load_run when the data set is not on this machine.
     return cfg.replace(num_classes=info["num_classes"], image_shape=(32, 32, 3))
@@ -370,8 +370,8 @@ def run_main():
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
 
-    from keras_arat import runs
-    app.run(run, flags_parser=runs.parse_flags)
+    from keras_arat import train_flags
+    app.run(run, flags_parser=train_flags.parse_flags)
 
 
 if __name__ == "__main__":

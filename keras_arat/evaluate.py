@@ -64,7 +64,7 @@ import sys
 
 from absl import app, flags
 
-from keras_arat import records
+from keras_arat import config, errors, records
 
 
 FLAGS = flags.FLAGS
@@ -127,20 +127,20 @@ def _check_flags(runs):
     from keras_arat.evaluation import ATTACKS
     unknown = [a for a in FLAGS.attacks if a not in ATTACKS]
     if unknown:
-        raise runs.UsageError(f"unknown attack(s) {unknown}; choose from {list(ATTACKS)}")
+        raise errors.UsageError(f"unknown attack(s) {unknown}; choose from {list(ATTACKS)}")
     if FLAGS.n_examples is not None and FLAGS.n_examples < 1:
-        raise runs.UsageError("--n_examples must be >= 1")
+        raise errors.UsageError("--n_examples must be >= 1")
     if FLAGS.batch_size < 1 or FLAGS.restarts < 1:
-        raise runs.UsageError("--batch_size and --restarts must be >= 1")
+        raise errors.UsageError("--batch_size and --restarts must be >= 1")
     if FLAGS.saved_model and FLAGS.onnx:
-        raise runs.UsageError("give --saved_model or --onnx, not both")
+        raise errors.UsageError("give --saved_model or --onnx, not both")
     if not (FLAGS.workdir or FLAGS.saved_model or FLAGS.onnx):
-        raise runs.UsageError("--workdir is required (or --saved_model/--onnx)")
+        raise errors.UsageError("--workdir is required (or --saved_model/--onnx)")
     if FLAGS.query_onnx not in ("auto", "none"):
         if FLAGS.onnx:
-            raise runs.UsageError("--query_onnx applies to --saved_model and --workdir only")
+            raise errors.UsageError("--query_onnx applies to --saved_model and --workdir only")
         if not FLAGS.saved_model and FLAGS.query_onnx != "convert":
-            raise runs.UsageError(f"--query_onnx={FLAGS.query_onnx}: a checkpoint takes auto, "
+            raise errors.UsageError(f"--query_onnx={FLAGS.query_onnx}: a checkpoint takes auto, "
                                   "convert or none (a file would be one branch's)")
 
 
@@ -161,10 +161,10 @@ def _deployed(runs):
     kind, source = ("saved_model", FLAGS.saved_model) if FLAGS.saved_model else \
         ("onnx", FLAGS.onnx)
     if not os.path.exists(source):
-        raise runs.UsageError(f"{source} not found")
-    cfg = runs.read_config(FLAGS.workdir) if FLAGS.workdir else runs.RunConfig(
+        raise errors.UsageError(f"{source} not found")
+    cfg = config.read_config(FLAGS.workdir) if FLAGS.workdir else config.RunConfig(
         dataset="digits", eps=8 / 255)
-    eps = runs.parse_fraction(FLAGS.eps, "eps") if FLAGS.eps else cfg.eps
+    eps = config.parse_fraction(FLAGS.eps, "eps") if FLAGS.eps else cfg.eps
     query_fn = None
     if kind == "saved_model":
         runner = SavedModelRunner(source, FLAGS.input_name)
@@ -235,7 +235,7 @@ def _checkpoint(runs):
     else:
         x, y = run.test_arrays(FLAGS.n_examples)
         about = {"spec": run.config.dataset}
-    eps = runs.parse_fraction(FLAGS.eps, "eps") if FLAGS.eps else run.config.eps
+    eps = config.parse_fraction(FLAGS.eps, "eps") if FLAGS.eps else run.config.eps
     branches = ("adv", "clean") if FLAGS.branch == "both" else (FLAGS.branch,)
     attacks = with_leak(FLAGS.attacks, _leak(run.config))
     _log(f"evaluating {os.path.relpath(run.checkpoint, FLAGS.workdir)} of {FLAGS.workdir} "
@@ -259,19 +259,19 @@ def _checkpoint(runs):
                                                    cfg.dataset, "robustbench.json")
 
 
-def _leak(config):
+def _leak(cfg):
     """Whether pgd20-leak runs beside pgd20: --reference_noise_leak, or else whether the run
     trained with the official code's in-place random start."""
     if FLAGS.reference_noise_leak is not None:
         return bool(FLAGS.reference_noise_leak)
-    return bool(config.reference_noise_leak)
+    return bool(cfg.reference_noise_leak)
 
 
 def main(argv):
     from keras_arat import runs  # heavy imports after flag parsing
     from keras_arat.attacks import EvaluationError
     from keras_arat.evaluation import write_outputs
-    del argv  # runs.parse_flags refused any positional argument
+    del argv  # train_flags.parse_flags refused any positional argument
     try:
         _check_flags(runs)
         label, evaluation, details, epoch, robustbench = (
@@ -285,7 +285,7 @@ def main(argv):
                 {**label, "branch": b, "accuracy": {a: v for a, v in accs.items()
                                                     if not a.endswith("_time_s")},
                  "warnings": details[b]["warnings"]} for b, accs in evaluation.items()]}
-    except (runs.UsageError, EvaluationError) as e:
+    except (errors.UsageError, EvaluationError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(exit_status(e))
     print(json.dumps(printed, indent=1))
@@ -301,10 +301,10 @@ def exit_status(error):
 def run_main():
     """python -m keras_arat.evaluate and keras-arat-evaluate: the path and number flags
     checked before TensorFlow loads (4-6 s), TensorFlow loaded quietly, then the rest."""
-    from keras_arat import preflight, quiet, runs
+    from keras_arat import preflight, quiet, train_flags
     quiet.import_tensorflow(preflight.exit_on_error(preflight.evaluate_argv, sys.argv[1:]))
     define_flags()
-    app.run(main, flags_parser=runs.parse_flags)
+    app.run(main, flags_parser=train_flags.parse_flags)
 
 
 # The library's names, as this module offered them before keras_arat.evaluation held

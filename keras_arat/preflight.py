@@ -2,7 +2,7 @@
 
 Importing TensorFlow takes 4-6 s on a small machine; a wrong path, a file of the wrong
 kind or a broken data set should be one `error:` line long before that. Every check
-raises runs.UsageError with a message that says what is wrong and what to do. The
+raises errors.UsageError with a message that says what is wrong and what to do. The
 digits and .npz data sets load with numpy alone, so they are checked in full here;
 TFDS data sets need TensorFlow and are checked when they are loaded.
 """
@@ -11,8 +11,8 @@ import glob
 import os
 import sys
 
-from keras_arat import runs
-from keras_arat.runs import UsageError
+from keras_arat import config
+from keras_arat.errors import UsageError
 
 ZIP_MAGIC = b"PK\x03\x04"  # .keras and .npz files are zip archives
 
@@ -69,7 +69,7 @@ def check_run(workdir, data=True):
     if not os.path.isdir(workdir):
         raise UsageError(f"--workdir={workdir} is not a folder: give a training run's "
                          "folder (the --workdir of keras_arat.train)")
-    cfg = runs.read_config(workdir)
+    cfg = config.read_config(workdir)
     # A converted run (keras_arat.convert_torch) records its shapes and loads without data.
     if data and (cfg.num_classes is None or cfg.image_shape is None):
         check_data(cfg.dataset, cfg.data_dir, n_train=1, n_test=1)
@@ -138,7 +138,7 @@ def evaluate_argv(argv):
     except flags.Error:
         return False  # the full parse reports it
     if values.eps:
-        runs.parse_fraction(values.eps, "eps")
+        config.parse_fraction(values.eps, "eps")
     if values.saved_model:
         check_saved_model(values.saved_model)
     if values.onnx:

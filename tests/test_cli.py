@@ -186,9 +186,9 @@ def test_a_metrics_line_cut_off_by_a_crash_is_dropped_on_resume(tmp_path):
                                        '{"cluster": [], "task": {"type": "worker", "index": 0}}',
                                        '{"cluster": {"worker": ["a:1"]}}', "[1]", "{"])
 def test_a_malformed_tf_config_is_a_usage_error(monkeypatch, tf_config):
-    from keras_arat import runs, train
+    from keras_arat import errors, train
     monkeypatch.setenv("TF_CONFIG", tf_config)
-    with pytest.raises(runs.UsageError, match="TF_CONFIG is not a valid cluster"):
+    with pytest.raises(errors.UsageError, match="TF_CONFIG is not a valid cluster"):
         train.check_tf_config()
 
 

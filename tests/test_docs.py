@@ -267,7 +267,7 @@ def test_synopses_name_real_flags():
             continue
         named = set(re.findall(r"--(\w+)", text))
         assert named <= defined_flags(source), (text, named - defined_flags(source))
-    assert "tensorboard_every_steps" in defined_flags("keras_arat/runs.py")
+    assert "tensorboard_every_steps" in defined_flags("keras_arat/train_flags.py")
 
 
 def test_requirements_are_installed_as_pinned():
@@ -542,18 +542,18 @@ def test_gpu_and_cluster_commands_validate(workspace):
 VALIDATE_SCRIPT = """
 import json, os, sys
 from absl import flags
-from keras_arat import runs, train
+from keras_arat import config, errors, runs, train, train_flags
 out = []
 for args, tf_config, _ in json.loads(sys.argv[1]):
     flags.FLAGS.unparse_flags()
     try:
-        flags.FLAGS(runs.resolve_flagfiles(["train", *args]))
-        cfg = runs.config_from_flags(flags.FLAGS, train.TRAIN_FLAGS)
+        flags.FLAGS(train_flags.resolve_flagfiles(["train", *args]))
+        cfg = config.config_from_flags(flags.FLAGS, train.TRAIN_FLAGS)
         if cfg.strategy == "multi_worker":
             os.environ["TF_CONFIG"] = tf_config
             train.check_tf_config()
         out.append({k: getattr(cfg, k) for k in ("dataset", "model", "method", "strategy")})
-    except (flags.Error, runs.UsageError) as e:
+    except (flags.Error, errors.UsageError) as e:
         out.append({"error": str(e)})
 print(json.dumps(out))
 """

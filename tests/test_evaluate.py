@@ -328,7 +328,7 @@ def test_exit_status_tells_a_refused_request_from_a_broken_model():
     from keras_arat import evaluate
     from keras_arat.attacks import (BudgetError, EvaluationError, InputRangeError,
                                     NonFiniteOutputError, ProbabilityOutputError, check_logits)
-    from keras_arat.runs import UsageError
+    from keras_arat.errors import UsageError
     for error, status in ((UsageError("x"), 2), (InputRangeError("x"), 2),
                           (ProbabilityOutputError("x"), 2), (EvaluationError("x"), 2),
                           (NonFiniteOutputError("x"), 1), (BudgetError("x"), 1)):

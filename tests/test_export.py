@@ -286,10 +286,10 @@ def test_errors_are_one_line_and_write_nothing(run_dir, net_file, tmp_path):
         (dict(keras_model=str(seq_file), out=str(tmp_path), overwrite=True),
          "holds --keras_model"),
     ]
-    from keras_arat import runs
+    from keras_arat import errors
     for overrides, message in cases:
         overrides.setdefault("out", str(tmp_path / "out"))
-        with pytest.raises((exporter.UsageError, runs.UsageError), match=message):
+        with pytest.raises((exporter.UsageError, errors.UsageError), match=message):
             exporter.export_run(log=lambda *_: None, **overrides)
         assert not os.path.exists(tmp_path / "out"), overrides
         assert no_leftovers(str(tmp_path / "out"))

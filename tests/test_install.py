@@ -51,8 +51,8 @@ def test_wheel_holds_the_package_its_flagfiles_and_data(tmp_path):
     pip("install", "--target", site_dir, wheel)
     away = tmp_path / "elsewhere"
     away.mkdir()
-    proc = python("import keras_arat, keras_arat.runs as runs, keras_arat.export.fold as f; "
-                  "print(keras_arat.__file__); print(runs.CONFIGS_DIR); print(f.__file__)",
+    proc = python("import keras_arat, keras_arat.train_flags as tf_, keras_arat.export.fold as f; "
+                  "print(keras_arat.__file__); print(tf_.CONFIGS_DIR); print(f.__file__)",
                   site_dir, str(away))
     assert proc.returncode == 0, proc.stderr[-2000:]
     package, configs, fold = proc.stdout.split()
@@ -92,8 +92,8 @@ def test_editable_install_imports_from_any_folder(tmp_path):
     prefix = tmp_path / "prefix"
     pip("install", "-e", ".", "--prefix", str(prefix))
     (site_dir,) = glob.glob(str(prefix / "lib" / "python*" / "site-packages"))
-    proc = python("import importlib.util, keras_arat, keras_arat.runs as runs; "
-                  "print(keras_arat.__file__); print(runs.CONFIGS_DIR); "
+    proc = python("import importlib.util, keras_arat, keras_arat.train_flags as tf_; "
+                  "print(keras_arat.__file__); print(tf_.CONFIGS_DIR); "
                   "print(importlib.util.find_spec('keras_arat.export').submodule_search_locations[0])",
                   site_dir, str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from keras_arat import runs
+from keras_arat import config, runs
 from keras_arat.config import RunConfig
 from tests.cli import run_cli
 from tests.test_cli import TINY
@@ -85,19 +85,19 @@ def test_cli_bfloat16_run_trains_and_evaluates_in_float32(tmp_path):
 
 
 def test_mixed_precision_cannot_change_on_resume():
-    assert "mixed_precision" not in runs.RESUMABLE_CHANGES  # the optimizer state differs
+    assert "mixed_precision" not in config.RESUMABLE_CHANGES  # the optimizer state differs
 
 
 def test_auto_policy(monkeypatch):
     import tensorflow as tf
     monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])
     monkeypatch.setattr(runs, "cpu_has_bfloat16", lambda: True)
-    assert runs.precision_policy(RunConfig(mixed_precision="auto")) is None  # float32 on a CPU
-    assert runs.precision_policy(RunConfig(mixed_precision="off")) is None
-    assert runs.precision_policy(RunConfig(mixed_precision="bfloat16")) == "mixed_bfloat16"
-    assert runs.precision_policy(RunConfig(mixed_precision="float16")) == "mixed_float16"
+    assert config.precision_policy(RunConfig(mixed_precision="auto")) is None  # float32 on a CPU
+    assert config.precision_policy(RunConfig(mixed_precision="off")) is None
+    assert config.precision_policy(RunConfig(mixed_precision="bfloat16")) == "mixed_bfloat16"
+    assert config.precision_policy(RunConfig(mixed_precision="float16")) == "mixed_float16"
     monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: ["GPU:0"])
-    assert runs.precision_policy(RunConfig(mixed_precision="auto")) == "mixed_float16"
+    assert config.precision_policy(RunConfig(mixed_precision="auto")) == "mixed_float16"
 
 
 def test_attack_losses_and_margins_are_float32_for_float16_logits():
