@@ -16,6 +16,8 @@ from typing import Optional, Tuple
 from keras_arat.errors import UsageError
 
 METHODS = ("arat", "pgd_at", "trades", "mart", "standard")
+# The model families keras_arat.models.build_model makes (checked there against its table).
+MODEL_NAMES = ("small_cnn", "resnet18", "wrn", "wrn34_10", "wrn10_1", "preact_resnet18")
 # The regularisation weight of TRADES and MART when --beta is not given (their papers').
 DEFAULT_BETA = {"trades": 6.0, "mart": 5.0}
 # Settings that may differ when a run is resumed; every other key must match.
@@ -152,15 +154,14 @@ def _positive(cfg, name):
 
 
 def check_model(name):
-    """--model names a model family (imports Keras, so TensorFlow loads here)."""
-    from keras_arat.models import MODEL_NAMES
+    """--model names a model family."""
     if name not in MODEL_NAMES:
         raise UsageError(f"unknown --model={name}; choose from {list(MODEL_NAMES)}")
 
 
 def config_from_flags(flag_values, names, model=True):
     """The validated RunConfig of the flags in `names` (keras_arat.train's); model=False
-    leaves out check_model, the one check that needs TensorFlow."""
+    leaves out check_model."""
     cfg = {n: flag_values[n].value for n in names}
     if model:
         check_model(cfg["model"])

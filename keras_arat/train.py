@@ -38,7 +38,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     from keras_arat import quiet
     try:
-        cfg = config.config_from_flags(FLAGS, TRAIN_FLAGS, model=False)
+        cfg = config.config_from_flags(FLAGS, TRAIN_FLAGS)
         check_before_tensorflow(cfg)
     except errors.UsageError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -47,7 +47,6 @@ def main(argv):
     from keras_arat.attacks import EvaluationError
     from keras_arat.training.callbacks import NonFiniteLossError
     try:
-        config.check_model(cfg.model)
         figures = train(cfg)
     except errors.UsageError as e:  # flags, files, data, checkpoints
         print(f"error: {e}", file=sys.stderr)

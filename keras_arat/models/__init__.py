@@ -4,6 +4,7 @@ Every family is a functional Keras graph behind keras_arat.network.SplitBNNetwor
 same contract a user's model gets from keras_arat.to_split_bn.
 """
 
+from keras_arat.config import MODEL_NAMES
 from keras_arat.models.preact_resnet import PreActResNet18
 from keras_arat.models.resnet import ResNet18, TorchConv2D
 from keras_arat.models.small_cnn import SmallCNN
@@ -13,8 +14,7 @@ from keras_arat.models.wide_resnet import WideResNet
 _WRN_ALIASES = {"wrn34_10": (34, 10), "wrn10_1": (10, 1)}
 FAMILIES = {"small_cnn": SmallCNN, "resnet18": ResNet18, "wrn": WideResNet,
             "preact_resnet18": PreActResNet18}
-MODEL_NAMES = ("small_cnn", "resnet18", "wrn", "wrn34_10", "wrn10_1",
-               "preact_resnet18")
+assert set(MODEL_NAMES) == set(FAMILIES) | set(_WRN_ALIASES), "config.MODEL_NAMES"
 
 
 def build_model(name, num_classes=10, split_bn=True, input_shape=(32, 32, 3), **kwargs):
