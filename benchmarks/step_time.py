@@ -35,7 +35,7 @@ class Timed:
         return {"loss": tf.reduce_sum(self.fn(xb, yb))}
 
 
-def main():
+def parse_args():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="small_cnn")
     parser.add_argument("--cnn_width", type=int, default=16)
@@ -51,62 +51,58 @@ def main():
                         choices=["off", "bfloat16", "float16"])
     parser.add_argument("--image_shape", default="",
                         help="e.g. 32,32,3: time on random images of this shape")
-    args = parser.parse_args()
-    from keras_arat import quiet
-    quiet.import_tensorflow()  # without its start-up log (KERAS_ARAT_VERBOSE=1 shows it)
+    return parser.parse_args()
 
-    import keras
+
+def one_batch(args, data):
+    """(x, y, image shape): a batch of digits, or random images of --image_shape."""
     import tensorflow as tf
 
-    from keras_arat import config, runs
-    from keras_arat.attacks import PGD
-    from keras_arat.data import load_dataset, make_train_dataset
-    from keras_arat.training import TorchSGD
-
-    data = load_dataset("digits")
+    from keras_arat.data import make_train_dataset
     dataset, _ = make_train_dataset(data, args.batch_size, 1, seed=0)
     x, y = next(iter(dataset))
     image_shape = data.image_shape
     if args.image_shape:
         image_shape = tuple(int(d) for d in args.image_shape.split(","))
         x = tf.random.stateless_uniform((args.batch_size, *image_shape), seed=[0, 1])
-    if args.mixed_precision != "off":
-        keras.mixed_precision.set_dtype_policy(f"mixed_{args.mixed_precision}")
+    return x, y, image_shape
 
-    # Pipeline alone: a full epoch of augmented batches, after one warm-up batch.
+
+def pipeline_speed(args, data):
+    """Images/s of the input pipeline alone: a full epoch of augmented batches, after one
+    warm-up batch."""
+    from keras_arat.data import make_train_dataset
     ds, steps = make_train_dataset(data, args.batch_size, 2, seed=0)
     it = iter(ds)
     next(it)
     start = time.perf_counter()
     for _ in range(steps):
         next(it)
-    pipeline_ips = steps * args.batch_size / (time.perf_counter() - start)
+    return steps * args.batch_size / (time.perf_counter() - start)
 
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, TF {tf.__version__}, "
-          f"keras {keras.__version__}, GPUs: {len(tf.config.list_physical_devices('GPU'))}")
-    print(f"model {args.model} batch {args.batch_size} input {tuple(x.shape[1:])} "
-          f"PGD-{args.attack_steps} jit_compile={args.jit_compile} "
-          f"mixed_precision={args.mixed_precision}")
-    print(f"input pipeline: {pipeline_ips:,.0f} images/s (crop+flip, digits)")
+
+def make_trainers(args, data, image_shape):
+    """{method: compiled trainer}, plus with pgd_at its attack alone ("attack_only") and
+    evaluation's PGD-20 ("pgd20_eval"), each timed as a step."""
+    import keras
+    import tensorflow as tf
+
+    from keras_arat import config, runs
+    from keras_arat.attacks import PGD
+    from keras_arat.training import TorchSGD
     trainers = {}
     for method in args.methods.split(","):
         base = "arat" if method == "arat_two_pass" else method
         cfg = config.RunConfig(model=args.model, cnn_width=args.cnn_width,
-                             wrn_depth=args.wrn_depth, wrn_width=args.wrn_width, method=base,
-                             split_bn=base == "arat", attack_steps=args.attack_steps,
-                             joint_pass=method != "arat_two_pass")
+                               wrn_depth=args.wrn_depth, wrn_width=args.wrn_width,
+                               method=base, split_bn=base == "arat",
+                               attack_steps=args.attack_steps,
+                               joint_pass=method != "arat_two_pass")
         keras.utils.set_random_seed(0)
         network = runs.build_network(cfg, data.num_classes, image_shape)
         trainer = runs.build_trainer(cfg, network, image_shape)
         trainer.compile(optimizer=TorchSGD(0.01), jit_compile=args.jit_compile)
         trainers[method] = trainer
-
-    def step(trainer):
-        start = time.perf_counter()
-        logs = trainer.train_on_batch(x, y, return_dict=True)
-        float(logs["loss"])  # wait for the step
-        return time.perf_counter() - start
-
     if "pgd_at" in trainers:
         # PGD-AT's attack alone (ARAT's is the same attack on the same branch and mode):
         # the rest of a PGD-AT step is one training pass over the batch.
@@ -119,14 +115,30 @@ def main():
         trainers["pgd20_eval"] = Timed(tf.function(lambda xb, yb: pgd20(
             lambda z: net(z, training=False, branch="adv"), xb, yb,
             tf.constant([0, 0], tf.int64))))
+    return trainers
+
+
+def time_in_rounds(trainers, x, y, warmup, rounds):
+    """{method: [seconds per step]}: warm-up steps first (not timed), then rounds of one
+    step of each method, so a change in the machine's speed affects every method alike."""
+    def step(trainer):
+        start = time.perf_counter()
+        logs = trainer.train_on_batch(x, y, return_dict=True)
+        float(logs["loss"])  # wait for the step
+        return time.perf_counter() - start
 
     for trainer in trainers.values():
-        for _ in range(args.warmup):
+        for _ in range(warmup):
             step(trainer)
     times = {method: [] for method in trainers}
-    for _ in range(args.steps):
+    for _ in range(rounds):
         for method, trainer in trainers.items():
             times[method].append(step(trainer))
+    return times
+
+
+def report(args, times, pipeline_ips):
+    """Each method's median step, then the ratios to PGD-AT and the pass-count floor."""
     medians = {}
     for method, ts in times.items():
         medians[method] = statistics.median(ts)
@@ -154,6 +166,30 @@ def main():
     slowest = max(medians.values())
     print(f"pipeline / slowest training step throughput: "
           f"{pipeline_ips / (args.batch_size / slowest):,.0f}x")
+
+
+def main():
+    args = parse_args()
+    from keras_arat import quiet
+    quiet.import_tensorflow()  # without its start-up log (KERAS_ARAT_VERBOSE=1 shows it)
+
+    import keras
+    import tensorflow as tf
+
+    from keras_arat.data import load_dataset
+    data = load_dataset("digits")
+    x, y, image_shape = one_batch(args, data)
+    if args.mixed_precision != "off":
+        keras.mixed_precision.set_dtype_policy(f"mixed_{args.mixed_precision}")
+    pipeline_ips = pipeline_speed(args, data)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, TF {tf.__version__}, "
+          f"keras {keras.__version__}, GPUs: {len(tf.config.list_physical_devices('GPU'))}")
+    print(f"model {args.model} batch {args.batch_size} input {tuple(x.shape[1:])} "
+          f"PGD-{args.attack_steps} jit_compile={args.jit_compile} "
+          f"mixed_precision={args.mixed_precision}")
+    print(f"input pipeline: {pipeline_ips:,.0f} images/s (crop+flip, digits)")
+    trainers = make_trainers(args, data, image_shape)
+    report(args, time_in_rounds(trainers, x, y, args.warmup, args.steps), pipeline_ips)
 
 
 if __name__ == "__main__":
