@@ -1,4 +1,5 @@
-"""The commands and Python snippets printed in README.md, BUILD.md and BENCHMARKS.md.
+"""The commands and Python snippets printed in README.md, BUILD.md, BENCHMARKS.md,
+ARCHITECTURE.md and the pages of docs/.
 
     documented_commands()  -> [Command(doc, line, text)], shell commands in document order
     documented_snippets()  -> [Command(doc, line, text)], Python code blocks
@@ -11,11 +12,13 @@ indented or fenced code block whose first line starts with `import` or `from`.
 """
 
 import dataclasses
+import glob
 import os
 import re
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOCS = ("README.md", "BUILD.md", "BENCHMARKS.md")
+DOCS = ("README.md", "BUILD.md", "BENCHMARKS.md", "ARCHITECTURE.md") + tuple(sorted(
+    os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md"))))
 COMMAND_START = re.compile(r"^(python3? |pip |curl |docker |\.ci/run|export [A-Z_]+=|"
                            r"[A-Z_]+='.*' *\\?$|[A-Z_]+=\S+ python)")
 COMMENT = re.compile(r"\s{2,}#\s.*$")

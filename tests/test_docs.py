@@ -103,6 +103,7 @@ COVERAGE = {
     "| --keras_model=network.keras] [--overwrite] [--opset=17] [--atol=1e-4] "
     "[--n_examples=1000] [--pgd_examples=N]": ("synopsis", "export/cli.py"),
     "python -m export": ("synopsis", "export/cli.py"),
+    "python -m keras_arat.evaluate": ("synopsis", "keras_arat/evaluate.py"),
     "python -m keras_arat.experiments --flagfile=configs/tradeoff_quickstart.flags "
     "--workdir=runs/tradeoff": ("run", [TINY_GRID, *GRID_ONE_CELL]),
     "python -m keras_arat.experiments --flagfile=configs/tradeoff_cifar.flags "
