@@ -110,121 +110,184 @@ def fold_network(network, branch="adv", input_shape=None):
     `input_shape` (H, W, C) defaults to the graph's. Raises FoldError if a BN remains or
     a weight of the chosen branch goes unused.
     """
-    if branch not in BRANCHES:
-        raise FoldError(f"unknown branch {branch!r}; choose from {list(BRANCHES)}")
-    try:
-        graph = as_functional(network)
-    except ValueError as e:
-        raise FoldError(f"cannot fold: {e}") from None
+    _check_branch(branch)
+    graph = _functional_graph(network)
     input_shape = tuple(input_shape or network_input_shape(graph))
     if not any(isinstance(layer, BN_TYPES) for layer in _all_layers(graph)):
         return _copy_without_bn(graph, input_shape, branch)
-    into, merged = {}, {}  # id(BN layer) -> producer; id(producer) -> BN layer
+    into, merged = _plan_merges(graph, branch)
+    folder = _GraphFolder(branch, into, merged)
+    folded = _rebuild(graph, input_shape, folder)
+    folder.set_nested_weights()
+    _check_no_bn_left(folded)
+    _check_weights_used(graph, branch, folder.used)
+    return keras.Model(folded.inputs[0], folded.outputs[0], name=f"{graph.name}_folded_{branch}")
+
+
+def _check_branch(branch):
+    if branch not in BRANCHES:
+        raise FoldError(f"unknown branch {branch!r}; choose from {list(BRANCHES)}")
+
+
+def _functional_graph(network):
+    """The functional graph of `network`, or FoldError if it has none."""
+    try:
+        return as_functional(network)
+    except ValueError as e:
+        raise FoldError(f"cannot fold: {e}") from None
+
+
+def _plan_merges(graph, branch):
+    """Which BN merges into which layer: (into, merged), id(BN layer) -> producer and
+    id(producer) -> BN layer. Every BN-type layer's branch is checked on the way."""
+    into, merged = {}, {}
     for layer in _all_layers(graph):
         if isinstance(layer, BN_TYPES):
             _branch_bn(layer, branch)
             producer = _foldable_into(layer, graph.outputs)
             if producer is not None:
                 into[id(layer)], merged[id(producer)] = producer, layer
-    used, counter = set(), [0]
-    originals, copies, done = {}, [], set()
+    return into, merged
 
-    def clone(layer):
+
+def _rebuild(graph, input_shape, folder):
+    """keras.models.clone_model of `graph` on an input named INPUT_NAME, with the
+    folder's clone and call functions; FoldError if Keras cannot rebuild it."""
+    images = keras.Input(shape=input_shape, dtype="float32", name=INPUT_NAME)
+    try:
+        # A graph rebuilt from a loaded Sequential holds its input as a one-tensor list.
+        inputs = [images] if isinstance(graph.input, (list, tuple)) else images
+        return keras.models.clone_model(graph, input_tensors=inputs,
+                                        clone_function=folder.clone,
+                                        call_function=folder.call, recursive=True)
+    except FoldError:
+        raise
+    except Exception as e:  # noqa: BLE001 - anything Keras cannot rebuild
+        raise FoldError(f"cannot rebuild the graph of {graph.name}: "
+                        f"{str(e).splitlines()[0][:200]}") from None
+
+
+def _check_no_bn_left(folded):
+    left = [layer.name for layer in folded._flatten_layers(recursive=True)  # noqa: SLF001
+            if isinstance(layer, BN_TYPES)]
+    if left:
+        raise FoldError(f"BatchNormalization left in the folded graph: {left[:3]} (inside a "
+                        "nested Sequential model?)")
+
+
+def _check_weights_used(graph, branch, used):
+    """FoldError unless exactly the graph's weights outside the other branch were read."""
+    expected = {id(v) for v in graph.weights} - _other_branch_weights(graph, branch)
+    missing = [v.path for v in graph.weights if id(v) in expected - used]
+    if missing or used - expected:
+        raise FoldError(f"folding left {len(missing)} weight(s) unused (e.g. {missing[:3]}) "
+                        "or read foreign ones")
+
+
+def _merged_kernel_and_bias(layer, values, scale, shift):
+    """[kernel, bias] of a Conv2D, DepthwiseConv2D or Dense with y * scale + shift merged
+    into its output; `values` its float64 weights."""
+    kernel = values[0]
+    if isinstance(layer, keras.layers.DepthwiseConv2D):  # (kh, kw, in, multiplier)
+        kernel = kernel * scale.reshape(kernel.shape[2], kernel.shape[3])
+    else:  # Conv2D (kh, kw, in, out), Dense (in, out): the output axis is last
+        kernel = kernel * scale
+    bias = shift if not layer.use_bias else values[1] * scale + shift
+    return [kernel, bias]
+
+
+def _scale_and_shift(x, scale, shift, name, bn_name):
+    """x * scale + shift per channel as a 1x1 DepthwiseConv2D with a bias named `name`;
+    a rank-2 x goes through a 1x1 image, so that only built-in layers are used."""
+    rank = len(x.shape)
+    if rank == 2:  # (N, C)
+        x = keras.layers.Reshape((1, 1, x.shape[-1]), name=f"{name}_to_image")(x)
+    elif rank != 4:
+        raise FoldError(f"{bn_name}: a BatchNormalization of a rank-{rank} tensor with "
+                        "no Conv/Dense before it cannot be folded")
+    depthwise = keras.layers.DepthwiseConv2D(1, use_bias=True, name=name)
+    y = depthwise(x)
+    depthwise.set_weights([scale.reshape(1, 1, -1, 1).astype(np.float32),
+                           shift.astype(np.float32)])
+    if rank == 2:
+        y = keras.layers.Reshape((y.shape[-1],), name=f"{name}_to_vector")(y)
+    return y
+
+
+class _GraphFolder:
+    """One fold in progress: `clone` and `call` are clone_model's clone_function and
+    call_function. A BN merged into its producer becomes the identity (the producer's copy
+    gets the merged weights), any other BN a scale-and-shift; every other layer is copied
+    with its weights, a padded TorchConv2D as a ZeroPadding2D and a Conv2D."""
+
+    def __init__(self, branch, into, merged):
+        self.branch = branch
+        self.into, self.merged = into, merged  # from _plan_merges
+        self.used = set()  # ids of the original weights read
+        self.counter = 0  # numbers the layers the fold adds (scale-and-shifts, paddings)
+        self.originals = {}  # id(copy) -> original layer
+        self.copies = []  # (copy, original)
+        self.done = set()  # ids of the copies whose weights are set
+
+    def clone(self, layer):
         if isinstance(layer, BN_TYPES):
-            return layer  # never called: call() below maps or merges it
+            return layer  # never called: call() maps or merges it
         if not isinstance(layer, keras.layers.Layer):  # an operation: no weights, no config
             return layer
-        config, _ = _plain_config(layer, id(layer) in merged)
+        config, _ = _plain_config(layer, id(layer) in self.merged)
         cls = keras.layers.Conv2D if "torch_padding" in layer.get_config() else layer.__class__
         try:
             new = cls.from_config(config)
         except Exception as e:  # noqa: BLE001 - a custom layer's own config code
             raise FoldError(f"cannot copy layer '{layer.name}' ({type(layer).__name__}): "
                             f"{e}") from None
-        originals[id(new)] = layer
-        copies.append((new, layer))
+        self.originals[id(new)] = layer
+        self.copies.append((new, layer))
         return new
 
-    def set_weights(new, old):
-        done.add(id(new))
-        values = [np.asarray(w.numpy(), np.float64) for w in old.weights]
-        used.update(id(w) for w in old.weights)
-        if id(old) in merged:
-            bn = _branch_bn(merged[id(old)], branch)
-            used.update(id(w) for w in bn.weights)
-            scale, shift = bn_affine(bn)
-            kernel = values[0]
-            if isinstance(old, keras.layers.DepthwiseConv2D):  # (kh, kw, in, multiplier)
-                kernel = kernel * scale.reshape(kernel.shape[2], kernel.shape[3])
-            else:  # Conv2D (kh, kw, in, out), Dense (in, out): the output axis is last
-                kernel = kernel * scale
-            bias = shift if not old.use_bias else values[1] * scale + shift
-            values = [kernel, bias]
-        new.set_weights([v.astype(np.float32) for v in values])
-
-    def affine(layer, x):
-        bn = _branch_bn(layer, branch)
-        used.update(id(w) for w in bn.weights)
-        scale, shift = bn_affine(bn)
-        counter[0] += 1
-        name = f"{layer.name}_affine_{counter[0]}"
-        rank = len(x.shape)
-        if rank == 2:  # (N, C): through a 1x1 image, so that only built-in layers are used
-            x = keras.layers.Reshape((1, 1, x.shape[-1]), name=f"{name}_to_image")(x)
-        elif rank != 4:
-            raise FoldError(f"{layer.name}: a BatchNormalization of a rank-{rank} tensor with "
-                            "no Conv/Dense before it cannot be folded")
-        depthwise = keras.layers.DepthwiseConv2D(1, use_bias=True, name=name)
-        y = depthwise(x)
-        depthwise.set_weights([scale.reshape(1, 1, -1, 1).astype(np.float32),
-                               shift.astype(np.float32)])
-        if rank == 2:
-            y = keras.layers.Reshape((y.shape[-1],), name=f"{name}_to_vector")(y)
-        return y
-
-    def call(new, *args, **kwargs):
+    def call(self, new, *args, **kwargs):
         if isinstance(new, BN_TYPES):
-            return args[0] if id(new) in into else affine(new, args[0])
-        old = originals.get(id(new), new)  # an operation (x * 0.5) Keras did not clone
+            return args[0] if id(new) in self.into else self.affine(new, args[0])
+        old = self.originals.get(id(new), new)  # an operation (x * 0.5) Keras did not clone
         if not isinstance(old, keras.layers.Layer):
             return new(*args, **kwargs)
         _, pad = _plain_config(old, False)
         if pad:
-            counter[0] += 1
-            args = (keras.layers.ZeroPadding2D(pad, name=f"{old.name}_pad_{counter[0]}")(
+            self.counter += 1
+            args = (keras.layers.ZeroPadding2D(pad, name=f"{old.name}_pad_{self.counter}")(
                 args[0]),) + args[1:]
         kwargs.pop("training", None)
         kwargs.pop("mask", None)
         out = new(*args, **kwargs)
         if old.weights:
-            set_weights(new, old)
+            self.set_weights(new, old)
         return out
 
-    images = keras.Input(shape=input_shape, dtype="float32", name=INPUT_NAME)
-    try:
-        # A graph rebuilt from a loaded Sequential holds its input as a one-tensor list.
-        inputs = [images] if isinstance(graph.input, (list, tuple)) else images
-        folded = keras.models.clone_model(graph, input_tensors=inputs, clone_function=clone,
-                                          call_function=call, recursive=True)
-    except FoldError:
-        raise
-    except Exception as e:  # noqa: BLE001 - anything Keras cannot rebuild
-        raise FoldError(f"cannot rebuild the graph of {graph.name}: "
-                        f"{str(e).splitlines()[0][:200]}") from None
-    for new, old in copies:  # inside a nested Sequential, Keras calls no call_function
-        if id(new) not in done and old.weights and new.built:
-            set_weights(new, old)
-    left = [layer.name for layer in folded._flatten_layers(recursive=True)  # noqa: SLF001
-            if isinstance(layer, BN_TYPES)]
-    if left:
-        raise FoldError(f"BatchNormalization left in the folded graph: {left[:3]} (inside a "
-                        "nested Sequential model?)")
-    expected = {id(v) for v in graph.weights} - _other_branch_weights(graph, branch)
-    missing = [v.path for v in graph.weights if id(v) in expected - used]
-    if missing or used - expected:
-        raise FoldError(f"folding left {len(missing)} weight(s) unused (e.g. {missing[:3]}) "
-                        "or read foreign ones")
-    return keras.Model(folded.inputs[0], folded.outputs[0], name=f"{graph.name}_folded_{branch}")
+    def set_weights(self, new, old):
+        """The copy `new` gets `old`'s weights, with the BN merged into `old` if any."""
+        self.done.add(id(new))
+        values = [np.asarray(w.numpy(), np.float64) for w in old.weights]
+        self.used.update(id(w) for w in old.weights)
+        if id(old) in self.merged:
+            bn = _branch_bn(self.merged[id(old)], self.branch)
+            self.used.update(id(w) for w in bn.weights)
+            values = _merged_kernel_and_bias(old, values, *bn_affine(bn))
+        new.set_weights([v.astype(np.float32) for v in values])
+
+    def affine(self, layer, x):
+        """The BN-type `layer` on `x` as a per-channel scale-and-shift."""
+        bn = _branch_bn(layer, self.branch)
+        self.used.update(id(w) for w in bn.weights)
+        scale, shift = bn_affine(bn)
+        self.counter += 1
+        return _scale_and_shift(x, scale, shift, f"{layer.name}_affine_{self.counter}",
+                                layer.name)
+
+    def set_nested_weights(self):
+        """Inside a nested Sequential, Keras calls no call_function: weights set here."""
+        for new, old in self.copies:
+            if id(new) not in self.done and old.weights and new.built:
+                self.set_weights(new, old)
 
 
 def fold_bn(network, branch="adv", input_shape=None):
