@@ -21,6 +21,9 @@ gradients, so it also attacks models without any (ONNX).
 
 import dataclasses
 import functools
+import operator
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf
@@ -98,6 +101,68 @@ def _signs(seed, shape):
     return tf.where(tf.random.stateless_uniform(shape, seed=seed) < 0.5, -1.0, 1.0)
 
 
+def _sum_sq(t):
+    """Per example and channel: the sum of squares over the image, [n, 1, 1, c]."""
+    return tf.reduce_sum(tf.square(t), axis=[1, 2], keepdims=True)
+
+
+# The bookkeeping both query loops share (the traced _single_run and the host _host_run),
+# written once over the few array operations it needs: _TF gives them in TensorFlow, _NP
+# in numpy (plain indexing, and writes in place, so the host loop copies nothing more).
+class _ArrayOps(NamedTuple):
+    """An array library's operations, as _record_margins and _drop_broken use them."""
+
+    gather: Callable  # (a, positions) -> a[positions]
+    mask: Callable  # (a, flags) -> a[flags]
+    index: Callable  # (positions, flags) -> positions[flags], in the form `put` takes
+    put: Callable  # (a, index, values) -> a with a[index] = values
+
+
+def _tf_index(positions, flags):
+    return tf.boolean_mask(positions, flags)[:, None]
+
+
+def _np_put(a, index, values):
+    a[index] = values
+    return a
+
+
+_TF = _ArrayOps(tf.gather, tf.boolean_mask, _tf_index, tf.tensor_scatter_nd_update)
+_NP = _ArrayOps(operator.getitem, operator.getitem, operator.getitem, _np_put)
+
+
+def _record_margins(ops, at, margin, margin_min, loss_min):
+    """The acceptance rule, on the working set: the proposals of positions at [k] scored
+    margin [k]. A proposal improves when its margin is below its point's lowest margin yet
+    (loss_min), and is taken when it improves or misclassifies (margin <= 0):
+
+        improved = margin < loss_min[at];  take = improved | (margin <= 0)
+        loss_min[at[improved]] = margin[improved];  margin_min[at[take]] = margin[take]
+
+    Returns (take, taken = at[take] as ops.put takes it, margin_min, loss_min); numpy's
+    margin_min and loss_min are updated in place."""
+    improved = margin < ops.gather(loss_min, at)
+    take = improved | (margin <= 0.0)
+    loss_min = ops.put(loss_min, ops.index(at, improved), ops.mask(margin, improved))
+    taken = ops.index(at, take)
+    margin_min = ops.put(margin_min, taken, ops.mask(margin, take))
+    return take, taken, margin_min, loss_min
+
+
+def _drop_broken(ops, done, work, out_best, out_margin):
+    """The working set work = (rows into the batch, images, labels, best points,
+    margin_min, loss_min) without the points `done` marks (broken: margin_min <= 0), whose
+    best points and margins go to out_best and out_margin at their rows right away.
+    Returns (work, out_best, out_margin); numpy's out_best and out_margin are updated in
+    place."""
+    rows, _, _, best, margin_min, _ = work
+    at = ops.index(rows, done)
+    out_best = ops.put(out_best, at, ops.mask(best, done))
+    out_margin = ops.put(out_margin, at, ops.mask(margin_min, done))
+    keep = ~done
+    return tuple(ops.mask(t, keep) for t in work), out_best, out_margin
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Square(Attack):
     """Square Attack on the margin loss; attack(model_fn, x, y, seed) -> x_adv, or
@@ -144,6 +209,26 @@ class Square(Attack):
         return tf.clip_by_value(x + eps * _signs(core.fold_seed(seed, -1), [n, 1, w, c]),
                                 0.0, 1.0)
 
+    def _l2_start(self, x, seed, etas):
+        """The L2 run's first points: x + a grid of eta windows of side h // 5, each with a
+        random sign per example and channel, the whole perturbation of L2 norm eps."""
+        n = tf.shape(x)[0]
+        h, w, c = x.shape[1], x.shape[2], x.shape[3]
+        init_seed = core.fold_seed(seed, -1)
+        s0 = max(h // 5, 1)
+        start = (h - s0 * 5) // 2
+        delta = tf.zeros_like(x)
+        for bi in range(h // s0):
+            for bj in range(w // s0):
+                top, left = start + bi * s0, start + bj * s0
+                if top + s0 > h or left + s0 > w:
+                    continue
+                win = tf.roll(etas[s0, 0], [top, left], [0, 1])[None, :, :, None]
+                sgn = _signs(core.fold_seed(init_seed, bi, bj), [n, 1, 1, c])
+                delta += win * sgn
+        eps = tf.cast(self.eps, x.dtype)
+        return tf.clip_by_value(x + eps * core.normalize(delta, "l2"), 0.0, 1.0)
+
     def _linf_draws(self, it, qseed, image_shape):
         """Query `it`'s window (side, top, left) and its signs [1, 1, 1, c]: one draw for
         the whole batch, as the reference's."""
@@ -153,135 +238,119 @@ class Square(Attack):
         return s, _rand_position(seeds[0], h - s), _rand_position(seeds[1], w - s), \
             _signs(seeds[2], [1, 1, 1, c])
 
-    def _single_run(self, model_fn, x, y, seed):
-        n = tf.shape(x)[0]
-        h, w, c = x.shape[1], x.shape[2], x.shape[3]
-        eps = tf.cast(self.eps, x.dtype)
-        init_seed = core.fold_seed(seed, -1)
-        if self.norm == "linf":
-            x_best = self._linf_start(x, seed)
-        else:
-            etas = _eta_table(h, w)
-            s0 = max(h // 5, 1)
-            start = (h - s0 * 5) // 2
-            delta = tf.zeros_like(x)
-            for bi in range(h // s0):
-                for bj in range(w // s0):
-                    top, left = start + bi * s0, start + bj * s0
-                    if top + s0 > h or left + s0 > w:
-                        continue
-                    win = tf.roll(etas[s0, 0], [top, left], [0, 1])[None, :, :, None]
-                    sgn = _signs(core.fold_seed(init_seed, bi, bj), [n, 1, 1, c])
-                    delta += win * sgn
-            x_best = tf.clip_by_value(x + eps * core.normalize(delta, "l2"), 0.0, 1.0)
-        margin_min = core.true_margin(model_fn(x_best), y)
+    def _linf_proposal(self, it, best, xs, rows, qseed):
+        """Query `it`'s L-inf proposals (see _search): a window set to +-2 eps per channel
+        on top of the best points, projected. `rows` is unused: the draws are the batch's."""
+        del rows
+        eps = tf.cast(self.eps, xs.dtype)
+        s, top, left, signs = self._linf_draws(it, qseed, xs.shape[1:])
+        # The proposal changes the best point inside the window only: compare there,
+        # then build the proposals of the points it changes.
+        corner, size = tf.stack([0, top, left, 0]), tf.stack([-1, s, s, -1])
+        best_window = tf.slice(best, corner, size)
+        new_window = core.project(best_window + 2.0 * eps * signs,
+                                  tf.slice(xs, corner, size), eps, "linf")
+        changed = tf.reduce_any(tf.not_equal(new_window, best_window), axis=[1, 2, 3])
+        at = tf.where(changed)[:, 0]
+        new_window = tf.gather(new_window, at)
+        # Outside the window the projection returns the best point as it is, so the
+        # proposal is the best point with the new window written in (two copies of the
+        # images instead of a sum and a projection over all of them), and taking it
+        # writes that window into the best point (no copy at all when none is taken).
+        every = tf.equal(tf.size(at), tf.shape(best)[0])
+        base = tf.cond(every, lambda: best, lambda: tf.gather(best, at))
 
-        # L2's per-example signs are drawn for the whole batch and then subset (rows), so a
-        # point gets the same proposals whichever other points are still being attacked.
-        # A proposal returns (at, x_new, accept): the working-set positions whose proposal
-        # differs from their best point, those proposals, and accept(best, take, taken) -> the
-        # best points with the proposals of at[take] (= taken) taken. An unchanged proposal would
-        # score its best point's margin again, which is never an improvement (a point
-        # still in the working set has margin_min == loss_min > 0), so it is not queried.
-        def linf_proposal(it, x_best, x, rows, qseed):
-            s, top, left, signs = self._linf_draws(it, qseed, x.shape[1:])
-            # The proposal changes the best point inside the window only: compare there,
-            # then build the proposals of the points it changes.
-            corner, size = tf.stack([0, top, left, 0]), tf.stack([-1, s, s, -1])
-            best_window = tf.slice(x_best, corner, size)
-            new_window = core.project(best_window + 2.0 * eps * signs,
-                                      tf.slice(x, corner, size), eps, "linf")
-            changed = tf.reduce_any(tf.not_equal(new_window, best_window), axis=[1, 2, 3])
-            at = tf.where(changed)[:, 0]
-            new_window = tf.gather(new_window, at)
-            # Outside the window the projection returns the best point as it is, so the
-            # proposal is the best point with the new window written in (two copies of the
-            # images instead of a sum and a projection over all of them), and taking it
-            # writes that window into the best point (no copy at all when none is taken).
-            every = tf.equal(tf.size(at), tf.shape(x_best)[0])
-            base = tf.cond(every, lambda: x_best, lambda: tf.gather(x_best, at))
+        def accept(best, take, taken):
+            def write():
+                window = tf.tensor_scatter_nd_update(best_window, taken,
+                                                     tf.boolean_mask(new_window, take))
+                return _splice(best, window, top, left)
+            return tf.cond(tf.reduce_any(take), write, lambda: best)
+        return at, _splice(base, new_window, top, left), accept
 
-            def accept(best, take, taken):
-                def write():
-                    window = tf.tensor_scatter_nd_update(best_window, taken,
-                                                         tf.boolean_mask(new_window, take))
-                    return _splice(best, window, top, left)
-                return tf.cond(tf.reduce_any(take), write, lambda: best)
-            return at, _splice(base, new_window, top, left), accept
+    def _l2_proposal(self, it, best, xs, rows, qseed, *, n, etas):
+        """Query `it`'s L2 proposals (see _search): the mass of two windows moved into a new
+        eta window, the total norm kept at eps. The per-example signs are drawn for the
+        whole batch (n) and then subset (rows), so a point gets the same proposals whichever
+        other points are still being attacked."""
+        h, w, c = xs.shape[1], xs.shape[2], xs.shape[3]
+        eps = tf.cast(self.eps, xs.dtype)
+        s = self._side(it, h, w, c, 3)
+        seeds = tf.random.experimental.stateless_split(qseed, 6)
+        top, left = _rand_position(seeds[0], h - s), _rand_position(seeds[1], w - s)
+        top2, left2 = _rand_position(seeds[2], h - s), _rand_position(seeds[3], w - s)
+        mask1 = _window(h, w, top, left, s)
+        mask2 = _window(h, w, top2, left2, s)
+        transpose = tf.cast(tf.random.stateless_uniform([], seed=seeds[4]) > 0.5, tf.int32)
+        eta = tf.roll(tf.gather(tf.gather(etas, s), transpose), [top, left], [0, 1])
+        eta = eta[None, :, :, None]
+        delta = best - xs
+        norm_w1 = tf.sqrt(_sum_sq(delta * mask1))  # [n, 1, 1, c]
+        norm_image = core.bcast(core.lp_norm(delta, "l2"), xs)
+        norm_windows = tf.sqrt(_sum_sq(delta * tf.maximum(mask1, mask2)))
+        signs = tf.gather(_signs(seeds[5], [n, 1, 1, c]), rows)
+        new = eta * signs + delta * mask1 / (1e-12 + norm_w1)
+        scale = tf.sqrt(tf.maximum(eps ** 2 - norm_image ** 2, 0.0) / c + norm_windows ** 2)
+        new = new / (1e-12 + tf.sqrt(_sum_sq(new))) * scale
+        delta = delta * (1.0 - mask2)
+        delta = delta * (1.0 - mask1) + new * mask1
+        x_new = tf.clip_by_value(xs + eps * core.normalize(delta, "l2"), 0.0, 1.0)
+        at = tf.range(tf.size(rows, out_type=tf.int64))  # the mass always moves
 
-        def l2_proposal(it, x_best, x, rows, qseed):
-            s = self._side(it, h, w, c, 3)
-            seeds = tf.random.experimental.stateless_split(qseed, 6)
-            top, left = _rand_position(seeds[0], h - s), _rand_position(seeds[1], w - s)
-            top2, left2 = _rand_position(seeds[2], h - s), _rand_position(seeds[3], w - s)
-            mask1 = _window(h, w, top, left, s)
-            mask2 = _window(h, w, top2, left2, s)
-            transpose = tf.cast(tf.random.stateless_uniform([], seed=seeds[4]) > 0.5, tf.int32)
-            eta = tf.roll(tf.gather(tf.gather(etas, s), transpose), [top, left], [0, 1])
-            eta = eta[None, :, :, None]
-            delta = x_best - x
-            sq = lambda t: tf.reduce_sum(tf.square(t), axis=[1, 2], keepdims=True)  # noqa
-            norm_w1 = tf.sqrt(sq(delta * mask1))  # [n, 1, 1, c]
-            norm_image = core.bcast(core.lp_norm(delta, "l2"), x)
-            norm_windows = tf.sqrt(sq(delta * tf.maximum(mask1, mask2)))
-            signs = tf.gather(_signs(seeds[5], [n, 1, 1, c]), rows)
-            new = eta * signs + delta * mask1 / (1e-12 + norm_w1)
-            scale = tf.sqrt(tf.maximum(eps ** 2 - norm_image ** 2, 0.0) / c + norm_windows ** 2)
-            new = new / (1e-12 + tf.sqrt(sq(new))) * scale
-            delta = delta * (1.0 - mask2)
-            delta = delta * (1.0 - mask1) + new * mask1
-            x_new = tf.clip_by_value(x + eps * core.normalize(delta, "l2"), 0.0, 1.0)
-            at = tf.range(tf.size(rows, out_type=tf.int64))  # the mass always moves
+        def accept(best, take, taken):
+            return tf.tensor_scatter_nd_update(best, taken, tf.boolean_mask(x_new, take))
+        return at, x_new, accept
 
-            def accept(best, take, taken):
-                return tf.tensor_scatter_nd_update(best, taken, tf.boolean_mask(x_new, take))
-            return at, x_new, accept
+    def _search(self, model_fn, propose, seed, work, out_best, out_margin):
+        """The query loop on the working set work (see _drop_broken), until n_queries or
+        until no point is left; returns (work, out_best, out_margin).
 
-        proposal = linf_proposal if self.norm == "linf" else l2_proposal
-
-        # Only the points not yet misclassified are queried: the working set (rows into
-        # the batch, with their images, labels, best points, margins and losses) shrinks
-        # as points break, and a broken point's best point goes to out_best right away.
-        def drop_broken(work, out_best, out_margin):
-            rows, xs, ys, best, margin, loss = work
-            done = margin <= 0.0
-            at = tf.boolean_mask(rows, done)[:, None]
-            out_best = tf.tensor_scatter_nd_update(out_best, at, tf.boolean_mask(best, done))
-            out_margin = tf.tensor_scatter_nd_update(out_margin, at,
-                                                     tf.boolean_mask(margin, done))
-            keep = tf.logical_not(done)
-            return tuple(tf.boolean_mask(t, keep) for t in work), out_best, out_margin
-
+        propose(it, best, xs, rows, qseed) -> (at, x_new, accept): the working-set
+        positions whose proposal differs from their best point, those proposals, and
+        accept(best, take, taken) -> the best points with the proposals of at[take]
+        (= taken) taken. An unchanged proposal would score its best point's margin again,
+        which is never an improvement (a point still in the working set has margin_min ==
+        loss_min > 0), so it is not queried. The margins are then recorded by
+        _record_margins and the broken points dropped by _drop_broken, as in _host_run."""
         def cond(it, work, out_best, out_margin):
             return tf.logical_and(it < self.n_queries, tf.size(work[0]) > 0)
 
         def body(it, work, out_best, out_margin):
             rows, xs, ys, best, margin_min, loss_min = work
-            at, x_new, accept = proposal(it, best, xs, rows, core.fold_seed(seed, it))
+            at, x_new, accept = propose(it, best, xs, rows, core.fold_seed(seed, it))
             margin = core.true_margin(model_fn(x_new), tf.gather(ys, at))
-            improved = margin < tf.gather(loss_min, at)
-            take = tf.logical_or(improved, margin <= 0.0)
-            taken = tf.boolean_mask(at, take)[:, None]
-            better = tf.boolean_mask(at, improved)[:, None]
-            loss_min = tf.tensor_scatter_nd_update(loss_min, better,
-                                                   tf.boolean_mask(margin, improved))
-            margin_min = tf.tensor_scatter_nd_update(margin_min, taken,
-                                                     tf.boolean_mask(margin, take))
-            best = accept(best, take, taken)
-            work = (rows, xs, ys, best, margin_min, loss_min)
+            take, taken, margin_min, loss_min = _record_margins(_TF, at, margin, margin_min,
+                                                                loss_min)
+            work = (rows, xs, ys, accept(best, take, taken), margin_min, loss_min)
+            done = margin_min <= 0.0
             work, out_best, out_margin = tf.cond(
-                tf.reduce_any(margin_min <= 0.0),
-                lambda: drop_broken(work, out_best, out_margin),
+                tf.reduce_any(done), lambda: _drop_broken(_TF, done, work, out_best, out_margin),
                 lambda: (work, out_best, out_margin))
             return it + 1, work, out_best, out_margin
 
-        rows = tf.range(n, dtype=tf.int64)
-        work, out_best, out_margin = drop_broken(
-            (rows, x, y, x_best, margin_min, margin_min), x_best, margin_min)
         invariants = tuple(tf.TensorShape([None]).concatenate(t.shape[1:]) for t in work)
         _, work, out_best, out_margin = tf.while_loop(
             cond, body, (tf.constant(0), work, out_best, out_margin),
             shape_invariants=(tf.TensorShape([]), invariants, out_best.shape, out_margin.shape))
+        return work, out_best, out_margin
+
+    def _single_run(self, model_fn, x, y, seed):
+        """One run: (the best points, whether each is misclassified). Only the points not
+        yet misclassified are queried: the working set (rows into the batch, with their
+        images, labels, best points, margins and losses) shrinks as points break."""
+        n = tf.shape(x)[0]
+        if self.norm == "linf":
+            x_best, propose = self._linf_start(x, seed), self._linf_proposal
+        else:
+            etas = _eta_table(x.shape[1], x.shape[2])
+            x_best = self._l2_start(x, seed, etas)
+            propose = functools.partial(self._l2_proposal, n=n, etas=etas)
+        margin_min = core.true_margin(model_fn(x_best), y)
+        work = (tf.range(n, dtype=tf.int64), x, y, x_best, margin_min, margin_min)
+        work, out_best, out_margin = _drop_broken(_TF, margin_min <= 0.0, work, x_best,
+                                                  margin_min)
+        work, out_best, out_margin = self._search(model_fn, propose, seed, work, out_best,
+                                                  out_margin)
         rows, _, _, best, margin_min, _ = work
         out_best = tf.tensor_scatter_nd_update(out_best, rows[:, None], best)
         out_margin = tf.tensor_scatter_nd_update(out_margin, rows[:, None], margin_min)
@@ -307,10 +376,11 @@ class Square(Attack):
     # runtime computes (onnxruntime: numpy images in, numpy logits out). Inside the traced
     # loop each query paid about 1.8 ms besides the model (the runtime's call through
     # tf.numpy_function, two full copies of the images to splice a window in, and some 30
-    # small ops); numpy does the same bookkeeping in place, copying the images once per
-    # query. The random draws are the traced loop's own, made by TensorFlow a chunk of
-    # queries at a time, and every step is the same float32 arithmetic, so both loops
-    # return the same points and verdicts (tests/test_attacks_equivalence.py).
+    # small ops); numpy does the same bookkeeping in place (_record_margins and
+    # _drop_broken on numpy arrays), copying the images once per query. The random draws
+    # are the traced loop's own, made by TensorFlow a chunk of queries at a time, and every
+    # step is the same float32 arithmetic, so both loops return the same points and
+    # verdicts (tests/test_attacks_equivalence.py).
     # L2's proposals sum over windows, where numpy's and TensorFlow's summation orders
     # differ, so L2 keeps the traced loop.
     HOST_CHUNK = 250  # queries whose draws are made in one TensorFlow call
@@ -340,6 +410,8 @@ class Square(Attack):
         return np.where(_np_bcast(correct, x), best, adv)
 
     def _host_run(self, query, x, y, seed):
+        """_single_run's L-inf run in numpy: the same draws (_draws_function), proposals
+        and bookkeeping (_record_margins, _drop_broken), the images changed in place."""
         draws = _draws_function(self, x.shape[1:])
         eps = np.float32(self.eps)
         two_eps = np.float32(2.0) * eps
@@ -371,18 +443,14 @@ class Square(Attack):
             x_new = best[at]
             x_new[window] = new_window[at]
             margin = _np_true_margin(query(x_new), ys[at])
-            improved = margin < loss_min[at]
-            take = improved | (margin <= 0)
-            loss_min[at[improved]] = margin[improved]
-            taken = at[take]
-            margin_min[taken] = margin[take]
+            _, taken, margin_min, loss_min = _record_margins(_NP, at, margin, margin_min,
+                                                             loss_min)
             best[(taken,) + window[1:]] = new_window[taken]
             done = margin_min <= 0
             if done.any():
-                out_best[rows[done]], out_margin[rows[done]] = best[done], margin_min[done]
-                keep = ~done
-                rows, xs, ys, best = rows[keep], xs[keep], ys[keep], best[keep]
-                margin_min, loss_min = margin_min[keep], loss_min[keep]
+                work = (rows, xs, ys, best, margin_min, loss_min)
+                work, out_best, out_margin = _drop_broken(_NP, done, work, out_best, out_margin)
+                rows, xs, ys, best, margin_min, loss_min = work
         out_best[rows], out_margin[rows] = best, margin_min
         return out_best, out_margin <= 0
 
