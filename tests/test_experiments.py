@@ -238,9 +238,9 @@ def test_bad_input_is_one_line_exit_2(tmp_path, args, message):
 
 
 def test_rows_parse_lists_and_the_shipped_flagfiles_are_valid():
-    from keras_arat import experiments
-    fv = experiments.train_flag_values()
-    rows = experiments.parse_rows(
+    from keras_arat import grid_spec
+    fv = grid_spec.train_flag_values()
+    rows = grid_spec.parse_rows(
         ["a:method=arat,lr_values=0.1,0.01,lr_boundaries=3;b:", "c:split_bn=false"], fv)
     assert rows == [{"name": "a", "overrides": [("method", "arat"),
                                                   ("lr_values", "0.1,0.01"),
@@ -315,25 +315,35 @@ def test_extra_attacks_run_keras_arat_evaluate_on_finished_cells(grid, tmp_path)
 
 
 def test_comparison_verdicts():
-    # In a process of its own: the command's flags (--workdir, ...) are also the trainer's,
-    # whose modules other tests import.
-    script = """
-import json, types
-from absl import flags
-from keras_arat import experiments
-grid = types.SimpleNamespace(rows=[{"name": "a"}], attacks=["clean", "pgd20"])
-def row(name, mean, std, complete=True):
-    return {"row": name, "complete": complete, "stats": {"clean+pgd20": (mean, std)}}
-summary = [row("a", 170.0, 1.0), row("tie", 170.0 + 1e-12, 2.0), row("near", 168.0, 2.0),
-           row("far", 160.0, 2.0), row("above", 171.0, 1.0), row("best", 180.0, 1.0),
-           row("broken", 150.0, 0.0, complete=False)]
-experiments.define_flags()
-flags.FLAGS(["experiments"])
-print(json.dumps({o["row"]: o["verdict"] for o in experiments.comparisons(grid, summary)[1]}))
-"""
-    proc = cli.run_command([sys.executable, "-c", script])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout) == {
+    import types
+
+    from keras_arat import grid_report
+    grid = types.SimpleNamespace(rows=[{"name": "a"}], attacks=["clean", "pgd20"])
+
+    def row(name, mean, std, complete=True):
+        return {"row": name, "complete": complete, "stats": {"clean+pgd20": (mean, std)}}
+
+    summary = [row("a", 170.0, 1.0), row("tie", 170.0 + 1e-12, 2.0), row("near", 168.0, 2.0),
+               row("far", 160.0, 2.0), row("above", 171.0, 1.0), row("best", 180.0, 1.0),
+               row("broken", 150.0, 0.0, complete=False)]
+    assert {o["row"]: o["verdict"] for o in grid_report.comparisons(grid, summary)[1]} == {
         "tie": "level", "near": "ahead, within 2 seed-std", "far": "clear lead",
         "above": "behind, within 2 seed-std", "best": "clearly behind",
         "broken": "not comparable (a seed did not converge)"}
+    # --compare_to names another reference row.
+    ref, verdicts = grid_report.comparisons(grid, summary[:2] + summary[5:6], compare_to="best")
+    assert ref == "best" and {o["row"]: o["verdict"] for o in verdicts} == {
+        "a": "clear lead", "tie": "clear lead"}  # best is 10 points above both
+
+
+def test_the_grid_library_does_not_import_its_command_line():
+    """keras_arat.grid_* is the library, keras_arat.experiments the command line on top."""
+    import ast
+    paths = glob.glob(os.path.join(ROOT, "keras_arat", "grid_*.py"))
+    assert len(paths) >= 4
+    for path in paths:
+        tree = ast.parse(read(path))
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {f"{n.module}.{a.name}" for n in ast.walk(tree)
+                  if isinstance(n, ast.ImportFrom) for a in n.names}
+        assert not [n for n in names if "experiments" in n], path
