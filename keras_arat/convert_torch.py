@@ -3,18 +3,11 @@
     python -m keras_arat.convert_torch --checkpoint=FILE --model=resnet18|wrn \
         [--num_classes=10] [--dataset=cifar10] [--method=arat|pgd_at|trades|mart] --workdir=OUT
 
-FILE is a state_dict as torch.save writes it (.pt, needs torch), or the same tensors as
-.safetensors or .npz (no torch needed). Split-BN state_dicts (the official train_ARAT.py's
-`...bn1.clean.weight`, `...bn1.adv.weight`, ...) become a split-BN network; plain ones
-(`...bn1.weight`, `shortcut.0/1`) a single-BN one. `module.` (DataParallel) and `model.`
-(the official feature-extractor wrapper) prefixes are dropped; `num_batches_tracked` is
-ignored. Every other key must be used and every Keras weight set, or nothing is written.
-
-OUT gets config.json and checkpoints/epoch-NNNN in keras_arat's own format, so
-`python -m keras_arat.evaluate --workdir=OUT` and `python -m export --workdir=OUT` take it
-as they take a training run. ARAT's predictor heads are not in the state_dict (the official
-code pickles them as whole modules, `_pred_<layer>.pt`, which cannot be read without its
-source; inference does not use them): the checkpoint holds freshly initialised ones.
+FILE is a state_dict (.pt with torch installed, or .safetensors / .npz without); which
+keys it must hold and how split-BN and plain checkpoints are told apart:
+keras_arat.torch_weights, the library this command calls. OUT gets config.json and
+checkpoints/epoch-NNNN in keras_arat's own format, so `python -m keras_arat.evaluate
+--workdir=OUT` and `python -m export --workdir=OUT` take it as they take a training run.
 """
 
 import sys

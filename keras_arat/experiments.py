@@ -143,5 +143,23 @@ def run_main():
     app.run(main, argv=train_flags.resolve_flagfiles(sys.argv), flags_parser=train_flags.parse_flags)
 
 
+# The grid's library names this module held before grid_spec, grid_figures, grid_runner
+# and grid_report took them over (imported on first use, with a DeprecationWarning).
+_MOVED_TO = ("grid_spec", "grid_figures", "grid_runner", "grid_report")
+
+
+def __getattr__(name):
+    import importlib
+    import warnings
+    if not name.startswith("_"):
+        for module in _MOVED_TO:
+            found = importlib.import_module(f"keras_arat.{module}")
+            if hasattr(found, name):
+                warnings.warn(f"keras_arat.experiments.{name} moved to keras_arat.{module}."
+                              f"{name}", DeprecationWarning, stacklevel=2)
+                return getattr(found, name)
+    raise AttributeError(f"module 'keras_arat.experiments' has no attribute {name!r}")
+
+
 if __name__ == "__main__":
     run_main()

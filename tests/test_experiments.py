@@ -347,3 +347,18 @@ def test_the_grid_library_does_not_import_its_command_line():
         names |= {f"{n.module}.{a.name}" for n in ast.walk(tree)
                   if isinstance(n, ast.ImportFrom) for a in n.names}
         assert not [n for n in names if "experiments" in n], path
+
+
+def test_names_that_left_experiments_resolve_with_a_deprecation_warning():
+    """The grid's library moved out of the command line; its old names still resolve."""
+    import warnings
+
+    from keras_arat import experiments, grid_report, grid_spec
+    for old, new in (("parse_rows", grid_spec.parse_rows),
+                     ("comparisons", grid_report.comparisons)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert getattr(experiments, old) is new
+        assert [w.category for w in caught] == [DeprecationWarning]
+    with pytest.raises(AttributeError):
+        experiments.no_such_name  # noqa: B018
