@@ -214,11 +214,12 @@ def _write_formats(network, folded, branch, x, tmp, name, formats, input_shape, 
     import keras
     import tensorflow as tf
 
+    from keras_arat.attacks.base import model_function
     from keras_arat.deployed import OnnxRunner, SavedModelRunner
     from keras_arat.progress import log as progress
 
     from . import convert
-    original = tf.function(lambda z: network_function(network, branch)(z))
+    original = tf.function(model_function(network, branch))
     logits = {"original": batched(original, x, batch_size),
               "folded_keras": batched(tf.function(lambda z: folded(z, training=False)), x,
                                       batch_size)}
@@ -298,11 +299,12 @@ def _report(network, folded, branch, name, logits, x, y, eps, atol, seed, batch_
 def _pgd_check(network, folded, branch, x, y, eps, seed, batch_size, pgd_examples, log):
     """PGD-20 accuracy of the network and of the folded model on the first pgd_examples
     (all by default), or None without labels or eps."""
+    from keras_arat.attacks.base import model_function
     n_pgd = len(x) if pgd_examples is None else min(pgd_examples, len(x))
     if y is None or eps is None or n_pgd <= 0:
         return None
     pgd = {"eps": eps, "step_size": eps / 4, "steps": 20, "seed": seed, "n_examples": n_pgd}
-    for key, model_fn in (("original", network_function(network, branch)),
+    for key, model_fn in (("original", model_function(network, branch)),
                           ("folded_keras", lambda z: folded(z, training=False))):
         pgd[key] = pgd20_accuracy(model_fn, x[:n_pgd], y[:n_pgd], eps, batch_size, seed,
                                   desc=f"PGD-20, {key}")
@@ -336,11 +338,6 @@ def _move_into_place(tmp, out, overwrite):
     os.rename(tmp, out)
     if backup:
         shutil.rmtree(backup, ignore_errors=True)
-
-
-def network_function(network, branch):
-    from keras_arat.attacks.base import model_function
-    return model_function(network, branch)
 
 
 def pgd20_accuracy(model_fn, x, y, eps, batch_size, seed, desc=None):

@@ -120,6 +120,12 @@ class RunConfig:
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
 
+    @property
+    def flip_images(self):
+        """--flip as the data pipeline takes it: None (the data set's own default) for
+        "auto", else whether to flip."""
+        return None if self.flip == "auto" else self.flip == "true"
+
 
 def uses_predictor(invariance, predictor=None):
     """Whether ARAT's invariance loss runs the adversarial features through predictors.

@@ -61,9 +61,8 @@ def build_trainer(cfg, network, input_shape, steps_per_epoch=None):
 
 def load_data(cfg):
     from keras_arat.data import load_dataset
-    flip = None if cfg.flip == "auto" else cfg.flip == "true"
     return load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download,
-                        n_train=cfg.n_train, n_test=cfg.n_test, flip=flip)
+                        n_train=cfg.n_train, n_test=cfg.n_test, flip=cfg.flip_images)
 
 
 def checkpoint_objects(trainer, optimizer=None, swa_state=None):
@@ -185,9 +184,8 @@ def load_run(workdir, checkpoint=None):
 # Names that lived here before train_flags.py, config.py and results.py took them over.
 _MOVED = {"train_flags": ("CONFIGS_DIR", "resolve_flagfiles", "parse_flags",
                           "define_train_flags", "train_flag_values"),
-          "config": ("METHODS", "DEFAULT_BETA", "RESUMABLE_CHANGES", "parse_fraction",
-                     "check_model", "config_from_flags", "cpu_has_bfloat16",
-                     "precision_policy", "RunConfig", "read_config", "UsageError"),
+          "config": ("METHODS", "RESUMABLE_CHANGES", "parse_fraction", "check_model",
+                     "config_from_flags", "cpu_has_bfloat16", "precision_policy"),
           "results": ("update_results", "merge_results")}
 
 

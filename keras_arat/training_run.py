@@ -126,10 +126,9 @@ def training_batches(cfg, data, epochs, initial_epoch=0):
     """(tf.data of the training batches from `initial_epoch` to `epochs`, steps per epoch):
     order and augmentation depend only on (seed, epoch), so a resumed run sees the same."""
     from keras_arat.data import make_train_dataset
-    flip = None if cfg.flip == "auto" else cfg.flip == "true"
     return make_train_dataset(data, cfg.batch_size, epochs, cfg.seed,
                               initial_epoch=initial_epoch, crop_padding=cfg.crop_padding,
-                              flip=flip)
+                              flip=cfg.flip_images)
 
 
 def build(cfg):
@@ -245,10 +244,9 @@ def make_callbacks(cfg, data, network, swa_state, manager, schedule, steps_per_e
     from keras_arat.training.swa import SWACallback
     callbacks = []
     if cfg.method == "arat":  # a new augmented subset each epoch, from (seed, epoch)
-        flip = None if cfg.flip == "auto" else cfg.flip == "true"
         callbacks.append(cb.APrevCallback(sample=lambda epoch: a_prev_batches(
             data, cfg.a_prev_examples, cfg.batch_size, cfg.seed, epoch, cfg.crop_padding,
-            flip)))
+            cfg.flip_images)))
     if swa_state is not None:
         callbacks.append(SWACallback(swa_state, network, cfg.swa_start_epoch,
                                      cfg.swa_every_steps))
